@@ -1,0 +1,4 @@
+//! x86_64 specifics: memory layout, boot setup (page tables, GDT, registers, boot params),
+//! CPUID, MSRs and the MP table.
+
+pub mod layout;

@@ -1,0 +1,4 @@
+//! Emulated devices: the buses they sit on, legacy PC devices and virtio devices.
+
+pub mod bus;
+pub mod virtio;

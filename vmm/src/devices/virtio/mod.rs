@@ -1,0 +1,126 @@
+//! Virtio devices over the virtio-mmio transport.
+//!
+//! A device implements [`VirtioDevice`]; the [`mmio::MmioTransport`] wraps it, sits on the MMIO
+//! bus (driven by vCPU exits) and hands it its queues on `DRIVER_OK`. Queue notifications reach
+//! the device through ioeventfds registered with KVM, and the device is an event-manager
+//! subscriber processed on the monitor's event-loop thread. Interrupts go out through an irqfd.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use event_manager::MutEventSubscriber;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestMemoryMmap;
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+
+/// Virtio device type IDs (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
+/// Block device type ID.
+pub const TYPE_BLOCK: u32 = 2;
+
+/// `VIRTIO_F_VERSION_1`: modern (1.0+) device.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Interrupt status bit: a used buffer was returned.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Interrupt status bit: the configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Errors from activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues the driver handed over.
+        got: usize,
+    },
+    /// Signalling the event loop failed.
+    #[error("cannot signal the device activation: {0}")]
+    ActivateEvent(std::io::Error),
+    /// A device-specific failure.
+    #[error("{0}")]
+    Device(String),
+}
+
+/// The interrupt line of one virtio-mmio device: the `InterruptStatus` register and the irqfd
+/// that KVM routes to the device's GSI.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl VirtioInterrupt {
+    /// A line signalled through `irqfd`.
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Sets `kind` (`VIRTIO_MMIO_INT_*`) in the status register and injects the interrupt.
+    pub fn trigger(&self, kind: u32) -> std::io::Result<()> {
+        self.status.fetch_or(kind, Ordering::SeqCst);
+        self.irqfd.write(1)
+    }
+
+    /// The `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// `InterruptACK`: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears the status register (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// The irqfd, for registration with KVM.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// A virtio device model, independent of its transport.
+pub trait VirtioDevice: MutEventSubscriber + Send {
+    /// The virtio device type (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One eventfd per queue, signalled by KVM when the driver writes `QueueNotify`.
+    fn queue_events(&self) -> &[EventFd];
+    /// Feature bits the device offers.
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver accepted.
+    fn acked_features(&self) -> u64;
+    /// Records the features the driver accepted (only those offered are kept).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the queues the driver set up.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Whether [`VirtioDevice::activate`] has run since the last reset.
+    fn is_activated(&self) -> bool;
+    /// Stops the device (driver wrote 0 to `Status`); returns to the pre-activation state.
+    fn reset(&mut self);
+}

@@ -1,0 +1,6 @@
+//! vmr's minimal KVM virtual machine monitor: boots a Linux microVM (bzImage or ELF vmlinux)
+//! with a serial console, an i8042 for reset, and virtio-mmio block and network devices.
+
+pub mod arch;
+pub mod devices;
+pub mod vstate;

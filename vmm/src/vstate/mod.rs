@@ -1,0 +1,3 @@
+//! Live KVM state: guest memory, the VM and its vCPUs.
+
+pub mod memory;
