@@ -2,5 +2,10 @@
 //! with a serial console, an i8042 for reset, and virtio-mmio block and network devices.
 
 pub mod arch;
+// pub mod builder;
+pub mod config;
 pub mod devices;
+pub mod hostcheck;
+pub mod loader;
+pub mod microvm;
 pub mod vstate;

@@ -8,12 +8,14 @@ pub const BOOT_IDT_START: u64 = 0x520;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE_START: u64 = 0x7000;
-/// Identity-map page tables: PML4, PDPT, PD (1 GiB of 2 MiB pages).
+/// Identity-map page tables: PML4, PDPT, then [`PDE_COUNT`] page directories of 2 MiB pages.
 pub const PML4_START: u64 = 0x9000;
 /// Page-directory-pointer table.
 pub const PDPTE_START: u64 = 0xa000;
-/// Page directory.
+/// First page directory.
 pub const PDE_START: u64 = 0xb000;
+/// Page directories, 1 GiB each: the boot map covers the first 4 GiB.
+pub const PDE_COUNT: u64 = 4;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Maximum command line length, including the NUL.

@@ -1,0 +1,198 @@
+//! The KVM VM: its file descriptor, guest memory slots with dirty logging, the in-kernel
+//! irqchip and PIT.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::{GuestMemoryMmap, PAGE_SIZE};
+
+/// Address of the 3-page TSS region KVM needs on Intel hosts (below the IOAPIC, in the gap).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Errors from creating or driving the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `KVM_CREATE_VM` failed.
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    /// `KVM_SET_USER_MEMORY_REGION` failed.
+    #[error("KVM_SET_USER_MEMORY_REGION failed for slot {slot}: {source}")]
+    SetUserMemoryRegion {
+        /// The memory slot.
+        slot: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_TSS_ADDR` failed.
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTssAddress(kvm_ioctls::Error),
+    /// `KVM_CREATE_IRQCHIP` failed.
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqchip(kvm_ioctls::Error),
+    /// `KVM_CREATE_PIT2` failed.
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(kvm_ioctls::Error),
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("KVM_GET_DIRTY_LOG failed for slot {slot}: {source}")]
+    GetDirtyLog {
+        /// The memory slot.
+        slot: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_IRQFD` failed.
+    #[error("KVM_IRQFD failed for GSI {gsi}: {source}")]
+    RegisterIrqfd {
+        /// The interrupt line.
+        gsi: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// Dirty pages were asked for while dirty logging is off.
+    #[error("dirty page tracking is not enabled")]
+    DirtyLogDisabled,
+}
+
+/// Dirty pages of each memory region (slot), one bit per 4 KiB page, in KVM's layout: page `p`
+/// is bit `p % 64` of word `p / 64`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap(pub Vec<Vec<u64>>);
+
+impl DirtyBitmap {
+    /// Number of dirty pages.
+    pub fn count(&self) -> usize {
+        self.0
+            .iter()
+            .flatten()
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// Whether the page at `offset` bytes into region `slot` is dirty.
+    pub fn is_dirty(&self, slot: usize, offset: u64) -> bool {
+        let page = (offset / PAGE_SIZE as u64) as usize;
+        self.0
+            .get(slot)
+            .and_then(|words| words.get(page / 64))
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+}
+
+/// A KVM VM with its guest memory.
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemoryMmap,
+    dirty_logging: bool,
+}
+
+impl Vm {
+    /// Creates the VM and registers every region of `memory` as a slot (slot = region index),
+    /// with KVM dirty logging when `dirty_logging` is set.
+    pub fn new(kvm: &Kvm, memory: GuestMemoryMmap, dirty_logging: bool) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let vm = Vm {
+            fd,
+            memory,
+            dirty_logging,
+        };
+        vm.register_memory()?;
+        Ok(vm)
+    }
+
+    fn register_memory(&self) -> Result<(), VmError> {
+        let flags = if self.dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `self.memory`, which outlives the VM
+            // fd (both are dropped together), and its size matches `memory_size`.
+            unsafe { self.fd.set_user_memory_region(desc) }
+                .map_err(|source| VmError::SetUserMemoryRegion { slot, source })?;
+        }
+        Ok(())
+    }
+
+    /// Sets up the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and the PIT. Must run
+    /// before any vCPU is created.
+    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+        self.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmError::SetTssAddress)?;
+        self.fd.create_irq_chip().map_err(VmError::CreateIrqchip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(VmError::CreatePit)
+    }
+
+    /// Routes writes to `evt` into interrupt line `gsi`.
+    pub fn register_irqfd(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::RegisterIrqfd { gsi, source })
+    }
+
+    /// Turns KVM dirty logging on or off for every slot.
+    pub fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), VmError> {
+        if self.dirty_logging != enabled {
+            self.dirty_logging = enabled;
+            self.register_memory()?;
+        }
+        Ok(())
+    }
+
+    /// Whether KVM dirty logging is on.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// The pages written since the last call, by the guest (KVM's dirty log) OR by the monitor
+    /// (the vm-memory bitmap). Both logs are cleared.
+    pub fn collect_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
+        if !self.dirty_logging {
+            return Err(VmError::DirtyLogDisabled);
+        }
+        let mut all = Vec::with_capacity(self.memory.num_regions());
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let mut kvm_bits = self
+                .fd
+                .get_dirty_log(slot, region.len() as usize)
+                .map_err(|source| VmError::GetDirtyLog { slot, source })?;
+            let vmm_bits = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            for (k, v) in kvm_bits.iter_mut().zip(vmm_bits) {
+                *k |= v;
+            }
+            all.push(kvm_bits);
+        }
+        Ok(DirtyBitmap(all))
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+}
