@@ -2,7 +2,7 @@
 //! with a serial console, an i8042 for reset, and virtio-mmio block and network devices.
 
 pub mod arch;
-// pub mod builder;
+pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod hostcheck;
