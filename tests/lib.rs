@@ -1,1 +1,104 @@
+//! Helpers for vmr's end-to-end tests: the guest images, the monitor binary, and running a
+//! scenario script inside the lab (an emulated host with hardware virtualization, or this host
+//! directly when it has VT-x/AMD-V).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// One lab at a time: each uses both cores of the machine.
+static LAB: Mutex<()> = Mutex::new(());
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Builds (or finds in the cache) the guest and lab images: `VMR_KERNEL`, `VMR_INITRAMFS`, ...
+pub fn images() -> HashMap<String, String> {
+    let out = Command::new(repo_root().join("images/build"))
+        .output()
+        .expect("cannot run images/build");
+    assert!(
+        out.status.success(),
+        "images/build failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The `vmr` binary the lab runs: `$VMR_BIN`, else the release build, else the debug build.
+pub fn vmr_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("VMR_BIN") {
+        return PathBuf::from(bin);
+    }
+    let target = repo_root().join("target");
+    for profile in ["release", "debug"] {
+        let bin = target.join(profile).join("vmr");
+        if bin.exists() {
+            return bin;
+        }
+    }
+    panic!("no vmr binary: run `cargo build --release -p vmm` first (or set VMR_BIN)");
+}
+
+/// What a scenario printed and how it ended.
+pub struct ScenarioRun {
+    /// Exit status, stdout and stderr of the lab command.
+    pub output: Output,
+    /// The scenario's scratch directory (consoles, logs), kept for inspection.
+    pub scratch: PathBuf,
+}
+
+impl ScenarioRun {
+    /// Stdout as text.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    /// Panics with everything the scenario printed unless it exited 0.
+    pub fn assert_success(&self) {
+        assert!(
+            self.output.status.success(),
+            "scenario failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n(scratch: {})",
+            self.output.status,
+            self.stdout(),
+            String::from_utf8_lossy(&self.output.stderr),
+            self.scratch.display()
+        );
+    }
+}
+
+/// Runs `tests/lab/NAME.sh` inside the lab with the images, the `vmr` binary and a writable
+/// scratch directory in its environment.
+pub fn run_scenario(name: &str) -> ScenarioRun {
+    let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let images = images();
+    let scratch = repo_root()
+        .join("target/lab-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).unwrap();
+    let script = repo_root().join(format!("tests/lab/{name}.sh"));
+    let output = Command::new(repo_root().join("images/lab"))
+        .arg("--rwdir")
+        .arg(&scratch)
+        .arg("--")
+        .arg("bash")
+        .arg(&script)
+        .envs(&images)
+        .env("VMR_BIN", vmr_bin())
+        .env("VMR_SCRATCH", &scratch)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("cannot run images/lab");
+    ScenarioRun { output, scratch }
+}

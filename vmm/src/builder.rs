@@ -6,6 +6,7 @@ use std::io::{LineWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use event_manager::SubscriberOps;
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,12 +106,14 @@ pub enum BuildError {
 fn serial_output(config: &SerialConfig) -> Result<SerialOut, BuildError> {
     Ok(match config {
         SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
-        SerialConfig::File(path) => Box::new(LineWriter::new(File::create(path).map_err(
-            |source| BuildError::SerialFile {
-                path: path.clone(),
-                source,
-            },
-        )?)),
+        SerialConfig::File(path) => {
+            Box::new(LineWriter::new(File::create(path).map_err(|source| {
+                BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?))
+        }
         SerialConfig::None => Box::new(std::io::sink()) as Box<dyn Write + Send>,
     })
 }
@@ -160,7 +163,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
             max,
         });
     }
-    let vm = Vm::new(&kvm, mem.clone(), false)?;
+    let mut vm = Vm::new(&kvm, mem.clone(), false)?;
     vm.setup_irqchip()?;
 
     let run_state = Arc::new(VmRunState::new().map_err(BuildError::EventFd)?);
@@ -201,7 +204,11 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
         transport
             .register_ioevents(vm.fd(), base)
             .map_err(BuildError::RegisterIoevent)?;
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, layout::MMIO_DEVICE_SIZE)?;
+        mmio_bus.insert(
+            Arc::new(Mutex::new(transport)),
+            base,
+            layout::MMIO_DEVICE_SIZE,
+        )?;
         event_loop.add_subscriber(entry.subscriber);
         cmdline.push(' ');
         cmdline.push_str(&MmioTransport::cmdline_arg(base, irq));

@@ -334,7 +334,10 @@ mod tests {
         assert!(!"/img/b.raw".parse::<DiskConfig>().unwrap().read_only);
         assert!("/img/c.raw,xx".parse::<DiskConfig>().is_err());
 
-        assert_eq!("stdout".parse::<SerialConfig>().unwrap(), SerialConfig::Stdout);
+        assert_eq!(
+            "stdout".parse::<SerialConfig>().unwrap(),
+            SerialConfig::Stdout
+        );
         assert_eq!(
             "file:/tmp/c".parse::<SerialConfig>().unwrap(),
             SerialConfig::File("/tmp/c".into())

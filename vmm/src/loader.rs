@@ -114,9 +114,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                 return Err(LoaderError::Not64Bit(path.to_path_buf()));
             }
             Ok(LoadedKernel {
-                entry: result
-                    .kernel_load
-                    .unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
+                entry: result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET),
                 end: result.kernel_end,
                 setup_header: header,
             })

@@ -56,7 +56,10 @@ impl MutEventSubscriber for ExitHandler {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.reset_evt.as_raw_fd(), self.run_state.exit_evt.as_raw_fd()] {
+        for fd in [
+            self.reset_evt.as_raw_fd(),
+            self.run_state.exit_evt.as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 tracing::error!("cannot watch the exit events: {e:?}");
             }
@@ -109,7 +112,8 @@ impl MicroVm {
             match vcpu.start(self.run_state.clone()) {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    self.run_state.request_exit(ExitReason::Error(e.to_string()));
+                    self.run_state
+                        .request_exit(ExitReason::Error(e.to_string()));
                     handles.into_iter().for_each(VcpuHandle::kick_and_join);
                     return Err(e.into());
                 }
@@ -125,9 +129,6 @@ impl MicroVm {
         }
         handles.into_iter().for_each(VcpuHandle::kick_and_join);
         result?;
-        Ok(self
-            .run_state
-            .exit_reason()
-            .unwrap_or(ExitReason::Stopped))
+        Ok(self.run_state.exit_reason().unwrap_or(ExitReason::Stopped))
     }
 }

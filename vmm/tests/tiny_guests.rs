@@ -18,7 +18,7 @@ use vmm::devices::legacy::i8042::I8042;
 use vmm::devices::legacy::serial::SerialDevice;
 use vmm::devices::legacy::EventFdTrigger;
 use vmm::vstate::memory::{create_guest_memory, PAGE_SIZE};
-use vmm::vstate::vcpu::{register_kick_handler, ExitReason, Vcpu, VmRunState};
+use vmm::vstate::vcpu::{register_kick_handler, ExitReason, Vcpu, VcpuHandle, VmRunState};
 use vmm::vstate::vm::Vm;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -132,12 +132,17 @@ impl TinyGuest {
         }
     }
 
-    /// Runs the vCPU on its thread until it stops, the guest resets, or `timeout` passes
-    /// (then the vCPU is kicked out and `Stopped` returned).
-    fn run(&mut self, timeout: Duration) -> ExitReason {
+    /// Starts the vCPU on its thread.
+    fn start(&mut self) -> (VcpuHandle, Arc<VmRunState>) {
         register_kick_handler().unwrap();
         let run_state = Arc::new(VmRunState::new().unwrap());
         let handle = self.vcpu.take().unwrap().start(run_state.clone()).unwrap();
+        (handle, run_state)
+    }
+
+    /// Waits until the vCPU stops, the guest resets, or `timeout` passes (then the vCPU is
+    /// kicked out and `Stopped` returned).
+    fn wait(&self, handle: VcpuHandle, run_state: &VmRunState, timeout: Duration) -> ExitReason {
         let mut fds = [
             libc::pollfd {
                 fd: run_state.exit_evt.as_raw_fd(),
@@ -161,6 +166,12 @@ impl TinyGuest {
         handle.kick_and_join();
         run_state.exit_reason().unwrap()
     }
+
+    /// Runs the guest to its end (or `timeout`).
+    fn run(&mut self, timeout: Duration) -> ExitReason {
+        let (handle, run_state) = self.start();
+        self.wait(handle, &run_state, timeout)
+    }
 }
 
 fn page_of(addr: u64) -> u64 {
@@ -172,7 +183,10 @@ fn serial_output_reaches_the_console() {
     let mut guest = TinyGuest::new("serial_hello");
     assert_eq!(guest.run(Duration::from_secs(10)), ExitReason::Halted);
     let console = guest.console.0.lock().unwrap().clone();
-    assert_eq!(String::from_utf8_lossy(&console), "hello from a tiny guest\n");
+    assert_eq!(
+        String::from_utf8_lossy(&console),
+        "hello from a tiny guest\n"
+    );
 }
 
 #[test]
@@ -211,7 +225,10 @@ fn dirty_log_reports_guest_and_monitor_writes() {
     let dirty = guest.vm.collect_dirty_pages().unwrap();
     let written: Vec<u64> = (0..16).map(|i| 0x80_0000 + i * 0x2000).collect();
     for addr in &written {
-        assert!(dirty.is_dirty(0, *addr), "guest write at {addr:#x} not logged");
+        assert!(
+            dirty.is_dirty(0, *addr),
+            "guest write at {addr:#x} not logged"
+        );
         assert!(
             !dirty.is_dirty(0, addr + 0x1000),
             "untouched page {:#x} reported dirty",
@@ -240,4 +257,106 @@ fn dirty_log_reports_guest_and_monitor_writes() {
     assert_eq!(dirty.count(), 1);
     assert!(dirty.is_dirty(0, monitor_addr));
     assert_eq!(page_of(monitor_addr), 0xa00);
+}
+
+const LCG_STEPS_ADDR: u64 = 0x70_0000;
+const LCG_RESULT_ADDR: u64 = 0x60_0000;
+
+/// What the LCG guest computes in `steps` steps, done here.
+fn lcg_result(steps: u64) -> u64 {
+    let mut x: u64 = 0x1234_5678;
+    for _ in 0..steps {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+    }
+    x
+}
+
+/// The LCG guest, set to take about a second on this host: vCPU speed differs widely between
+/// hosts (native on VT-x/AMD-V, much slower on PVM), so it is measured first.
+fn lcg_guest() -> (TinyGuest, u64) {
+    let mut probe = TinyGuest::new("lcg");
+    probe
+        .vm
+        .memory()
+        .write_obj(u64::MAX, GuestAddress(LCG_STEPS_ADDR))
+        .unwrap();
+    let (handle, run_state) = probe.start();
+    std::thread::sleep(Duration::from_millis(200));
+    handle.pause().unwrap();
+    let done = u64::MAX - handle.save_state().unwrap().regs.rcx;
+    probe.wait(handle, &run_state, Duration::ZERO);
+    let steps = (done * 5).max(1000);
+    let guest = TinyGuest::new("lcg");
+    guest
+        .vm
+        .memory()
+        .write_obj(steps, GuestAddress(LCG_STEPS_ADDR))
+        .unwrap();
+    (guest, steps)
+}
+
+#[test]
+fn save_and_restore_continue_a_computation_exactly() {
+    let (mut guest, steps) = lcg_guest();
+    let expected = std::thread::spawn(move || lcg_result(steps));
+    let (handle, run_state) = guest.start();
+    std::thread::sleep(Duration::from_millis(200));
+    handle.pause().unwrap();
+    let state = handle.save_state().unwrap();
+    let steps_left = state.regs.rcx;
+    assert!(
+        steps_left > 0 && steps_left < steps,
+        "paused mid-computation ({steps_left} of {steps} steps left)"
+    );
+    let memory: Vec<u8> = {
+        let mut buf = vec![0u8; MEM_SIZE as usize];
+        guest
+            .vm
+            .memory()
+            .read_slice(&mut buf, GuestAddress(0))
+            .unwrap();
+        buf
+    };
+    // The original carries on after the pause...
+    handle.resume().unwrap();
+    assert_eq!(
+        guest.wait(handle, &run_state, Duration::from_secs(60)),
+        ExitReason::Halted
+    );
+    let original: u64 = guest
+        .vm
+        .memory()
+        .read_obj(GuestAddress(LCG_RESULT_ADDR))
+        .unwrap();
+
+    // ...and a new VM restored from the saved state and memory reaches the same result.
+    let kvm = Kvm::new().unwrap();
+    let mem = create_guest_memory(MEM_SIZE).unwrap();
+    mem.write_slice(&memory, GuestAddress(0)).unwrap();
+    let vm = Vm::new(&kvm, mem, false).unwrap();
+    let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new()).unwrap();
+    vcpu.restore_state(&state).unwrap();
+    let restored_regs = vcpu.fd().get_regs().unwrap();
+    assert_eq!(restored_regs.rcx, steps_left);
+    assert_eq!(restored_regs.rip, state.regs.rip);
+    let mut restored = TinyGuest {
+        vm,
+        vcpu: Some(vcpu),
+        console: SharedBuf::default(),
+        mmio_dev: Arc::default(),
+        port80: Arc::default(),
+        reset_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    };
+    assert_eq!(restored.run(Duration::from_secs(60)), ExitReason::Halted);
+    let result: u64 = restored
+        .vm
+        .memory()
+        .read_obj(GuestAddress(LCG_RESULT_ADDR))
+        .unwrap();
+
+    let expected = expected.join().unwrap();
+    assert_eq!(original, expected);
+    assert_eq!(result, expected);
 }

@@ -1,1 +1,57 @@
-fn main(){}
+//! `cargo xtask`: the project's benchmarks, run side by side with their comparison (QEMU) in the
+//! same lab run, printed as tables, written as JSON.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod lab;
+mod stats;
+
+#[derive(Parser)]
+#[command(about = "vmr's development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a benchmark (inside the lab when this host cannot boot stock Linux guests).
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Time from starting the monitor to the guest's init marker, vmr against QEMU microvm.
+    Boot(bench::boot::BootArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench {
+            which: Bench::Boot(args),
+        } => bench::boot::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root (xtask lives in `xtask/`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ has a parent")
+        .to_path_buf()
+}

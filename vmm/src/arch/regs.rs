@@ -66,7 +66,7 @@ const BOOT_GDT: [u64; 4] = [
 
 /// The `kvm_segment` a GDT entry describes, loaded with selector `index * 8`.
 fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     if g == 1 {
@@ -182,9 +182,17 @@ fn set_lapic_reg(state: &mut kvm_bindings::kvm_lapic_state, offset: usize, value
 pub fn setup_lints(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(RegsError::GetLapic)?;
     let lvt0 = lapic_reg(&lapic, APIC_LVT0);
-    set_lapic_reg(&mut lapic, APIC_LVT0, set_apic_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut lapic,
+        APIC_LVT0,
+        set_apic_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&lapic, APIC_LVT1);
-    set_lapic_reg(&mut lapic, APIC_LVT1, set_apic_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut lapic,
+        APIC_LVT1,
+        set_apic_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&lapic).map_err(RegsError::SetLapic)
 }
 

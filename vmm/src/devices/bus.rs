@@ -55,7 +55,9 @@ impl Bus {
         if len == 0 {
             return Err(BusError::ZeroLength(base));
         }
-        let end = base.checked_add(len).ok_or(BusError::Overlap { base, len })?;
+        let end = base
+            .checked_add(len)
+            .ok_or(BusError::Overlap { base, len })?;
         let overlaps = self
             .devices
             .range(..end)
@@ -64,8 +66,7 @@ impl Bus {
         if overlaps {
             return Err(BusError::Overlap { base, len });
         }
-        self.devices
-            .insert(base, (BusRange { base, len }, device));
+        self.devices.insert(base, (BusRange { base, len }, device));
         Ok(())
     }
 
@@ -78,7 +79,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                dev.lock().expect("bus device lock poisoned").read(offset, data);
+                dev.lock()
+                    .expect("bus device lock poisoned")
+                    .read(offset, data);
                 true
             }
             None => false,
@@ -89,7 +92,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((offset, dev)) => {
-                dev.lock().expect("bus device lock poisoned").write(offset, data);
+                dev.lock()
+                    .expect("bus device lock poisoned")
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -115,7 +120,8 @@ mod tests {
     fn dispatches_by_range_and_rejects_overlap() {
         let mut bus = Bus::new();
         bus.insert(Arc::new(Mutex::new(Echo(1))), 0x10, 8).unwrap();
-        bus.insert(Arc::new(Mutex::new(Echo(100))), 0x20, 8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(100))), 0x20, 8)
+            .unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x14, 8).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x1c, 8).is_err());
         let mut b = [0u8; 1];

@@ -4,11 +4,17 @@
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -69,6 +75,82 @@ pub enum VcpuError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A state ioctl failed while saving or restoring the vCPU.
+    #[error("{ioctl} failed: {source}")]
+    State {
+        /// The ioctl, e.g. `KVM_GET_XSAVE`.
+        ioctl: &'static str,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// Building a CPUID or MSR list for restore failed.
+    #[error("cannot build the {0} list of a saved vCPU")]
+    StateList(&'static str),
+    /// KVM refused to restore a saved MSR.
+    #[error("KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")]
+    RestoreMsr {
+        /// The MSR.
+        index: u32,
+        /// Its saved value.
+        value: u64,
+    },
+    /// The vCPU thread did not answer a request in time, or is gone.
+    #[error("vCPU {index} did not answer the {request} request")]
+    NoAnswer {
+        /// vCPU index.
+        index: u8,
+        /// The request.
+        request: &'static str,
+    },
+    /// The vCPU's state was asked for while it runs.
+    #[error("vCPU {0} must be paused to save its state")]
+    NotPaused(u8),
+}
+
+fn state_err(ioctl: &'static str) -> impl Fn(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::State { ioctl, source }
+}
+
+/// Everything KVM holds for one vCPU, in plain serializable form.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    /// The vCPU index (APIC ID).
+    pub index: u8,
+    /// CPUID as KVM applies it (`KVM_GET_CPUID2`).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Multiprocessing state (running, halted, waiting for SIPI...).
+    pub mp_state: kvm_mp_state,
+    /// General-purpose registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU, SSE and AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers (absent without an in-kernel irqchip).
+    pub lapic: Option<kvm_lapic_state>,
+    /// Model-specific registers KVM reports as saveable.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Pending exceptions, interrupts and NMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// TSC frequency in kHz, when KVM tells it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// The MSRs KVM can save and restore on this host.
+fn saveable_msrs() -> Result<&'static [u32], VcpuError> {
+    static LIST: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(list) = LIST.get() {
+        return Ok(list);
+    }
+    let kvm = Kvm::new().map_err(state_err("open /dev/kvm"))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(state_err("KVM_GET_MSR_INDEX_LIST"))?;
+    Ok(LIST.get_or_init(|| list.as_slice().to_vec()))
 }
 
 /// Why the VM stopped running.
@@ -89,7 +171,10 @@ pub enum ExitReason {
 impl ExitReason {
     /// Whether the guest ended as a guest should.
     pub fn is_clean(&self) -> bool {
-        matches!(self, ExitReason::Reset | ExitReason::Halted | ExitReason::Stopped)
+        matches!(
+            self,
+            ExitReason::Reset | ExitReason::Halted | ExitReason::Stopped
+        )
     }
 }
 
@@ -178,6 +263,7 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
+    has_lapic: bool,
     pio_bus: Bus,
     mmio_bus: Bus,
 }
@@ -192,6 +278,7 @@ impl Vcpu {
         Ok(Self {
             fd,
             index,
+            has_lapic: vm.has_irqchip(),
             pio_bus,
             mmio_bus,
         })
@@ -225,6 +312,155 @@ impl Vcpu {
         }
         regs::setup_lints(&self.fd)?;
         Ok(())
+    }
+
+    /// Saves the vCPU's state (DESIGN.md §5 order). The vCPU must not be running, and a
+    /// pending port or MMIO exit must have been completed ([`Vcpu::complete_pending_exit`]).
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let fd = &self.fd;
+        let mp_state = fd.get_mp_state().map_err(state_err("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(state_err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(state_err("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(state_err("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(state_err("KVM_GET_XCRS"))?;
+        let debug_regs = fd
+            .get_debug_regs()
+            .map_err(state_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = if self.has_lapic {
+            Some(fd.get_lapic().map_err(state_err("KVM_GET_LAPIC"))?)
+        } else {
+            None
+        };
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(state_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.save_msrs()?;
+        let vcpu_events = fd
+            .get_vcpu_events()
+            .map_err(state_err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            index: self.index,
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            msrs,
+            vcpu_events,
+            tsc_khz,
+        })
+    }
+
+    /// Reads every saveable MSR; those KVM refuses to read are skipped.
+    fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let mut pending: Vec<u32> = saveable_msrs()?.to_vec();
+        let mut saved = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let entries: Vec<kvm_msr_entry> = pending
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::StateList("MSR"))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(state_err("KVM_GET_MSRS"))?;
+            saved.extend_from_slice(&msrs.as_slice()[..read]);
+            // KVM stops at the first MSR it cannot read: skip it and go on.
+            pending.drain(..(read + 1).min(pending.len()));
+        }
+        Ok(saved)
+    }
+
+    /// Restores a saved state (DESIGN.md §5 order) into this freshly created vCPU.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let fd = &self.fd;
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::StateList("CPUID"))?;
+        fd.set_cpuid2(&cpuid).map_err(state_err("KVM_SET_CPUID2"))?;
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                if let Err(e) = fd.set_tsc_khz(khz) {
+                    tracing::warn!(vcpu = self.index, "cannot scale the TSC to {khz} kHz: {e}");
+                }
+            }
+        }
+        fd.set_mp_state(state.mp_state)
+            .map_err(state_err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs)
+            .map_err(state_err("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs)
+            .map_err(state_err("KVM_SET_SREGS"))?;
+        // SAFETY: `state.xsave` is a complete `kvm_xsave` as KVM_GET_XSAVE returned it.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(state_err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs)
+            .map_err(state_err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debug_regs)
+            .map_err(state_err("KVM_SET_DEBUGREGS"))?;
+        if let Some(lapic) = &state.lapic {
+            fd.set_lapic(lapic).map_err(state_err("KVM_SET_LAPIC"))?;
+        }
+        self.restore_msrs(&state.msrs)?;
+        fd.set_vcpu_events(&state.vcpu_events)
+            .map_err(state_err("KVM_SET_VCPU_EVENTS"))?;
+        // Tells a kvmclock guest it was paused, so its watchdogs do not fire; absent without
+        // kvmclock in use.
+        let _ = fd.kvmclock_ctrl();
+        Ok(())
+    }
+
+    /// Writes saved MSRs. KVM stops at the first MSR it refuses; one it refuses but already
+    /// holds with the saved value (a paravirtual MSR the guest's CPUID does not enable, left at
+    /// zero) is skipped, any other refusal is an error: no state is silently dropped.
+    fn restore_msrs(&self, saved: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        let mut pending = saved;
+        while !pending.is_empty() {
+            let msrs = Msrs::from_entries(pending).map_err(|_| VcpuError::StateList("MSR"))?;
+            let set = self.fd.set_msrs(&msrs).map_err(state_err("KVM_SET_MSRS"))?;
+            let Some(refused) = pending.get(set) else {
+                break;
+            };
+            let mut current = Msrs::from_entries(&[kvm_msr_entry {
+                index: refused.index,
+                ..Default::default()
+            }])
+            .map_err(|_| VcpuError::StateList("MSR"))?;
+            let same = self.fd.get_msrs(&mut current).ok() == Some(1)
+                && current.as_slice()[0].data == refused.data;
+            if !same {
+                return Err(VcpuError::RestoreMsr {
+                    index: refused.index,
+                    value: refused.data,
+                });
+            }
+            pending = &pending[set + 1..];
+        }
+        Ok(())
+    }
+
+    /// Completes a port or MMIO exit already handled by the monitor (KVM finishes the guest
+    /// instruction on the next entry) without running the guest further, so that the saved
+    /// registers are consistent.
+    pub fn complete_pending_exit(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(drop);
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(source) => Err(VcpuError::Run {
+                index: self.index,
+                source,
+            }),
+        }
     }
 
     /// The vCPU index (also its APIC ID).
@@ -289,41 +525,157 @@ impl Vcpu {
     }
 
     /// Starts the vCPU on its own thread; it runs until `run_state` asks it to stop or the
-    /// guest ends, which it reports through `run_state`.
-    pub fn start(mut self, run_state: Arc<VmRunState>) -> Result<VcpuHandle, VcpuError> {
+    /// guest ends, which it reports through `run_state`, and obeys requests sent through the
+    /// returned handle (pause, resume, save).
+    pub fn start(self, run_state: Arc<VmRunState>) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
+        let (request_tx, request_rx) = channel();
+        let (response_tx, response_rx) = channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || {
-                KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
-                while !run_state.stop_requested() {
-                    match self.run_once() {
-                        Ok(VcpuEmulation::Handled | VcpuEmulation::Interrupted) => {}
-                        Ok(VcpuEmulation::Stopped(reason)) => {
-                            tracing::debug!(vcpu = index, ?reason, "vCPU stopped");
-                            run_state.request_exit(reason);
-                        }
-                        Err(e) => run_state.request_exit(ExitReason::Error(e.to_string())),
-                    }
-                }
-                KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
-            })
+            .spawn(move || self.thread_main(&run_state, &request_rx, &response_tx))
             .map_err(|source| VcpuError::SpawnThread { index, source })?;
-        Ok(VcpuHandle { thread })
+        Ok(VcpuHandle {
+            index,
+            thread,
+            requests: request_tx,
+            responses: response_rx,
+        })
+    }
+
+    fn thread_main(
+        mut self,
+        run_state: &VmRunState,
+        requests: &Receiver<VcpuRequest>,
+        responses: &Sender<VcpuResponse>,
+    ) {
+        let index = self.index;
+        KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut paused = false;
+        loop {
+            let request = if paused {
+                Some(requests.recv().unwrap_or(VcpuRequest::Exit))
+            } else {
+                requests.try_recv().ok()
+            };
+            if let Some(request) = request {
+                let response = match request {
+                    VcpuRequest::Exit => break,
+                    VcpuRequest::Pause => {
+                        if !paused {
+                            if let Err(e) = self.complete_pending_exit() {
+                                run_state.request_exit(ExitReason::Error(e.to_string()));
+                            }
+                            paused = true;
+                        }
+                        VcpuResponse::Paused
+                    }
+                    VcpuRequest::Resume => {
+                        paused = false;
+                        VcpuResponse::Resumed
+                    }
+                    VcpuRequest::SaveState => VcpuResponse::State(if paused {
+                        self.save_state().map(Box::new)
+                    } else {
+                        Err(VcpuError::NotPaused(index))
+                    }),
+                };
+                if responses.send(response).is_err() {
+                    break;
+                }
+                continue;
+            }
+            if run_state.stop_requested() {
+                break;
+            }
+            match self.run_once() {
+                Ok(VcpuEmulation::Handled | VcpuEmulation::Interrupted) => {}
+                Ok(VcpuEmulation::Stopped(reason)) => {
+                    tracing::debug!(vcpu = index, ?reason, "vCPU stopped");
+                    run_state.request_exit(reason);
+                }
+                Err(e) => run_state.request_exit(ExitReason::Error(e.to_string())),
+            }
+        }
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
     }
 }
 
+/// What the monitor asks of a running vCPU thread.
+#[derive(Debug)]
+enum VcpuRequest {
+    Pause,
+    Resume,
+    SaveState,
+    Exit,
+}
+
+/// A vCPU thread's answers.
+enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Result<Box<VcpuState>, VcpuError>),
+}
+
+/// How long a vCPU thread may take to answer a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
+    index: u8,
     thread: JoinHandle<()>,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
 }
 
 impl VcpuHandle {
-    /// Kicks the vCPU out of `KVM_RUN` (it then sees the stop flag) and waits for its thread.
-    pub fn kick_and_join(self) {
-        // SAFETY: the thread is alive until joined below, so its pthread_t is valid; the kick
-        // signal has a handler installed by `register_kick_handler`.
+    fn kick(&self) {
+        // SAFETY: the thread is joined only by `kick_and_join`, which consumes the handle, so
+        // its pthread_t is valid here; the kick signal has a handler installed by
+        // `register_kick_handler`, and a thread that already exited just ignores nothing.
         unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+
+    fn request(&self, request: VcpuRequest, name: &'static str) -> Result<VcpuResponse, VcpuError> {
+        let no_answer = VcpuError::NoAnswer {
+            index: self.index,
+            request: name,
+        };
+        if self.requests.send(request).is_err() {
+            return Err(no_answer);
+        }
+        self.kick();
+        match self.responses.recv_timeout(REQUEST_TIMEOUT) {
+            Ok(response) => Ok(response),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => Err(no_answer),
+        }
+    }
+
+    /// Takes the vCPU out of the guest, completes its pending exit and parks it.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.request(VcpuRequest::Pause, "pause").map(drop)
+    }
+
+    /// Lets a paused vCPU run the guest again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        self.request(VcpuRequest::Resume, "resume").map(drop)
+    }
+
+    /// The state of a paused vCPU.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        match self.request(VcpuRequest::SaveState, "save")? {
+            VcpuResponse::State(state) => state.map(|s| *s),
+            VcpuResponse::Paused | VcpuResponse::Resumed => Err(VcpuError::NoAnswer {
+                index: self.index,
+                request: "save",
+            }),
+        }
+    }
+
+    /// Stops the vCPU thread (running or paused) and waits for it.
+    pub fn kick_and_join(self) {
+        let _ = self.requests.send(VcpuRequest::Exit);
+        self.kick();
         if self.thread.join().is_err() {
             tracing::error!("a vCPU thread panicked");
         }

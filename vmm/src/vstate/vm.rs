@@ -86,6 +86,7 @@ pub struct Vm {
     fd: VmFd,
     memory: GuestMemoryMmap,
     dirty_logging: bool,
+    irqchip: bool,
 }
 
 impl Vm {
@@ -97,6 +98,7 @@ impl Vm {
             fd,
             memory,
             dirty_logging,
+            irqchip: false,
         };
         vm.register_memory()?;
         Ok(vm)
@@ -127,7 +129,7 @@ impl Vm {
 
     /// Sets up the in-kernel interrupt controllers (PIC, IOAPIC, LAPICs) and the PIT. Must run
     /// before any vCPU is created.
-    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+    pub fn setup_irqchip(&mut self) -> Result<(), VmError> {
         self.fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(VmError::SetTssAddress)?;
@@ -136,7 +138,14 @@ impl Vm {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        self.fd.create_pit2(pit).map_err(VmError::CreatePit)
+        self.fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        self.irqchip = true;
+        Ok(())
+    }
+
+    /// Whether the in-kernel irqchip (and so per-vCPU LAPICs) exists.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
     }
 
     /// Routes writes to `evt` into interrupt line `gsi`.

@@ -1,37 +1,192 @@
-//! The i8042 keyboard controller, present so that a guest booted with `reboot=k` can reset the
-//! machine (command `0xFE` on port 0x64), which ends the VM cleanly.
+//! A minimal i8042 keyboard controller: enough for Linux's driver to probe it quickly (control
+//! register, self tests) and for a guest booted with `reboot=k` to reset the machine (command
+//! `0xFE`, or bit 0 cleared through "write output port"), which ends the VM cleanly. There is no
+//! keyboard behind it: keyboard commands are acknowledged and nothing else happens.
 
-use vm_superio::I8042Device;
+use std::collections::VecDeque;
+
+use vm_superio::Trigger;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
 
+/// Offset of the data port (0x60) from the device base.
+const OFFSET_DATA: u64 = 0;
+/// Offset of the status/command port (0x64) from the device base.
+const OFFSET_COMMAND: u64 = 4;
+
+// Status register bits.
+const SB_OUT_DATA_AVAIL: u8 = 0x01;
+const SB_SYSTEM_FLAG: u8 = 0x04;
+const SB_LAST_WAS_COMMAND: u8 = 0x08;
+
+// Controller commands.
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_DISABLE_AUX: u8 = 0xa7;
+const CMD_ENABLE_AUX: u8 = 0xa8;
+const CMD_TEST_AUX: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_TEST_KBD: u8 = 0xab;
+const CMD_DISABLE_KBD: u8 = 0xad;
+const CMD_ENABLE_KBD: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+// Control register bits.
+const CTR_KBD_DISABLED: u8 = 0x10;
+const CTR_AUX_DISABLED: u8 = 0x20;
+
+const SELF_TEST_OK: u8 = 0x55;
+const PORT_TEST_OK: u8 = 0x00;
+const KBD_ACK: u8 = 0xfa;
+/// Output port with the "system reset" line (bit 0) high and A20 (bit 1) enabled.
+const OUTPUT_PORT_DEFAULT: u8 = 0x03;
+
+/// What the next write to the data port is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataTarget {
+    Keyboard,
+    ControlRegister,
+    OutputPort,
+}
+
 /// The i8042 on ports 0x60..=0x64.
 pub struct I8042 {
-    device: I8042Device<EventFdTrigger>,
+    reset_evt: EventFdTrigger,
+    status: u8,
+    control: u8,
+    output: VecDeque<u8>,
+    data_target: DataTarget,
 }
 
 impl I8042 {
     /// An i8042 that signals `reset_evt` when the guest resets the machine.
     pub fn new(reset_evt: EventFdTrigger) -> Self {
         Self {
-            device: I8042Device::new(reset_evt),
+            reset_evt,
+            status: SB_SYSTEM_FLAG,
+            control: 0,
+            output: VecDeque::new(),
+            data_target: DataTarget::Keyboard,
+        }
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.output.push_back(byte);
+        self.status |= SB_OUT_DATA_AVAIL;
+    }
+
+    fn reset_machine(&self) {
+        if let Err(e) = self.reset_evt.trigger() {
+            tracing::error!("cannot signal the i8042 reset: {e}");
+        }
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.status |= SB_LAST_WAS_COMMAND;
+        match cmd {
+            CMD_READ_CTR => self.push(self.control),
+            CMD_WRITE_CTR => self.data_target = DataTarget::ControlRegister,
+            CMD_DISABLE_AUX => self.control |= CTR_AUX_DISABLED,
+            CMD_ENABLE_AUX => self.control &= !CTR_AUX_DISABLED,
+            CMD_DISABLE_KBD => self.control |= CTR_KBD_DISABLED,
+            CMD_ENABLE_KBD => self.control &= !CTR_KBD_DISABLED,
+            CMD_SELF_TEST => self.push(SELF_TEST_OK),
+            CMD_TEST_KBD | CMD_TEST_AUX => self.push(PORT_TEST_OK),
+            CMD_READ_OUTPUT_PORT => self.push(OUTPUT_PORT_DEFAULT),
+            CMD_WRITE_OUTPUT_PORT => self.data_target = DataTarget::OutputPort,
+            CMD_RESET_CPU => self.reset_machine(),
+            other => tracing::debug!("i8042: ignoring command {other:#x}"),
+        }
+    }
+
+    fn data(&mut self, byte: u8) {
+        self.status &= !SB_LAST_WAS_COMMAND;
+        match std::mem::replace(&mut self.data_target, DataTarget::Keyboard) {
+            DataTarget::ControlRegister => self.control = byte,
+            // Pulling the reset line (bit 0) low resets the machine.
+            DataTarget::OutputPort if byte & 0x01 == 0 => self.reset_machine(),
+            DataTarget::OutputPort => {}
+            // No keyboard: acknowledge its commands so that nothing waits for it.
+            DataTarget::Keyboard => self.push(KBD_ACK),
         }
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() == 1 {
-            data[0] = self.device.read(offset as u8);
+        if data.len() != 1 {
+            return;
         }
+        data[0] = match offset {
+            OFFSET_COMMAND => self.status,
+            OFFSET_DATA => {
+                let byte = self.output.pop_front().unwrap_or(0);
+                if self.output.is_empty() {
+                    self.status &= !SB_OUT_DATA_AVAIL;
+                }
+                byte
+            }
+            _ => 0xff,
+        };
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 {
-            if let Err(e) = self.device.write(offset as u8, data[0]) {
-                tracing::warn!("cannot signal the i8042 reset: {e}");
-            }
+        if data.len() != 1 {
+            return;
         }
+        match offset {
+            OFFSET_COMMAND => self.command(data[0]),
+            OFFSET_DATA => self.data(data[0]),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(dev: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn linux_probe_sequence() {
+        let mut dev = I8042::new(EventFdTrigger::new().unwrap());
+        assert_eq!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+        dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
+        assert_ne!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+        assert_eq!(read(&mut dev, OFFSET_DATA), 0);
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(OFFSET_DATA, &[0x47]);
+        dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, OFFSET_DATA), 0x47);
+        dev.write(OFFSET_COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut dev, OFFSET_DATA), SELF_TEST_OK);
+        dev.write(OFFSET_COMMAND, &[CMD_TEST_KBD]);
+        assert_eq!(read(&mut dev, OFFSET_DATA), PORT_TEST_OK);
+        dev.write(OFFSET_DATA, &[0xf2]);
+        assert_eq!(read(&mut dev, OFFSET_DATA), KBD_ACK);
+        assert_eq!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
+    }
+
+    #[test]
+    fn reset_by_command_and_by_output_port() {
+        let reset = EventFdTrigger::new().unwrap();
+        let evt = reset.0.try_clone().unwrap();
+        let mut dev = I8042::new(reset);
+        dev.write(OFFSET_COMMAND, &[CMD_RESET_CPU]);
+        assert_eq!(evt.read().unwrap(), 1);
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        dev.write(OFFSET_DATA, &[OUTPUT_PORT_DEFAULT]);
+        assert!(evt.read().is_err(), "no reset while the line stays high");
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
+        dev.write(OFFSET_DATA, &[0x02]);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 }

@@ -1,0 +1,112 @@
+# Sourced by the lab scenarios (tests/lab/*.sh). They run inside the lab (images/lab), as root,
+# with VMR_BIN, VMR_KERNEL, VMR_INITRAMFS and a writable VMR_SCRATCH directory in the environment.
+# Guests are reached over a TAP inside a network namespace the scenario makes itself.
+set -euo pipefail
+: "${VMR_BIN:?}" "${VMR_KERNEL:?}" "${VMR_INITRAMFS:?}" "${VMR_SCRATCH:?}"
+SCRATCH=$VMR_SCRATCH
+
+NS="vmr-test-$$"
+HOST_IP=10.0.2.1
+GUEST_IP=10.0.2.2
+GUEST_PID=
+NS_MADE=0
+
+log() { echo "[$(date +%T.%3N)] $*"; }
+
+cleanup() {
+    if [ -n "$GUEST_PID" ] && kill -0 "$GUEST_PID" 2>/dev/null; then
+        kill -9 "$GUEST_PID" 2>/dev/null || true
+    fi
+    if ip netns list 2>/dev/null | grep -q "^$NS"; then
+        ip netns pids "$NS" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$NS" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
+
+# make_netns: a namespace with tap0 (HOST_IP/24) for the guest's virtio-net.
+make_netns() {
+    modprobe tun 2>/dev/null || true
+    ip netns add "$NS"
+    ip -n "$NS" link set lo up
+    ip -n "$NS" tuntap add dev tap0 mode tap vnet_hdr
+    ip -n "$NS" addr add "$HOST_IP/24" dev tap0
+    ip -n "$NS" link set tap0 up
+    NS_MADE=1
+}
+
+# in_ns COMMAND...: runs COMMAND in the scenario's namespace, if it made one.
+in_ns() {
+    if [ "$NS_MADE" = 1 ]; then ip netns exec "$NS" "$@"; else "$@"; fi
+}
+
+# run64 SCRIPT: the kernel argument that makes the guest's /init run SCRIPT (then reboot).
+run64() { printf 'vmr.run64=%s' "$(printf '%s\n' "$1" | base64 -w0)"; }
+
+# start_guest NAME CMDLINE [VMR_ARGS...]: boots a guest in the background (inside the
+# namespace, if any); its console goes to $SCRATCH/NAME.console.
+start_guest() {
+    local name=$1 cmdline=$2
+    shift 2
+    CONSOLE="$SCRATCH/$name.console"
+    : >"$CONSOLE"
+    in_ns "$VMR_BIN" run --kernel "$VMR_KERNEL" --initrd "$VMR_INITRAMFS" \
+        --serial "file:$CONSOLE" --cmdline "$cmdline" "$@" \
+        </dev/null >"$SCRATCH/$name.stdout" 2>"$SCRATCH/$name.stderr" &
+    GUEST_PID=$!
+    GUEST_NAME=$name
+    log "started $name (pid $GUEST_PID): vmr run $* --cmdline '$cmdline'"
+}
+
+dump_guest() {
+    echo "--- console of $GUEST_NAME"
+    cat "$CONSOLE" || true
+    echo "--- stderr of vmr"
+    cat "$SCRATCH/$GUEST_NAME.stderr" || true
+}
+
+fail() {
+    echo "FAIL: $*"
+    dump_guest
+    exit 1
+}
+
+# wait_console PATTERN [SECONDS]: waits until the console has a line matching PATTERN.
+wait_console() {
+    local pattern=$1 limit=${2:-120} i
+    for ((i = 0; i < limit * 10; i++)); do
+        grep -q -- "$pattern" "$CONSOLE" 2>/dev/null && return 0
+        kill -0 "$GUEST_PID" 2>/dev/null || { sleep 0.2; grep -q -- "$pattern" "$CONSOLE" && return 0; fail "vmr exited before '$pattern'"; }
+        sleep 0.1
+    done
+    fail "no '$pattern' on the console within ${limit}s"
+}
+
+# wait_guest_exit [SECONDS]: waits for vmr to end and checks it ended cleanly (status 0).
+wait_guest_exit() {
+    local limit=${1:-60} i status
+    for ((i = 0; i < limit * 10; i++)); do
+        kill -0 "$GUEST_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$GUEST_PID" 2>/dev/null && fail "vmr still running after ${limit}s"
+    status=0
+    wait "$GUEST_PID" || status=$?
+    GUEST_PID=
+    [ "$status" -eq 0 ] || fail "vmr exited with status $status"
+    log "$GUEST_NAME: vmr exited cleanly"
+}
+
+# check DESCRIPTION COMMAND...: runs COMMAND; a failure fails the scenario.
+check() {
+    local what=$1
+    shift
+    if "$@"; then
+        echo "ok: $what"
+    else
+        fail "$what"
+    fi
+}
+
+# console_value KEY: the value of the last "KEY=value" line on the console.
+console_value() { grep -a "^$1=" "$CONSOLE" | tail -n1 | cut -d= -f2- | tr -d '\r'; }

@@ -1,0 +1,4 @@
+//! Benchmarks.
+
+pub mod boot;
+pub mod proc;

@@ -1,0 +1,63 @@
+//! Measuring a running monitor process: its output markers and its memory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout};
+use std::time::{Duration, Instant};
+
+/// Reads `stdout` line by line until a line contains `marker`; returns the time since `start`.
+/// Fails after `timeout` or at end of output.
+pub fn wait_for_marker(
+    stdout: ChildStdout,
+    marker: &str,
+    start: Instant,
+    timeout: Duration,
+) -> Result<(Duration, BufReader<ChildStdout>), String> {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .map_err(|e| format!("reading the console: {e}"))?;
+        if n == 0 {
+            return Err(format!("the console ended before {marker:?}"));
+        }
+        if String::from_utf8_lossy(&line).contains(marker) {
+            return Ok((start.elapsed(), reader));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("no {marker:?} within {timeout:?}"));
+        }
+    }
+}
+
+/// Resident memory of process `pid` beyond its guest RAM, in KiB: the sum of `Rss` over all
+/// mappings, less the `Rss` of the largest mapping (guest RAM, in vmr and in QEMU alike).
+pub fn rss_beyond_guest_kib(pid: u32) -> Result<u64, String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .map_err(|e| format!("reading smaps of {pid}: {e}"))?;
+    let mut total = 0u64;
+    let mut largest = (0u64, 0u64); // (size, rss) of the largest mapping
+    let mut current_size = 0u64;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Size:"), Some(kib)) => current_size = kib.parse().unwrap_or(0),
+            (Some("Rss:"), Some(kib)) => {
+                let rss: u64 = kib.parse().unwrap_or(0);
+                total += rss;
+                if current_size > largest.0 {
+                    largest = (current_size, rss);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(total - largest.1)
+}
+
+/// Kills and reaps `child`.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}

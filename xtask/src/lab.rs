@@ -1,0 +1,66 @@
+//! Reaching the lab and the images from xtask.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::repo_root;
+
+/// Whether this process already runs where stock Linux guests boot: inside the lab, or on a
+/// host with VT-x/AMD-V (no PVM).
+pub fn can_boot_linux_here() -> bool {
+    std::env::var_os("VMR_IN_LAB").is_some() || !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Builds (or finds in the cache) the images: `VMR_KERNEL`, `VMR_INITRAMFS`, ...
+pub fn images() -> Result<HashMap<String, String>, String> {
+    let out = Command::new(repo_root().join("images/build"))
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run images/build: {e}"))?;
+    if !out.status.success() {
+        return Err("images/build failed".into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// Builds the release `vmr` binary; returns its path.
+pub fn build_vmr() -> Result<std::path::PathBuf, String> {
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "-p", "vmm", "--bin", "vmr"])
+        .current_dir(repo_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("cargo build of vmr failed".into());
+    }
+    Ok(repo_root().join("target/release/vmr"))
+}
+
+/// Runs this xtask again with `args` inside the lab, with `rwdir` writable there.
+pub fn rerun_in_lab(
+    args: &[String],
+    rwdir: &Path,
+    env: &HashMap<String, String>,
+) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let status = Command::new(repo_root().join("images/lab"))
+        .arg("--rwdir")
+        .arg(rwdir)
+        .arg("--")
+        .arg(exe)
+        .args(args)
+        .envs(env)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run images/lab: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the benchmark failed inside the lab ({status})"))
+    }
+}
