@@ -16,10 +16,10 @@ check "SET from the host" test "$(in_ns redis-cli -h "$GUEST_IP" set vmr:key hel
 check "GET returns it" test "$(in_ns redis-cli -h "$GUEST_IP" get vmr:key)" = hello-from-host
 
 requests=2000
-[ "${VMR_DEMO:-0}" = 1 ] && requests=20000
+[ "${VMR_DEMO:-0}" = 1 ] && requests=10000
 log "redis-benchmark: $requests requests each of SET and GET, 10 clients"
 in_ns redis-benchmark -h "$GUEST_IP" -n "$requests" -c 10 -t set,get -q >"$SCRATCH/bench.txt" 2>&1 || true
-tr '\r' '\n' <"$SCRATCH/bench.txt" | grep -E '^(SET|GET):' | sed 's/^/  /'
+tr '\r' '\n' <"$SCRATCH/bench.txt" | grep -E '^(SET|GET): [0-9.]+ requests per second' | sed 's/^/  /'
 check "redis-benchmark ran SET and GET" grep -q 'GET:' "$SCRATCH/bench.txt"
 check "redis-benchmark reported no errors" sh -c "! grep -qi error '$SCRATCH/bench.txt'"
 check "the key is still there" test "$(in_ns redis-cli -h "$GUEST_IP" get vmr:key)" = hello-from-host

@@ -1,19 +1,41 @@
-//! The egress gate: every outbound frame passes through it. In pass-through mode frames go to
-//! the wire at once; held, they are tagged with the epoch that produced them and released only
-//! when that epoch is committed (output commit: no client sees a state that could be lost).
+//! The egress gate: every frame the guest sends passes through it on its way to the TAP.
+//!
+//! - [`GateMode::PassThrough`] (the default): frames go to the TAP at once.
+//! - [`GateMode::Held`]: frames are tagged with the current epoch and kept;
+//!   [`EgressGate::release_through`] lets out, in order, those of every epoch up to a given one
+//!   (that epoch's state is safe on the standbys), [`EgressGate::discard_after`] drops those of
+//!   later epochs (their state was lost). This is output commit: no client ever sees the effect
+//!   of a state that could still be lost.
+//!
+//! **When full.** The gate holds at most `limit` bytes (frames with their virtio-net header).
+//! A frame that does not fit is refused with [`Admission::Full`] and stays with the caller: the
+//! device leaves it in the guest's transmit queue and stops transmitting, as a NIC whose queue is
+//! full does; the guest stack queues, then pushes back on its sockets. Nothing is lost. When a
+//! release or a discard makes room, [`Egress`] signals its room event and the device starts
+//! again. Only a frame larger than the whole limit is dropped ([`Admission::Dropped`]): it could
+//! never fit.
+//!
+//! Order is kept across modes: while anything is held, new frames queue behind it even in
+//! pass-through mode, until released.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-/// Epoch number.
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::tap::Tap;
+
+/// Epoch number. Epochs are expected to increase.
 pub type Epoch = u64;
 
-/// Default bound on the bytes held back.
+/// Default bound on the bytes held: 64 MiB.
 pub const DEFAULT_HELD_LIMIT: usize = 64 << 20;
 
 /// What the gate does with frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GateMode {
     /// Frames go out at once.
+    #[default]
     PassThrough,
     /// Frames wait for their epoch to be released.
     Held,
@@ -22,21 +44,29 @@ pub enum GateMode {
 /// What became of a frame given to the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Send it now.
+    /// Send it now (nothing was kept).
     Send,
-    /// Held until its epoch is released.
+    /// Kept, tagged with the current epoch, until released or discarded.
     Held,
-    /// Dropped: the held bytes are at their limit. The guest's TCP retransmits, as it would
-    /// after a loss on the wire.
+    /// Not taken: the gate is full. The caller keeps the frame and tries again after room is
+    /// made.
+    Full,
+    /// Dropped: larger than the gate's whole limit.
     Dropped,
 }
 
-/// Frames held per epoch, with a bound on the bytes held.
+#[derive(Debug)]
+struct HeldFrame {
+    epoch: Epoch,
+    bytes: Vec<u8>,
+}
+
+/// The gate's bookkeeping: mode, epoch and held frames, with a bound on the bytes held.
 #[derive(Debug)]
 pub struct EgressGate {
     mode: GateMode,
     epoch: Epoch,
-    held: VecDeque<(Epoch, Vec<u8>)>,
+    held: VecDeque<HeldFrame>,
     held_bytes: usize,
     limit: usize,
     dropped: u64,
@@ -49,7 +79,7 @@ impl Default for EgressGate {
 }
 
 impl EgressGate {
-    /// A gate in `mode` holding at most `limit` bytes.
+    /// A gate in `mode` holding at most `limit` bytes, at epoch 0.
     pub fn new(mode: GateMode, limit: usize) -> Self {
         Self {
             mode,
@@ -66,7 +96,7 @@ impl EgressGate {
         self.mode
     }
 
-    /// Switches mode; frames already held stay held until released or discarded.
+    /// Switches mode. Frames already held stay held until released or discarded.
     pub fn set_mode(&mut self, mode: GateMode) {
         self.mode = mode;
     }
@@ -76,43 +106,59 @@ impl EgressGate {
         self.epoch
     }
 
-    /// Starts epoch `epoch`: frames from now on belong to it.
+    /// Starts epoch `epoch`: frames admitted from now on belong to it.
     pub fn set_epoch(&mut self, epoch: Epoch) {
         self.epoch = epoch;
     }
 
-    /// Decides about one outbound frame: in pass-through mode (with nothing held) it is sent;
-    /// otherwise it is held, tagged with the current epoch, unless the gate is full.
+    /// The bound on held bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Changes the bound; frames already held stay even if they exceed it.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    /// Decides about one outbound frame: sent at once in pass-through mode with nothing held;
+    /// otherwise held (a copy is kept) if it fits, refused if not. See the module docs.
     pub fn admit(&mut self, frame: &[u8]) -> Admission {
         if self.mode == GateMode::PassThrough && self.held.is_empty() {
             return Admission::Send;
         }
-        if self.held_bytes + frame.len() > self.limit {
+        if frame.len() > self.limit {
             self.dropped += 1;
             return Admission::Dropped;
         }
+        if self.held_bytes + frame.len() > self.limit {
+            return Admission::Full;
+        }
         self.held_bytes += frame.len();
-        self.held.push_back((self.epoch, frame.to_vec()));
+        self.held.push_back(HeldFrame {
+            epoch: self.epoch,
+            bytes: frame.to_vec(),
+        });
         Admission::Held
     }
 
-    /// Removes and returns, in order, the held frames of every epoch up to `epoch`.
+    /// Removes and returns, oldest first, the held frames of every epoch up to `epoch`. Frames
+    /// of a later epoch stop the release: nothing overtakes them.
     pub fn release_through(&mut self, epoch: Epoch) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
-        while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
-            let (_, frame) = self.held.pop_front().expect("front exists");
-            self.held_bytes -= frame.len();
-            out.push(frame);
+        while self.held.front().is_some_and(|f| f.epoch <= epoch) {
+            let frame = self.held.pop_front().expect("front exists");
+            self.held_bytes -= frame.bytes.len();
+            out.push(frame.bytes);
         }
         out
     }
 
-    /// Drops the held frames of every epoch after `epoch` (their state was lost); returns how
-    /// many were dropped.
+    /// Drops the held frames of every epoch after `epoch`; returns how many were dropped.
     pub fn discard_after(&mut self, epoch: Epoch) -> usize {
         let before = self.held.len();
-        self.held.retain(|(e, _)| *e <= epoch);
-        self.held_bytes = self.held.iter().map(|(_, f)| f.len()).sum();
+        self.held.retain(|f| f.epoch <= epoch);
+        self.held_bytes = self.held.iter().map(|f| f.bytes.len()).sum();
         before - self.held.len()
     }
 
@@ -126,9 +172,209 @@ impl EgressGate {
         self.held_bytes
     }
 
-    /// Frames dropped because the gate was full.
+    /// Epochs that have frames held, oldest first (each once).
+    pub fn held_epochs(&self) -> Vec<Epoch> {
+        let mut epochs: Vec<Epoch> = Vec::new();
+        for f in &self.held {
+            if epochs.last() != Some(&f.epoch) {
+                epochs.push(f.epoch);
+            }
+        }
+        epochs
+    }
+
+    /// Frames dropped for being larger than the limit.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+/// Counters of what left through the gate.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EgressStats {
+    /// Frames written to the TAP (at once or when released).
+    pub sent_frames: u64,
+    /// Bytes written to the TAP, virtio-net headers excluded.
+    pub sent_bytes: u64,
+    /// Frames the TAP refused (interface down, malformed offload header...).
+    pub tap_errors: u64,
+    /// Frames released after being held.
+    pub released_frames: u64,
+    /// Held frames discarded.
+    pub discarded_frames: u64,
+    /// Times a frame was refused because the gate was full.
+    pub full: u64,
+    /// Frames dropped for being larger than the limit.
+    pub dropped: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    gate: EgressGate,
+    /// The device found the gate full and waits for room.
+    waiting: bool,
+    stats: EgressStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    tap: Arc<Tap>,
+    room: EventFd,
+}
+
+/// The egress gate in front of a TAP, shared between the device (which feeds it) and whoever
+/// drives epochs (which releases or discards). Cheap to clone; every method may be called from
+/// any thread. Frames are written to the TAP under the gate's lock, so they leave in order.
+#[derive(Debug, Clone)]
+pub struct Egress {
+    shared: Arc<Shared>,
+}
+
+impl Egress {
+    /// A pass-through gate in front of `tap`.
+    pub fn new(tap: Arc<Tap>) -> std::io::Result<Self> {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    gate: EgressGate::default(),
+                    waiting: false,
+                    stats: EgressStats::default(),
+                }),
+                tap,
+                room: EventFd::new(libc::EFD_NONBLOCK)?,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> GateMode {
+        self.lock().gate.mode()
+    }
+
+    /// Switches mode; frames already held stay held until released or discarded.
+    pub fn set_mode(&self, mode: GateMode) {
+        self.lock().gate.set_mode(mode);
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.lock().gate.epoch()
+    }
+
+    /// Starts epoch `epoch`: frames sent from now on belong to it (and inbound frames mirrored
+    /// from now on are tagged with it).
+    pub fn set_epoch(&self, epoch: Epoch) {
+        self.lock().gate.set_epoch(epoch);
+    }
+
+    /// Changes the bound on held bytes.
+    pub fn set_limit(&self, limit: usize) {
+        let mut state = self.lock();
+        state.gate.set_limit(limit);
+        self.wake(&mut state);
+    }
+
+    /// Writes to the TAP, in order, the held frames of every epoch up to `epoch`; returns how
+    /// many were released.
+    pub fn release_through(&self, epoch: Epoch) -> usize {
+        let mut state = self.lock();
+        let frames = state.gate.release_through(epoch);
+        state.stats.released_frames += frames.len() as u64;
+        for frame in &frames {
+            self.write(&mut state, frame);
+        }
+        if !frames.is_empty() {
+            self.wake(&mut state);
+        }
+        frames.len()
+    }
+
+    /// Drops the held frames of every epoch after `epoch`; returns how many were dropped.
+    pub fn discard_after(&self, epoch: Epoch) -> usize {
+        let mut state = self.lock();
+        let n = state.gate.discard_after(epoch);
+        state.stats.discarded_frames += n as u64;
+        if n > 0 {
+            self.wake(&mut state);
+        }
+        n
+    }
+
+    /// Frames held now.
+    pub fn held_frames(&self) -> usize {
+        self.lock().gate.held_frames()
+    }
+
+    /// Bytes held now.
+    pub fn held_bytes(&self) -> usize {
+        self.lock().gate.held_bytes()
+    }
+
+    /// Epochs that have frames held, oldest first.
+    pub fn held_epochs(&self) -> Vec<Epoch> {
+        self.lock().gate.held_epochs()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EgressStats {
+        let state = self.lock();
+        EgressStats {
+            dropped: state.gate.dropped(),
+            ..state.stats
+        }
+    }
+
+    /// Signalled (readable) when the gate was found full and room has been made since: the
+    /// device registers it with its event loop and transmits again.
+    pub fn room_event(&self) -> &EventFd {
+        &self.shared.room
+    }
+
+    /// Passes one outbound frame (with its virtio-net header) through the gate: written to the
+    /// TAP at once, held, or refused (see [`Admission`]).
+    pub fn send(&self, frame: &[u8]) -> Admission {
+        let mut state = self.lock();
+        let admission = state.gate.admit(frame);
+        match admission {
+            Admission::Send => self.write(&mut state, frame),
+            Admission::Full => {
+                state.stats.full += 1;
+                state.waiting = true;
+            }
+            Admission::Held | Admission::Dropped => {}
+        }
+        admission
+    }
+
+    fn write(&self, state: &mut State, frame: &[u8]) {
+        match self.shared.tap.write_frame(frame) {
+            Ok(_) => {
+                state.stats.sent_frames += 1;
+                state.stats.sent_bytes +=
+                    frame.len().saturating_sub(crate::header::VNET_HDR_LEN) as u64;
+            }
+            Err(err) => {
+                state.stats.tap_errors += 1;
+                tracing::debug!(tap = self.shared.tap.name(), %err, "TX frame refused by the TAP");
+            }
+        }
+    }
+
+    fn wake(&self, state: &mut State) {
+        if state.waiting {
+            state.waiting = false;
+            if let Err(err) = self.shared.room.write(1) {
+                tracing::error!(%err, "egress gate: cannot signal room");
+            }
+        }
     }
 }
 
@@ -139,6 +385,7 @@ mod tests {
     #[test]
     fn pass_through_sends_at_once() {
         let mut gate = EgressGate::default();
+        assert_eq!(gate.mode(), GateMode::PassThrough);
         assert_eq!(gate.admit(b"frame"), Admission::Send);
         assert_eq!(gate.held_frames(), 0);
     }
@@ -153,6 +400,7 @@ mod tests {
         assert_eq!(gate.admit(b"c2"), Admission::Held);
         gate.set_epoch(3);
         assert_eq!(gate.admit(b"d3"), Admission::Held);
+        assert_eq!(gate.held_epochs(), vec![1, 2, 3]);
         assert!(gate.release_through(0).is_empty());
         assert_eq!(
             gate.release_through(1),
@@ -160,18 +408,38 @@ mod tests {
         );
         assert_eq!(gate.held_bytes(), 4);
         assert_eq!(gate.discard_after(2), 1);
+        assert_eq!(gate.held_bytes(), 2);
         assert_eq!(gate.release_through(5), vec![b"c2".to_vec()]);
         assert_eq!(gate.held_frames(), 0);
         assert_eq!(gate.held_bytes(), 0);
     }
 
     #[test]
-    fn a_full_gate_drops_and_counts() {
+    fn discarding_everything_after_an_epoch_keeps_the_rest_in_order() {
+        let mut gate = EgressGate::new(GateMode::Held, 1 << 20);
+        for epoch in 1..=4u64 {
+            gate.set_epoch(epoch);
+            gate.admit(&[epoch as u8; 3]);
+            gate.admit(&[epoch as u8 + 10; 3]);
+        }
+        assert_eq!(gate.discard_after(2), 4);
+        assert_eq!(gate.held_epochs(), vec![1, 2]);
+        assert_eq!(gate.discard_after(2), 0);
+        let out = gate.release_through(Epoch::MAX);
+        assert_eq!(out, vec![vec![1; 3], vec![11; 3], vec![2; 3], vec![12; 3]]);
+    }
+
+    #[test]
+    fn a_full_gate_refuses_without_losing_and_drops_only_the_impossible() {
         let mut gate = EgressGate::new(GateMode::Held, 10);
         assert_eq!(gate.admit(&[0; 6]), Admission::Held);
-        assert_eq!(gate.admit(&[0; 6]), Admission::Dropped);
-        assert_eq!(gate.dropped(), 1);
+        assert_eq!(gate.admit(&[0; 6]), Admission::Full);
+        assert_eq!(gate.held_frames(), 1);
         assert_eq!(gate.admit(&[0; 4]), Admission::Held);
+        assert_eq!(gate.admit(&[0; 11]), Admission::Dropped);
+        assert_eq!(gate.dropped(), 1);
+        assert_eq!(gate.release_through(0).len(), 2);
+        assert_eq!(gate.admit(&[0; 6]), Admission::Held);
     }
 
     #[test]
@@ -179,9 +447,12 @@ mod tests {
         let mut gate = EgressGate::new(GateMode::Held, 1 << 20);
         gate.admit(b"old");
         gate.set_mode(GateMode::PassThrough);
-        // Older frames are still held: a new one must not overtake them.
+        // An older frame is still held: a new one must not overtake it.
         assert_eq!(gate.admit(b"new"), Admission::Held);
-        assert_eq!(gate.release_through(0).len(), 2);
+        assert_eq!(
+            gate.release_through(0),
+            vec![b"old".to_vec(), b"new".to_vec()]
+        );
         assert_eq!(gate.admit(b"next"), Admission::Send);
     }
 }

@@ -1,16 +1,32 @@
 //! The TAP-backed virtio-net device of vmr.
 //!
-//! Beside moving frames between a TAP and the guest's virtqueues, the device offers what
-//! replication needs and nothing of hosts or wire protocols:
-//! - an **egress gate** ([`gate::EgressGate`]): outbound frames can be held, tagged with the
-//!   epoch that produced them, until that epoch is committed (`release_through`), or dropped if
-//!   it is lost (`discard_after`);
-//! - an **ingress tap**: a copy of every inbound frame delivered to the guest, to mirror.
+//! Beside moving frames between a TAP and the guest's virtqueues ([`NetDevice`]), the device
+//! offers what replication needs, and nothing of hosts or wire protocols:
+//! - an **egress gate** ([`Egress`]): outbound frames can be held, tagged with the epoch that
+//!   produced them, until that epoch is committed ([`Egress::release_through`]), or dropped if
+//!   it is lost ([`Egress::discard_after`]);
+//! - an **ingress tap** ([`IngressSink`]): a copy of every inbound frame delivered to the guest,
+//!   tagged with its epoch, to mirror; and [`NetDevice::inject_rx`] to deliver such frames again.
+//!
+//! Modules: [`tap`] (the host interface), [`header`] (the virtio-net header), [`features`]
+//! (what is offered, and the TAP offloads that follow), [`ring`] (used-ring batches and
+//! interrupt suppression), [`gate`], [`ingress`], [`mac`], [`device`].
 
 pub mod device;
+pub mod features;
 pub mod gate;
+pub mod header;
+pub mod ingress;
+pub mod mac;
+pub mod ring;
 pub mod tap;
 
-pub use device::{NetDevice, NetError, NetStats};
-pub use gate::{Admission, EgressGate, Epoch, GateMode};
-pub use tap::{Tap, TapError, VNET_HDR_LEN};
+#[cfg(test)]
+mod testutil;
+
+pub use device::{NetDevice, NetError, NetStats, CONFIG_LEN, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE};
+pub use gate::{Admission, Egress, EgressGate, EgressStats, Epoch, GateMode, DEFAULT_HELD_LIMIT};
+pub use header::VNET_HDR_LEN;
+pub use ingress::{IngressFrame, IngressSink, Mirrored};
+pub use mac::{MacAddr, ParseMacError};
+pub use tap::{Tap, TapError};

@@ -18,6 +18,8 @@ const OFFSET_COMMAND: u64 = 4;
 // Status register bits.
 const SB_OUT_DATA_AVAIL: u8 = 0x01;
 const SB_SYSTEM_FLAG: u8 = 0x04;
+/// Keyboard not inhibited (the "keylock" switch is open).
+const SB_KBD_UNLOCKED: u8 = 0x10;
 const SB_LAST_WAS_COMMAND: u8 = 0x08;
 
 // Controller commands.
@@ -66,7 +68,7 @@ impl I8042 {
     pub fn new(reset_evt: EventFdTrigger) -> Self {
         Self {
             reset_evt,
-            status: SB_SYSTEM_FLAG,
+            status: SB_SYSTEM_FLAG | SB_KBD_UNLOCKED,
             control: 0,
             output: VecDeque::new(),
             data_target: DataTarget::Keyboard,

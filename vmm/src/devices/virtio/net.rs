@@ -1,12 +1,26 @@
-//! The virtio-net device of the monitor: the [`virtio_net_tap::NetDevice`] model driven by the
-//! event loop (queue kicks, TAP readiness) behind the [`VirtioDevice`] interface.
+//! The virtio-net device of the monitor: the [`virtio_net_tap::NetDevice`] model behind the
+//! [`VirtioDevice`] interface, driven by the event loop.
+//!
+//! The builder registers the device with the monitor's `EventManager` before the guest starts;
+//! [`MutEventSubscriber::init`] then adds its five event sources:
+//! - the two queue eventfds (KVM signals them on `QueueNotify`),
+//! - the TAP fd (readable; edge-triggered, so every wake-up drains the TAP or remembers a frame),
+//! - the activation eventfd, written by [`VirtioDevice::activate`] on the vCPU thread that saw
+//!   `DRIVER_OK`, so that processing starts on the event-loop thread,
+//! - the egress gate's room eventfd (transmission stopped because the gate was full).
+//!
+//! Events before activation are drained and ignored. After processing, the driver is
+//! interrupted only if it asked to be (`VIRTIO_RING_F_EVENT_IDX` or the no-interrupt flag).
 
+use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_net_tap::device::{RX_QUEUE, TX_QUEUE};
-use virtio_net_tap::{NetDevice, NetStats, Tap, TapError};
+use virtio_net_tap::{
+    Egress, IngressSink, MacAddr, NetDevice, NetStats, Tap, TapError, CONFIG_LEN, RX_QUEUE,
+    TX_QUEUE,
+};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,6 +34,7 @@ const RX_TOKEN: u32 = 0;
 const TX_TOKEN: u32 = 1;
 const TAP_TOKEN: u32 = 2;
 const ACTIVATE_TOKEN: u32 = 3;
+const ROOM_TOKEN: u32 = 4;
 
 /// Errors from creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +42,15 @@ pub enum NetError {
     /// The TAP cannot be opened.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The device model cannot be created.
+    #[error(transparent)]
+    Device(#[from] virtio_net_tap::NetError),
     /// An eventfd cannot be created.
     #[error("cannot create an eventfd for the network device: {0}")]
-    EventFd(std::io::Error),
+    EventFd(io::Error),
 }
 
+/// What the device works on once the driver has set it up.
 struct Active {
     mem: GuestMemoryMmap,
     rx: Queue,
@@ -47,37 +66,64 @@ pub struct Net {
     active: Option<Active>,
 }
 
-/// A random locally administered, unicast MAC.
-fn random_mac() -> [u8; 6] {
-    let mut mac = [0u8; 6];
-    // A random seed from the std hasher's keys (no extra dependency for six bytes).
-    let seed = {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        h.finish()
-    };
-    mac.copy_from_slice(&seed.to_le_bytes()[..6]);
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("device", &self.device)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Net {
-    /// Opens TAP `tap_name` for a device with MAC `mac` (random if `None`).
+    /// Opens TAP `tap_name` for a device with MAC `mac` (random and locally administered if
+    /// `None`), its egress gate in pass-through mode.
     pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
         let tap = Tap::open(tap_name)?;
+        let mac = mac.map_or_else(MacAddr::random, MacAddr);
         let event_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
-        Ok(Self {
-            device: NetDevice::new(tap, mac.unwrap_or_else(random_mac)),
+        let net = Self {
+            device: NetDevice::new(tap, mac)?,
             queue_evts: [event_fd()?, event_fd()?],
             activate_evt: event_fd()?,
             active: None,
-        })
+        };
+        tracing::info!(
+            tap = tap_name,
+            %mac,
+            features = format_args!("{:#x}", net.device.avail_features()),
+            "virtio-net: device created"
+        );
+        Ok(net)
     }
 
-    /// The device model (gate, ingress tap, MAC).
-    pub fn device_mut(&mut self) -> &mut NetDevice {
-        &mut self.device
+    /// The guest's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.device.mac()
+    }
+
+    /// The TAP's name.
+    pub fn tap_name(&self) -> &str {
+        self.device.tap().name()
+    }
+
+    /// The egress gate: a handle to keep (it may be used from any thread) to hold outbound
+    /// frames per epoch and release or discard them.
+    pub fn egress(&self) -> Egress {
+        self.device.egress().clone()
+    }
+
+    /// Mirrors every inbound frame delivered to the guest to `sink` (`None`: stop), e.g. a
+    /// `std::sync::mpsc::Sender<virtio_net_tap::IngressFrame>`.
+    pub fn set_ingress_tap(&mut self, sink: Option<Box<dyn IngressSink>>) {
+        self.device.set_ingress_tap(sink);
+    }
+
+    /// Delivers `frame` (virtio-net header + Ethernet frame, as mirrored) to the guest ahead of
+    /// what the TAP has: at once if the device is active, else once it is.
+    pub fn inject_rx(&mut self, frame: Vec<u8>) {
+        self.device.inject_rx(frame);
+        self.process(true, false);
     }
 
     /// Data-path counters.
@@ -85,33 +131,39 @@ impl Net {
         self.device.stats()
     }
 
+    /// Runs the data path, then interrupts the driver if it wants to be.
     fn process(&mut self, rx: bool, tx: bool) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        let mut used = false;
+        let mut notify = false;
         if tx {
             match self.device.process_tx(&active.mem, &mut active.tx) {
-                Ok(u) => used |= u,
-                Err(e) => tracing::error!("virtio-net TX: {e}"),
+                Ok(n) => notify |= n,
+                Err(err) => tracing::error!(%err, "virtio-net: transmit queue"),
             }
         }
         if rx {
             match self.device.process_rx(&active.mem, &mut active.rx) {
-                Ok(u) => used |= u,
-                Err(e) => tracing::error!("virtio-net RX: {e}"),
+                Ok(n) => notify |= n,
+                Err(err) => tracing::error!(%err, "virtio-net: receive queue"),
             }
         }
-        if used {
-            if let Err(e) = active.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
-                tracing::error!("virtio-net: cannot raise the queue interrupt: {e}");
+        if notify {
+            if let Err(err) = active.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+                tracing::error!(%err, "virtio-net: cannot raise the queue interrupt");
             }
         }
     }
 }
 
-fn drain(evt: &EventFd) {
-    let _ = evt.read();
+/// Reads an eventfd until it is empty.
+fn drain(evt: &EventFd, what: &str) {
+    match evt.read() {
+        Ok(_) => {}
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+        Err(err) => tracing::error!(%err, "virtio-net: cannot read the {what} eventfd"),
+    }
 }
 
 impl MutEventSubscriber for Net {
@@ -125,33 +177,46 @@ impl MutEventSubscriber for Net {
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             ),
             Events::with_data(&self.activate_evt, ACTIVATE_TOKEN, EventSet::IN),
+            Events::with_data(self.device.egress().room_event(), ROOM_TOKEN, EventSet::IN),
         ];
         for event in events {
-            if let Err(e) = ops.add(event) {
-                tracing::error!("virtio-net: cannot register with the event loop: {e:?}");
+            if let Err(err) = ops.add(event) {
+                tracing::error!(?err, "virtio-net: cannot register with the event loop");
             }
         }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        match events.data() {
-            // New RX buffers: a frame may be waiting for one.
+        let (rx, tx) = match events.data() {
+            // New receive buffers: a frame may be waiting for them.
             RX_TOKEN => {
-                drain(&self.queue_evts[RX_QUEUE]);
-                self.process(true, false);
+                drain(&self.queue_evts[RX_QUEUE], "receive queue");
+                (true, false)
             }
             TX_TOKEN => {
-                drain(&self.queue_evts[TX_QUEUE]);
-                self.process(false, true);
+                drain(&self.queue_evts[TX_QUEUE], "transmit queue");
+                (false, true)
             }
-            TAP_TOKEN => self.process(true, false),
+            TAP_TOKEN => (true, false),
             ACTIVATE_TOKEN => {
-                drain(&self.activate_evt);
-                tracing::debug!(tap = self.device.tap().name(), "virtio-net: activated");
-                self.process(true, true);
+                drain(&self.activate_evt, "activation");
+                tracing::debug!(tap = self.tap_name(), "virtio-net: activated");
+                (true, true)
             }
-            other => tracing::warn!(token = other, "virtio-net: unexpected event"),
+            ROOM_TOKEN => {
+                drain(self.device.egress().room_event(), "egress room");
+                (false, true)
+            }
+            other => {
+                tracing::warn!(token = other, "virtio-net: unexpected event");
+                return;
+            }
+        };
+        if self.active.is_none() {
+            tracing::trace!("virtio-net: event before activation ignored");
+            return;
         }
+        self.process(rx, tx);
     }
 }
 
@@ -177,43 +242,48 @@ impl VirtioDevice for Net {
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.device.set_acked_features(features);
+        if let Err(err) = self.device.set_acked_features(features) {
+            tracing::error!(%err, "virtio-net: cannot apply the accepted features");
+        }
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.device.config_space();
+        let config: [u8; CONFIG_LEN] = self.device.config_space();
         for (i, byte) in data.iter_mut().enumerate() {
-            *byte = config.get(offset as usize + i).copied().unwrap_or(0);
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *byte = at.and_then(|at| config.get(at)).copied().unwrap_or(0);
         }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(offset, len = data.len(), "virtio-net: config write ignored");
+        tracing::warn!(
+            offset,
+            len = data.len(),
+            "virtio-net: write to the read-only configuration space ignored"
+        );
     }
 
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        let tx = queues.pop().expect("two queues");
-        let rx = queues.pop().expect("two queues");
+        let got = queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        self.device.activate(&rx, &tx);
         self.active = Some(Active {
             mem,
             rx,
             tx,
             interrupt,
         });
-        if let Err(e) = self.activate_evt.write(1) {
+        // Processing starts on the event-loop thread.
+        if let Err(err) = self.activate_evt.write(1) {
             self.active = None;
-            return Err(ActivateError::ActivateEvent(e));
+            return Err(ActivateError::ActivateEvent(err));
         }
         Ok(())
     }
@@ -225,5 +295,201 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.device.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_net_tap::{GateMode, IngressFrame, VNET_HDR_LEN};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    const MAC: [u8; 6] = [6, 0, 0, 0, 0, 0x42];
+    const RX_RING: u64 = 0;
+    const TX_RING: u64 = 0x1_0000;
+    const RX_BUF: u64 = 0x2_0000;
+    const TX_BUF: u64 = 0x3_0000;
+
+    /// Moves the test thread into its own network namespace (so its TAP touches nothing else);
+    /// false (skip) only when the host has no TUN/TAP.
+    fn enter_netns() -> bool {
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipped: no /dev/net/tun on this host");
+            return false;
+        }
+        // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's network namespace.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "unshare: {}", io::Error::last_os_error());
+        true
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99, 0x88, 0xb5]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, 0))
+    }
+
+    #[test]
+    fn new_reports_the_tap_and_picks_a_local_mac() {
+        if !enter_netns() {
+            return;
+        }
+        let err = Net::new("lo", None).unwrap_err();
+        assert!(err.to_string().contains("TAP lo"), "{err}");
+        let net = Net::new("vmr-net0", None).unwrap();
+        assert!(net.mac().is_local() && net.mac().is_unicast());
+        assert_eq!(net.tap_name(), "vmr-net0");
+        let net = Net::new("vmr-net1", Some(MAC)).unwrap();
+        let mut config = [0u8; 8];
+        net.read_config(0, &mut config);
+        assert_eq!(&config[..6], &MAC);
+        assert_eq!(config[6], 1, "link up");
+        let mut beyond = [0xffu8; 4];
+        net.read_config(6, &mut beyond);
+        assert_eq!(beyond, [1, 0, 0, 0]);
+        assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
+        assert_eq!(net.queue_events().len(), 2);
+    }
+
+    #[test]
+    fn event_loop_drives_the_device() {
+        if !enter_netns() {
+            return;
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut net = Net::new("vmr-loop", Some(MAC)).unwrap();
+        let out = Command::new("ip")
+            .args(["link", "set", "vmr-loop", "up"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let (ingress_tx, ingress_rx) = std::sync::mpsc::channel::<IngressFrame>();
+        net.set_ingress_tap(Some(Box::new(ingress_tx)));
+        let egress = net.egress();
+        let rx_evt = net.queue_events()[RX_QUEUE].try_clone().unwrap();
+        let tx_evt = net.queue_events()[TX_QUEUE].try_clone().unwrap();
+        let net = Arc::new(Mutex::new(net));
+        let mut event_loop = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        event_loop.add_subscriber(net.clone());
+
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+
+        // Kicks before activation are drained and ignored; injected frames wait.
+        rx_evt.write(1).unwrap();
+        tx_evt.write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 2);
+        assert!(rx_evt.read().is_err() && tx_evt.read().is_err(), "drained");
+        let inbound = frame(b"to the guest");
+        net.lock().unwrap().inject_rx(inbound.clone());
+
+        // Activation (from "a vCPU thread") wakes the loop, which delivers the frame.
+        rxq.add_desc_chains(&[desc(RX_BUF, 2048, VRING_DESC_F_WRITE)], 0)
+            .unwrap();
+        {
+            let mut net = net.lock().unwrap();
+            net.set_acked_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+            let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+            net.activate(mem.clone(), queues, interrupt.clone())
+                .unwrap();
+            assert!(net.is_activated());
+        }
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(rxq.used().idx().load(), 1);
+        let mut got = vec![0u8; inbound.len()];
+        mem.read_slice(&mut got, GuestAddress(RX_BUF)).unwrap();
+        assert_eq!(&got[VNET_HDR_LEN..], &inbound[VNET_HDR_LEN..]);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+        assert_eq!(
+            interrupt.status() & VIRTIO_MMIO_INT_VRING,
+            VIRTIO_MMIO_INT_VRING
+        );
+        assert_eq!(
+            ingress_rx.try_recv().unwrap().ethernet(),
+            &inbound[VNET_HDR_LEN..]
+        );
+
+        // A transmit kick sends the frame to the TAP.
+        let outbound = frame(b"from the guest");
+        mem.write_slice(&outbound, GuestAddress(TX_BUF)).unwrap();
+        txq.add_desc_chains(&[desc(TX_BUF, outbound.len() as u32, 0)], 0)
+            .unwrap();
+        tx_evt.write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(txq.used().idx().load(), 1);
+        assert_eq!(egress.stats().sent_frames, 1);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+
+        // A full gate stops transmission; its room event starts it again.
+        egress.set_mode(GateMode::Held);
+        egress.set_limit(outbound.len());
+        txq.add_desc_chains(
+            &[
+                desc(TX_BUF, outbound.len() as u32, 0),
+                desc(TX_BUF, outbound.len() as u32, 0),
+            ],
+            1,
+        )
+        .unwrap();
+        tx_evt.write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(txq.used().idx().load(), 2);
+        assert_eq!(egress.held_frames(), 1);
+        assert_eq!(egress.release_through(0), 1);
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(txq.used().idx().load(), 3);
+        assert_eq!(egress.release_through(0), 1);
+        assert_eq!(egress.stats().sent_frames, 3);
+
+        // After a reset, events are ignored again.
+        net.lock().unwrap().reset();
+        assert!(!net.lock().unwrap().is_activated());
+        tx_evt.write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(net.lock().unwrap().acked_features(), 0);
+    }
+
+    #[test]
+    fn activation_needs_two_queues() {
+        if !enter_netns() {
+            return;
+        }
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut net = Net::new("vmr-q", None).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let err = net
+            .activate(mem.clone(), vec![vq.create_queue().unwrap()], interrupt)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 2,
+                got: 1
+            }
+        ));
+        assert!(!net.is_activated());
+        assert_ne!(net.avail_features() & 1 << VIRTIO_NET_F_MRG_RXBUF, 0);
     }
 }
