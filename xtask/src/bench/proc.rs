@@ -4,31 +4,35 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
 
-/// Reads `stdout` line by line until a line contains `marker`; returns the time since `start`.
-/// Fails after `timeout` or at end of output.
+/// Reads `stdout` line by line on a thread until a line contains `marker`; returns the time
+/// since `start`. Fails after `timeout` (even if the monitor prints nothing) or at end of output.
 pub fn wait_for_marker(
     stdout: ChildStdout,
-    marker: &str,
+    marker: &'static str,
     start: Instant,
     timeout: Duration,
-) -> Result<(Duration, BufReader<ChildStdout>), String> {
-    let mut reader = BufReader::new(stdout);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|e| format!("reading the console: {e}"))?;
-        if n == 0 {
-            return Err(format!("the console ended before {marker:?}"));
-        }
-        if String::from_utf8_lossy(&line).contains(marker) {
-            return Ok((start.elapsed(), reader));
-        }
-        if start.elapsed() > timeout {
-            return Err(format!("no {marker:?} within {timeout:?}"));
-        }
-    }
+) -> Result<Duration, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        let result = loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break Err(format!("the console ended before {marker:?}")),
+                Ok(_) if String::from_utf8_lossy(&line).contains(marker) => {
+                    break Ok(start.elapsed())
+                }
+                Ok(_) => {}
+                Err(e) => break Err(format!("reading the console: {e}")),
+            }
+        };
+        let _ = tx.send(result);
+        // Keep draining so that the monitor never blocks on a full pipe.
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    rx.recv_timeout(timeout)
+        .unwrap_or_else(|_| Err(format!("no {marker:?} within {timeout:?}")))
 }
 
 /// Resident memory of process `pid` beyond its guest RAM, in KiB: the sum of `Rss` over all
