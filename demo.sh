@@ -4,16 +4,9 @@
 # the lab when this host's KVM cannot boot a stock Linux guest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-
-images/setup-host
-images/build >/dev/null
-echo "[demo] building vmr (release)" >&2
-cargo build --release --locked -p vmm --bin vmr
 set -a
-# shellcheck disable=SC1091
-source "${VMR_CACHE:-$HOME/.cache/vmr}/images.env"
+eval "$(images/prepare)"
 set +a
-export VMR_BIN="$PWD/target/release/vmr" VMR_DEMO=1
-export VMR_SCRATCH="$PWD/target/demo"
+export VMR_DEMO=1 VMR_SCRATCH="$PWD/target/demo"
 rm -rf "$VMR_SCRATCH" && mkdir -p "$VMR_SCRATCH"
 exec images/lab --rwdir "$VMR_SCRATCH" -- bash tests/lab/redis.sh

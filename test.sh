@@ -4,10 +4,7 @@
 # Linux guests inside the lab (or directly on a host with VT-x/AMD-V).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
-
-images/setup-host
-images/build >/dev/null
-echo "[test] building vmr (release) for the end-to-end tests" >&2
-cargo build --release --locked -p vmm --bin vmr
-export VMR_BIN="$PWD/target/release/vmr"
+set -a
+eval "$(images/prepare)"
+set +a
 cargo test --workspace --locked "$@"
