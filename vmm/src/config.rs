@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::Deserialize;
+pub use virtio_net_tap::MacAddr;
 
 use crate::arch::mptable::MAX_VCPUS;
 
@@ -59,41 +60,6 @@ pub enum ConfigError {
     Serial(String),
 }
 
-/// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl FromStr for MacAddr {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::Mac(s.to_string());
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(bad());
-        }
-        let mut mac = [0u8; 6];
-        for (byte, part) in mac.iter_mut().zip(parts) {
-            if part.len() != 2 {
-                return Err(bad());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl std::fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
 /// A virtio-net device on a host TAP.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,7 +82,10 @@ impl NetConfig {
         {
             return Err(ConfigError::TapName(name.clone()));
         }
-        self.mac.as_deref().map(MacAddr::from_str).transpose()
+        self.mac
+            .as_deref()
+            .map(|mac| MacAddr::from_str(mac).map_err(|_| ConfigError::Mac(mac.to_string())))
+            .transpose()
     }
 }
 

@@ -469,12 +469,14 @@ impl Block {
             return;
         };
         let mut used = false;
+        let mut idle_passes = 0;
         loop {
             // No kicks while we are draining the queue; re-enabled (and re-checked) below.
             if let Err(err) = queue.disable_notification(mem) {
                 tracing::error!(%err, "virtio-blk: cannot disable queue notifications");
                 break;
             }
+            let mut served = false;
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
                 let len = serve(&mut self.disk, mem, chain);
@@ -482,9 +484,18 @@ impl Block {
                     tracing::error!(%err, head, "virtio-blk: cannot return a used buffer");
                 }
                 used = true;
+                served = true;
             }
+            idle_passes = if served { 0 } else { idle_passes + 1 };
             match queue.enable_notification(mem) {
-                Ok(true) => continue,
+                // More requests arrived meanwhile: serve them. But a driver whose available
+                // index stays ahead with nothing to pop (a broken ring) must not spin this
+                // thread: a second pass that serves nothing ends the loop.
+                Ok(true) if idle_passes < 2 => continue,
+                Ok(true) => {
+                    tracing::warn!("virtio-blk: available ring ahead of its entries; ignored");
+                    break;
+                }
                 Ok(false) => break,
                 Err(err) => {
                     tracing::error!(%err, "virtio-blk: cannot enable queue notifications");
