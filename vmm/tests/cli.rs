@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vmm::hostcheck::{probe, HostKvm};
 
@@ -21,10 +22,13 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Links `tests/guests/NAME.S` into an ELF executable at 2 MiB: a kernel `vmr run` can load.
+/// Each call makes its own files: tests run in parallel.
 fn tiny_elf(name: &str) -> PathBuf {
+    static BUILDS: AtomicUsize = AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, Ordering::SeqCst);
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.S"));
-    let obj = scratch(&format!("{name}.o"));
-    let elf = scratch(&format!("{name}.elf"));
+    let obj = scratch(&format!("{name}-{n}.o"));
+    let elf = scratch(&format!("{name}-{n}.elf"));
     for cmd in [
         Command::new("as")
             .arg("--64")

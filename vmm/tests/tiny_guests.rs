@@ -28,7 +28,9 @@ const MEM_SIZE: u64 = 16 << 20;
 /// Assembles `tests/guests/NAME.S` into a flat binary linked at [`LOAD_ADDR`].
 fn assemble(name: &str) -> Vec<u8> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.S"));
-    let dir = std::env::temp_dir().join(format!("vmr-tiny-{}-{name}", std::process::id()));
+    static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("vmr-tiny-{}-{name}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let obj = dir.join("guest.o");
     let bin = dir.join("guest.bin");
