@@ -9,10 +9,14 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZE: u32 = 0x8000_0008;
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 
 /// Adjusts `cpuid` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
-pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
+/// `tsc_deadline`: KVM emulates the LAPIC's TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`),
+/// which KVM does not report in its supported CPUID. Announcing it spares the guest the
+/// calibration of the LAPIC timer against the PIT (a second or more when nested).
+pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8, tsc_deadline: bool) {
     let core_bits = u32::BITS - u32::from(count.max(1) - 1).leading_zeros();
     for entry in cpuid.as_mut_slice() {
         match entry.function {
@@ -22,6 +26,9 @@ pub fn filter_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
                     | (u32::from(count) << 16)
                     | (8 << 8);
                 entry.ecx |= ECX_HYPERVISOR;
+                if tsc_deadline {
+                    entry.ecx |= ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= EDX_HTT;
                 } else {
@@ -84,11 +91,12 @@ mod tests {
             },
         ];
         let mut cpuid = CpuId::from_entries(&entries).unwrap();
-        filter_cpuid(&mut cpuid, 1, 2);
+        filter_cpuid(&mut cpuid, 1, 2, true);
         let e = cpuid.as_slice();
         assert_eq!(e[0].ebx >> 24, 1);
         assert_eq!((e[0].ebx >> 16) & 0xff, 2);
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e[0].ecx & ECX_TSC_DEADLINE, 0);
         assert_eq!(e[1].ebx, 2);
         assert_eq!(e[1].eax, 1);
         assert_eq!(e[1].edx, 1);

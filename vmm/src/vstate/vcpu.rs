@@ -289,7 +289,8 @@ impl Vcpu {
         let mut cpuid: CpuId = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VcpuError::GetSupportedCpuid)?;
-        cpuid::filter_cpuid(&mut cpuid, self.index, count);
+        let tsc_deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+        cpuid::filter_cpuid(&mut cpuid, self.index, count, tsc_deadline);
         self.fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
         let msrs = msr::boot_msrs()?;
         let set = self.fd.set_msrs(&msrs).map_err(VcpuError::SetMsrsIoctl)?;
