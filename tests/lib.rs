@@ -77,28 +77,76 @@ impl ScenarioRun {
     }
 }
 
+/// How long one scenario may take, lab boot included, before the lab is killed.
+const SCENARIO_TIMEOUT_SECS: u32 = 600;
+/// `images/lab`'s exit status when it killed the lab at its timeout.
+const LAB_TIMED_OUT: i32 = 124;
+
 /// Runs `tests/lab/NAME.sh` inside the lab with the images, the `vmr` binary and a writable
 /// scratch directory in its environment.
+///
+/// The emulated lab (nested virtualization under TCG) has been seen to freeze whole, rarely;
+/// the scenarios bound every wait of their own, so a run that outlives the lab's timeout is
+/// such a freeze: its consoles are printed and the scenario runs once more, saying so.
 pub fn run_scenario(name: &str) -> ScenarioRun {
     let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let images = images();
+    let mut attempt = 1;
+    loop {
+        let run = run_scenario_once(name, &images, attempt);
+        if run.output.status.code() != Some(LAB_TIMED_OUT) || attempt == 2 {
+            return run;
+        }
+        eprintln!(
+            "lab scenario {name}: the lab did not finish within {SCENARIO_TIMEOUT_SECS} s; \
+             what it left in {}:",
+            run.scratch.display()
+        );
+        print_consoles(&run.scratch);
+        eprintln!("lab scenario {name}: RETRYING once");
+        attempt += 1;
+    }
+}
+
+fn run_scenario_once(name: &str, images: &HashMap<String, String>, attempt: u32) -> ScenarioRun {
     let scratch = repo_root()
         .join("target/lab-scratch")
-        .join(format!("{name}-{}", std::process::id()));
+        .join(format!("{name}-{}-{attempt}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).unwrap();
     let script = repo_root().join(format!("tests/lab/{name}.sh"));
     let output = Command::new(repo_root().join("images/lab"))
         .arg("--rwdir")
         .arg(&scratch)
+        .arg("--timeout")
+        .arg(SCENARIO_TIMEOUT_SECS.to_string())
         .arg("--")
         .arg("bash")
         .arg(&script)
-        .envs(&images)
+        .envs(images)
         .env("VMR_BIN", vmr_bin())
         .env("VMR_SCRATCH", &scratch)
         .stdin(std::process::Stdio::null())
         .output()
         .expect("cannot run images/lab");
     ScenarioRun { output, scratch }
+}
+
+/// Prints the tail of every console and log a scenario left in `scratch`.
+fn print_consoles(scratch: &Path) {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(text) = std::fs::read(&path) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("--- {} (last 40 lines)", path.display());
+        for line in &lines[lines.len().saturating_sub(40)..] {
+            eprintln!("{line}");
+        }
+    }
 }

@@ -8,4 +8,5 @@ pub mod devices;
 pub mod hostcheck;
 pub mod loader;
 pub mod microvm;
+pub mod persist;
 pub mod vstate;
