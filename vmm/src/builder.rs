@@ -11,19 +11,22 @@ use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot, layout, mptable, regs};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, NetConfig, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{SerialDevice, SerialOut};
+use crate::devices::legacy::serial::{SerialDevice, SerialOut, SerialRestoreError};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::devices::DevicesState;
 use crate::hostcheck::{self, HostError};
 use crate::loader::{self, LoaderError};
-use crate::microvm::{EventLoop, ExitHandler, MicroVm, Subscriber};
-use crate::vstate::memory::{self, MemoryError};
+use crate::microvm::{Devices, EventLoop, ExitHandler, MicroVm, Subscriber, VirtioSlot};
+use crate::persist::Persist;
+use crate::snapshot::{LoadedSnapshot, ParentRef, SnapshotError};
+use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VmRunState};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -101,6 +104,20 @@ pub enum BuildError {
     /// A vCPU could not be created or configured.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The snapshot's files are bad.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The snapshot's serial port state is bad.
+    #[error(transparent)]
+    SerialState(#[from] SerialRestoreError),
+    /// The snapshot has a different number of vCPU states than its configuration says.
+    #[error("the snapshot holds {saved} vCPU states for a VM of {config} vCPUs")]
+    SnapshotVcpus {
+        /// vCPU states saved.
+        saved: usize,
+        /// vCPUs configured.
+        config: u8,
+    },
 }
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOut, BuildError> {
@@ -132,6 +149,130 @@ fn virtio_entry<D: VirtioDevice + 'static>(device: D) -> VirtioEntry {
     }
 }
 
+/// The monitor's side of a VM before its vCPUs exist: buses, event loop, devices.
+struct Machine {
+    kvm: Kvm,
+    vm: Vm,
+    run_state: Arc<VmRunState>,
+    event_loop: EventLoop,
+    pio_bus: Bus,
+    mmio_bus: Bus,
+    devices: Devices,
+    /// `virtio_mmio.device=` arguments announcing the virtio devices.
+    virtio_cmdline: Vec<String>,
+}
+
+/// Opens `/dev/kvm` and checks the vCPU count.
+fn open_kvm(vcpus: u8, allow_pvm: bool) -> Result<Kvm, BuildError> {
+    hostcheck::check_linux_guest_support(allow_pvm)?;
+    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+    let max = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max {
+        return Err(BuildError::TooManyVcpus { asked: vcpus, max });
+    }
+    Ok(kvm)
+}
+
+/// Creates the VM (irqchip, PIT) with `mem` and puts the legacy devices (new, or restored
+/// from `saved`) and the virtio devices on their buses.
+fn assemble(
+    kvm: Kvm,
+    mem: GuestMemoryMmap,
+    dirty_logging: bool,
+    serial_out: SerialOut,
+    virtio: Vec<VirtioEntry>,
+    saved: Option<&DevicesState>,
+) -> Result<Machine, BuildError> {
+    let mut vm = Vm::new(&kvm, mem.clone(), dirty_logging)?;
+    vm.setup_irqchip()?;
+
+    let run_state = Arc::new(VmRunState::new().map_err(BuildError::EventFd)?);
+    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
+    let mut pio_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+
+    let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq.0, layout::SERIAL_IRQ)?;
+    let serial = match saved {
+        Some(state) => SerialDevice::restore((serial_irq, serial_out), &state.serial)?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio_bus.insert(serial.clone(), layout::SERIAL_PORT, 8)?;
+
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
+    let i8042 = match saved {
+        Some(state) => match I8042::restore(i8042_evt, &state.i8042) {
+            Ok(dev) => dev,
+            Err(never) => match never {},
+        },
+        None => I8042::new(i8042_evt),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
+    pio_bus.insert(i8042.clone(), layout::I8042_PORT, 5)?;
+    event_loop.add_subscriber(Arc::new(Mutex::new(ExitHandler::new(
+        run_state.clone(),
+        reset_evt,
+    ))));
+
+    let mut slots = Vec::new();
+    let mut virtio_cmdline = Vec::new();
+    for (i, entry) in virtio.into_iter().enumerate() {
+        let base = layout::MMIO_DEVICES_START + i as u64 * layout::MMIO_DEVICE_SIZE;
+        let irq = layout::VIRTIO_IRQ_START + i as u32;
+        if irq > layout::IRQ_MAX {
+            return Err(BuildError::OutOfIrqs);
+        }
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irqfd(&irqfd, irq)?;
+        let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
+        let transport = MmioTransport::new(mem.clone(), entry.device, interrupt);
+        transport
+            .register_ioevents(vm.fd(), base)
+            .map_err(BuildError::RegisterIoevent)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio_bus.insert(transport.clone(), base, layout::MMIO_DEVICE_SIZE)?;
+        event_loop.add_subscriber(entry.subscriber);
+        virtio_cmdline.push(MmioTransport::cmdline_arg(base, irq));
+        slots.push(VirtioSlot {
+            base,
+            irq,
+            transport,
+        });
+    }
+    vcpu::register_kick_handler()?;
+    Ok(Machine {
+        kvm,
+        vm,
+        run_state,
+        event_loop,
+        pio_bus,
+        mmio_bus,
+        devices: Devices {
+            serial,
+            i8042,
+            virtio: slots,
+        },
+        virtio_cmdline,
+    })
+}
+
+impl Machine {
+    fn into_microvm(self, vcpus: Vec<Vcpu>, config: VmConfig, last: Option<ParentRef>) -> MicroVm {
+        MicroVm::new(
+            self.kvm,
+            self.vm,
+            vcpus,
+            self.devices,
+            self.event_loop,
+            self.run_state,
+            config,
+            last,
+        )
+    }
+}
+
 /// Builds the microVM described by `config`, ready to [`MicroVm::run`].
 pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     config.validate()?;
@@ -154,64 +295,13 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     }
     let serial_out = serial_output(&config.serial)?;
 
-    hostcheck::check_linux_guest_support(config.allow_pvm)?;
-    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
-    let max = kvm.get_max_vcpus();
-    if usize::from(config.vcpus) > max {
-        return Err(BuildError::TooManyVcpus {
-            asked: config.vcpus,
-            max,
-        });
-    }
-    let mut vm = Vm::new(&kvm, mem.clone(), false)?;
-    vm.setup_irqchip()?;
-
-    let run_state = Arc::new(VmRunState::new().map_err(BuildError::EventFd)?);
-    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
-    let mut pio_bus = Bus::new();
-    let mut mmio_bus = Bus::new();
-
-    let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq.0, layout::SERIAL_IRQ)?;
-    pio_bus.insert(
-        Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))),
-        layout::SERIAL_PORT,
-        8,
-    )?;
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    let i8042_evt = reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    pio_bus.insert(
-        Arc::new(Mutex::new(I8042::new(EventFdTrigger(i8042_evt)))),
-        layout::I8042_PORT,
-        5,
-    )?;
-    event_loop.add_subscriber(Arc::new(Mutex::new(ExitHandler::new(
-        run_state.clone(),
-        reset_evt,
-    ))));
+    let kvm = open_kvm(config.vcpus, config.allow_pvm)?;
+    let machine = assemble(kvm, mem.clone(), false, serial_out, virtio, None)?;
 
     let mut cmdline = String::from(BASE_CMDLINE);
-    for (i, entry) in virtio.into_iter().enumerate() {
-        let base = layout::MMIO_DEVICES_START + i as u64 * layout::MMIO_DEVICE_SIZE;
-        let irq = layout::VIRTIO_IRQ_START + i as u32;
-        if irq > layout::IRQ_MAX {
-            return Err(BuildError::OutOfIrqs);
-        }
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-        vm.register_irqfd(&irqfd, irq)?;
-        let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-        let transport = MmioTransport::new(mem.clone(), entry.device, interrupt);
-        transport
-            .register_ioevents(vm.fd(), base)
-            .map_err(BuildError::RegisterIoevent)?;
-        mmio_bus.insert(
-            Arc::new(Mutex::new(transport)),
-            base,
-            layout::MMIO_DEVICE_SIZE,
-        )?;
-        event_loop.add_subscriber(entry.subscriber);
+    for arg in &machine.virtio_cmdline {
         cmdline.push(' ');
-        cmdline.push_str(&MmioTransport::cmdline_arg(base, irq));
+        cmdline.push_str(arg);
     }
     if config.rootfs.is_some() {
         cmdline.push_str(" root=/dev/vda rw");
@@ -227,13 +317,72 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     mptable::setup_mptable(&mem, config.vcpus)?;
     regs::write_boot_structures(&mem)?;
 
-    vcpu::register_kick_handler()?;
     let mut vcpus = Vec::with_capacity(config.vcpus.into());
     for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&vm, index, pio_bus.clone(), mmio_bus.clone())?;
-        vcpu.configure_cpu(&kvm, config.vcpus)?;
+        let vcpu = Vcpu::new(
+            &machine.vm,
+            index,
+            machine.pio_bus.clone(),
+            machine.mmio_bus.clone(),
+        )?;
+        vcpu.configure_cpu(&machine.kvm, config.vcpus)?;
         vcpu.configure_boot(kernel.entry.0, layout::ZERO_PAGE_START)?;
         vcpus.push(vcpu);
     }
-    Ok(MicroVm::new(kvm, vm, vcpus, event_loop, run_state))
+    Ok(machine.into_microvm(vcpus, config.clone(), None))
+}
+
+/// What a restore may change: the host side of the VM.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// TAPs for the network devices, in order (the saved TAP names where absent).
+    pub net: Vec<NetConfig>,
+    /// Where the console goes.
+    pub serial: SerialConfig,
+    /// Go ahead on a PVM host.
+    pub allow_pvm: bool,
+}
+
+/// Builds a microVM from a loaded snapshot, every part of it checked and restored before any
+/// vCPU exists; [`MicroVm::run`] then resumes the guest where it was saved.
+pub fn restore_microvm(
+    snapshot: &LoadedSnapshot,
+    options: &RestoreOptions,
+) -> Result<MicroVm, BuildError> {
+    let newest = snapshot.newest();
+    let state = &newest.microvm;
+    let mut config = state.config.clone();
+    config.serial = options.serial.clone();
+    config.allow_pvm = options.allow_pvm;
+    if state.vcpus.len() != usize::from(config.vcpus) || state.vcpus.is_empty() {
+        return Err(BuildError::SnapshotVcpus {
+            saved: state.vcpus.len(),
+            config: config.vcpus,
+        });
+    }
+    let virtio: Vec<VirtioEntry> = Vec::new();
+    let serial_out = serial_output(&options.serial)?;
+    let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
+    let mem = snapshot.restore_memory()?;
+    let machine = assemble(kvm, mem, true, serial_out, virtio, Some(&state.devices))?;
+    machine.vm.restore_state(&state.vm)?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for saved in &state.vcpus {
+        let vcpu = Vcpu::new(
+            &machine.vm,
+            saved.index,
+            machine.pio_bus.clone(),
+            machine.mmio_bus.clone(),
+        )?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    // Dirty tracking starts now: the memory equals the snapshot, which a diff may build on.
+    machine.vm.collect_dirty_pages()?;
+    let (dir, _) = snapshot.chain.last().expect("a chain is never empty");
+    let last = ParentRef {
+        id: newest.meta.id,
+        path: dir.clone(),
+    };
+    Ok(machine.into_microvm(vcpus, config, Some(last)))
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 pub use virtio_net_tap::MacAddr;
 
 use crate::arch::mptable::MAX_VCPUS;
@@ -61,7 +61,7 @@ pub enum ConfigError {
 }
 
 /// A virtio-net device on a host TAP.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// The TAP interface name.
@@ -113,7 +113,7 @@ impl FromStr for NetConfig {
 }
 
 /// A virtio-blk device over a raw image file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// The image file.
@@ -171,6 +171,22 @@ impl FromStr for SerialConfig {
     }
 }
 
+impl std::fmt::Display for SerialConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialConfig::Stdout => f.write_str("stdout"),
+            SerialConfig::File(path) => write!(f, "file:{}", path.display()),
+            SerialConfig::None => f.write_str("none"),
+        }
+    }
+}
+
+impl Serialize for SerialConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> Deserialize<'de> for SerialConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -179,7 +195,7 @@ impl<'de> Deserialize<'de> for SerialConfig {
 }
 
 /// Everything needed to build a microVM.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Guest kernel: ELF vmlinux or bzImage.

@@ -9,4 +9,5 @@ pub mod hostcheck;
 pub mod loader;
 pub mod microvm;
 pub mod persist;
+pub mod snapshot;
 pub mod vstate;

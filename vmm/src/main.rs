@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::builder::build_microvm;
+use vmm::builder::{build_microvm, restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
+use vmm::microvm::MicroVm;
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
@@ -19,6 +20,24 @@ struct Cli {
 enum Command {
     /// Boot a microVM and run it until the guest powers off or resets.
     Run(RunArgs),
+    /// Bring a snapshot back to life in this process: the guest continues where it was.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot directory (for a diff, its parents are found through it).
+    #[arg(long = "from", value_name = "DIR")]
+    from: PathBuf,
+    /// TAP for each network device, in order (default: the TAP names saved in the snapshot).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<NetConfig>,
+    /// Serial console: stdout, file:PATH or none.
+    #[arg(long, value_name = "stdout|file:PATH|none", default_value = "stdout")]
+    serial: SerialConfig,
+    /// Restore even on a PVM host (only for PVM-enabled guest kernels).
+    #[arg(long)]
+    allow_pvm: bool,
 }
 
 #[derive(Args)]
@@ -98,7 +117,23 @@ impl RunArgs {
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     let config = args.into_config()?;
-    let mut microvm = build_microvm(&config).map_err(|e| e.to_string())?;
+    let microvm = build_microvm(&config).map_err(|e| e.to_string())?;
+    run_microvm(microvm)
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
+    let snapshot = vmm::snapshot::load(&args.from).map_err(|e| e.to_string())?;
+    let options = RestoreOptions {
+        net: args.net,
+        serial: args.serial,
+        allow_pvm: args.allow_pvm,
+    };
+    let microvm = restore_microvm(&snapshot, &options).map_err(|e| e.to_string())?;
+    tracing::info!(from = %args.from.display(), "VM restored");
+    run_microvm(microvm)
+}
+
+fn run_microvm(mut microvm: MicroVm) -> Result<ExitCode, String> {
     let reason = microvm.run().map_err(|e| e.to_string())?;
     tracing::info!(?reason, "VM ended");
     if reason.is_clean() {
@@ -119,6 +154,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
     };
     match result {
         Ok(code) => code,

@@ -1,16 +1,25 @@
 //! A built microVM and its event loop: vCPU threads run the guest while the monitor's own
 //! thread serves device events (queue notifications, TAP traffic) until the guest ends.
 
-use std::os::unix::io::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::VmConfig;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::DevicesState;
+use crate::persist::Persist;
+use crate::snapshot::{self, MicroVmState, ParentRef, SnapshotError, SnapshotKind};
 use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuError, VcpuHandle, VmRunState};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Vm, VmError};
 
 /// The event manager of the monitor's thread.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -26,6 +35,105 @@ pub enum RunError {
     /// The event loop failed.
     #[error("the event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+}
+
+/// Errors from pausing, resuming or saving a running microVM. None of them stops the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The vCPUs have not been started, or have stopped.
+    #[error("the VM is not running")]
+    NotStarted,
+    /// Pause asked of a paused VM.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// Resume asked of a running VM.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU did not pause or resume.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The VM-wide state could not be saved, or dirty logging set up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Where a virtio device sits: its MMIO window and interrupt line.
+pub struct VirtioSlot {
+    /// Base of its MMIO window.
+    pub base: u64,
+    /// Its GSI.
+    pub irq: u32,
+    /// The transport, holding the device.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The devices of a microVM, for saving and describing them.
+pub struct Devices {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The i8042.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// Virtio devices, in MMIO order.
+    pub virtio: Vec<VirtioSlot>,
+}
+
+/// Locks a device mutex; a panic elsewhere does not make the device state unusable.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Devices {
+    /// Saves every device. The VM must be paused.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: lock(&self.serial).save(),
+            i8042: lock(&self.i8042).save(),
+        }
+    }
+}
+
+/// Where a microVM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmPhase {
+    /// Built, vCPUs not started.
+    Created,
+    /// vCPUs running the guest.
+    Running,
+    /// vCPUs parked; devices idle.
+    Paused,
+}
+
+/// What a snapshot took.
+#[derive(Debug, Clone)]
+pub struct SnapshotReport {
+    /// The snapshot directory.
+    pub path: PathBuf,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// Pages written.
+    pub pages: u64,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// How long the vCPUs were paused.
+    pub pause: Duration,
+    /// How long the whole snapshot took.
+    pub total: Duration,
+}
+
+/// Wakes the event loop when a file descriptor becomes readable; the caller reads it.
+struct Wakeup(RawFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.0, EventSet::IN)) {
+            tracing::error!("cannot watch fd {}: {e:?}", self.0);
+        }
+    }
 }
 
 /// Ends the VM when the guest resets it or a vCPU stops.
@@ -67,37 +175,74 @@ impl MutEventSubscriber for ExitHandler {
     }
 }
 
-/// A microVM ready to run.
+/// A microVM: its vCPUs, devices, memory and event loop.
 pub struct MicroVm {
     // Field order is drop order: the vCPUs and devices go before the VM and its memory.
+    handles: Vec<VcpuHandle>,
     vcpus: Vec<Vcpu>,
     event_loop: EventLoop,
     run_state: Arc<VmRunState>,
-    vm: Vm,
+    devices: Devices,
+    config: VmConfig,
+    vm: Arc<Vm>,
     _kvm: Kvm,
+    phase: VmPhase,
+    started: Option<Instant>,
+    last_snapshot: Option<ParentRef>,
 }
 
 impl MicroVm {
-    /// Assembles a microVM from its built parts.
+    /// Assembles a microVM from its built parts; `last_snapshot` is the snapshot its memory
+    /// equals (a restored VM's), which a diff snapshot may then build on.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kvm: Kvm,
         vm: Vm,
         vcpus: Vec<Vcpu>,
+        devices: Devices,
         event_loop: EventLoop,
         run_state: Arc<VmRunState>,
+        config: VmConfig,
+        last_snapshot: Option<ParentRef>,
     ) -> Self {
         Self {
+            handles: Vec::new(),
             vcpus,
             event_loop,
             run_state,
-            vm,
+            devices,
+            config,
+            vm: Arc::new(vm),
             _kvm: kvm,
+            phase: VmPhase::Created,
+            started: None,
+            last_snapshot,
         }
     }
 
-    /// The VM.
-    pub fn vm(&self) -> &Vm {
+    /// The VM (shared: a migration thread reads its dirty log while the guest runs).
+    pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &Devices {
+        &self.devices
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Where it is in its life.
+    pub fn phase(&self) -> VmPhase {
+        self.phase
+    }
+
+    /// Time since the vCPUs started.
+    pub fn uptime(&self) -> Duration {
+        self.started.map(|t| t.elapsed()).unwrap_or_default()
     }
 
     /// The shared run state (to stop the VM from elsewhere).
@@ -105,19 +250,45 @@ impl MicroVm {
         self.run_state.clone()
     }
 
-    /// Runs the guest until it ends; returns why it ended.
-    pub fn run(&mut self) -> Result<ExitReason, RunError> {
-        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+    /// Makes the event loop return when `fd` becomes readable (the caller then reads it in
+    /// the `control` hook of [`MicroVm::run_with`]).
+    pub fn add_wakeup(&mut self, fd: RawFd) {
+        self.event_loop
+            .add_subscriber(Arc::new(Mutex::new(Wakeup(fd))));
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), RunError> {
         for vcpu in self.vcpus.drain(..) {
             match vcpu.start(self.run_state.clone()) {
-                Ok(handle) => handles.push(handle),
+                Ok(handle) => self.handles.push(handle),
                 Err(e) => {
                     self.run_state
                         .request_exit(ExitReason::Error(e.to_string()));
-                    handles.into_iter().for_each(VcpuHandle::kick_and_join);
+                    self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
                     return Err(e.into());
                 }
             }
+        }
+        self.phase = VmPhase::Running;
+        self.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Runs the guest until it ends; returns why it ended.
+    pub fn run(&mut self) -> Result<ExitReason, RunError> {
+        self.run_with(|_| {})
+    }
+
+    /// Runs the guest until it ends, calling `control` after every round of device events
+    /// (and at least once a second) on the monitor's thread, where it may pause, save or
+    /// resume the VM.
+    pub fn run_with(
+        &mut self,
+        mut control: impl FnMut(&mut MicroVm),
+    ) -> Result<ExitReason, RunError> {
+        if self.phase == VmPhase::Created {
+            self.start()?;
         }
         let mut result = Ok(());
         while !self.run_state.stop_requested() {
@@ -126,9 +297,119 @@ impl MicroVm {
                     .request_exit(ExitReason::Error(format!("event loop: {e:?}")));
                 result = Err(RunError::EventLoop(e));
             }
+            control(self);
         }
-        handles.into_iter().for_each(VcpuHandle::kick_and_join);
+        self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
         result?;
         Ok(self.run_state.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+
+    /// Parks every vCPU. Device events wait until the monitor's thread runs its loop again.
+    pub fn pause(&mut self) -> Result<(), ControlError> {
+        match self.phase {
+            VmPhase::Created => Err(ControlError::NotStarted),
+            VmPhase::Paused => Err(ControlError::AlreadyPaused),
+            VmPhase::Running => {
+                let result = VcpuHandle::pause_all(&self.handles);
+                // Even a partial failure leaves some vCPUs parked: call it paused, so a
+                // resume goes to all.
+                self.phase = VmPhase::Paused;
+                result.map_err(Into::into)
+            }
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), ControlError> {
+        match self.phase {
+            VmPhase::Created => Err(ControlError::NotStarted),
+            VmPhase::Running => Err(ControlError::NotPaused),
+            VmPhase::Paused => {
+                VcpuHandle::resume_all(&self.handles)?;
+                self.phase = VmPhase::Running;
+                Ok(())
+            }
+        }
+    }
+
+    /// Saves everything but guest memory. The VM must be paused; devices are saved before
+    /// the vCPUs.
+    pub fn save_state(&self) -> Result<MicroVmState, ControlError> {
+        if self.phase != VmPhase::Paused {
+            return Err(ControlError::NotPaused);
+        }
+        let devices = self.devices.save();
+        let vcpus = self
+            .handles
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MicroVmState {
+            config: self.config.clone(),
+            vm: self.vm.save_state()?,
+            vcpus,
+            devices,
+        })
+    }
+
+    /// Writes a snapshot to the new directory `dir`: the VM is paused (unless it already is)
+    /// while its state and memory are written, then resumed. A diff holds the pages written
+    /// since the previous snapshot of this VM (or the one it was restored from). On failure
+    /// nothing is left in `dir`, and the pages stay marked dirty for the next snapshot.
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<SnapshotReport, ControlError> {
+        let t0 = Instant::now();
+        if kind == SnapshotKind::Diff && (self.last_snapshot.is_none() || !self.vm.dirty_logging())
+        {
+            return Err(SnapshotError::NoParent.into());
+        }
+        let was_running = self.phase == VmPhase::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let paused_at = Instant::now();
+        let result = self.write_snapshot(dir, kind);
+        let pause = paused_at.elapsed();
+        if was_running {
+            self.resume()?;
+        }
+        let written = result?;
+        self.last_snapshot = Some(ParentRef {
+            id: written.id,
+            path: written.path.clone(),
+        });
+        Ok(SnapshotReport {
+            path: written.path,
+            kind,
+            pages: written.pages,
+            memory_bytes: written.memory_bytes,
+            pause,
+            total: t0.elapsed(),
+        })
+    }
+
+    fn write_snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+    ) -> Result<snapshot::WrittenSnapshot, ControlError> {
+        let state = self.save_state()?;
+        // From here on, KVM logs the guest's writes: the next diff builds on this snapshot.
+        self.vm.set_dirty_logging(true)?;
+        let dirty = self.vm.collect_dirty_pages()?;
+        let diff = match (kind, &self.last_snapshot) {
+            (SnapshotKind::Diff, Some(parent)) => Some((&dirty, parent.clone())),
+            _ => None,
+        };
+        match snapshot::write(dir, state, self.vm.memory(), diff) {
+            Ok(written) => Ok(written),
+            Err(e) => {
+                self.vm.return_dirty_pages(dirty);
+                Err(e.into())
+            }
+        }
     }
 }

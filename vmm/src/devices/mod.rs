@@ -3,3 +3,17 @@
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
+
+use serde::{Deserialize, Serialize};
+
+use self::legacy::i8042::I8042State;
+use self::legacy::serial::SerialState;
+
+/// The saved state of every device of a microVM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// COM1.
+    pub serial: SerialState,
+    /// The i8042.
+    pub i8042: I8042State,
+}

@@ -637,19 +637,35 @@ impl VcpuHandle {
         unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
     }
 
-    fn request(&self, request: VcpuRequest, name: &'static str) -> Result<VcpuResponse, VcpuError> {
-        let no_answer = VcpuError::NoAnswer {
+    fn no_answer(&self, request: &'static str) -> VcpuError {
+        VcpuError::NoAnswer {
             index: self.index,
-            request: name,
-        };
-        if self.requests.send(request).is_err() {
-            return Err(no_answer);
+            request,
         }
+    }
+
+    /// Sends `request` and kicks the vCPU out of the guest to see it.
+    fn send(&self, request: VcpuRequest, name: &'static str) -> Result<(), VcpuError> {
+        self.requests
+            .send(request)
+            .map_err(|_| self.no_answer(name))?;
         self.kick();
+        Ok(())
+    }
+
+    /// The vCPU's answer to the request sent last.
+    fn answer(&self, name: &'static str) -> Result<VcpuResponse, VcpuError> {
         match self.responses.recv_timeout(REQUEST_TIMEOUT) {
             Ok(response) => Ok(response),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => Err(no_answer),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                Err(self.no_answer(name))
+            }
         }
+    }
+
+    fn request(&self, request: VcpuRequest, name: &'static str) -> Result<VcpuResponse, VcpuError> {
+        self.send(request, name)?;
+        self.answer(name)
     }
 
     /// Takes the vCPU out of the guest, completes its pending exit and parks it.
@@ -660,6 +676,34 @@ impl VcpuHandle {
     /// Lets a paused vCPU run the guest again.
     pub fn resume(&self) -> Result<(), VcpuError> {
         self.request(VcpuRequest::Resume, "resume").map(drop)
+    }
+
+    /// Pauses every vCPU of `handles` at once: all are asked, then all answers awaited, so
+    /// the pause takes as long as the slowest vCPU rather than the sum.
+    pub fn pause_all(handles: &[VcpuHandle]) -> Result<(), VcpuError> {
+        Self::all(handles, || VcpuRequest::Pause, "pause")
+    }
+
+    /// Resumes every vCPU of `handles`.
+    pub fn resume_all(handles: &[VcpuHandle]) -> Result<(), VcpuError> {
+        Self::all(handles, || VcpuRequest::Resume, "resume")
+    }
+
+    fn all(
+        handles: &[VcpuHandle],
+        request: fn() -> VcpuRequest,
+        name: &'static str,
+    ) -> Result<(), VcpuError> {
+        let sent: Vec<Result<(), VcpuError>> =
+            handles.iter().map(|h| h.send(request(), name)).collect();
+        let mut result = Ok(());
+        for (handle, sent) in handles.iter().zip(sent) {
+            let answered = sent.and_then(|()| handle.answer(name).map(drop));
+            if result.is_ok() {
+                result = answered;
+            }
+        }
+        result
     }
 
     /// The state of a paused vCPU.

@@ -2,9 +2,12 @@
 //! irqchip and PIT.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{GuestMemoryMmap, PAGE_SIZE};
@@ -54,7 +57,61 @@ pub enum VmError {
     /// Dirty pages were asked for while dirty logging is off.
     #[error("dirty page tracking is not enabled")]
     DirtyLogDisabled,
+    /// `KVM_GET_PIT2` failed.
+    #[error("KVM_GET_PIT2 failed: {0}")]
+    GetPit(kvm_ioctls::Error),
+    /// `KVM_SET_PIT2` failed.
+    #[error("KVM_SET_PIT2 failed: {0}")]
+    SetPit(kvm_ioctls::Error),
+    /// `KVM_GET_CLOCK` failed.
+    #[error("KVM_GET_CLOCK failed: {0}")]
+    GetClock(kvm_ioctls::Error),
+    /// `KVM_SET_CLOCK` failed.
+    #[error("KVM_SET_CLOCK failed: {0}")]
+    SetClock(kvm_ioctls::Error),
+    /// `KVM_GET_IRQCHIP` failed.
+    #[error("KVM_GET_IRQCHIP failed for chip {chip}: {source}")]
+    GetIrqchip {
+        /// The chip (0: PIC master, 1: PIC slave, 2: IOAPIC).
+        chip: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_IRQCHIP` failed.
+    #[error("KVM_SET_IRQCHIP failed for chip {chip}: {source}")]
+    SetIrqchip {
+        /// The chip (0: PIC master, 1: PIC slave, 2: IOAPIC).
+        chip: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// A VM state without an irqchip cannot go into a VM with one, and the other way round.
+    #[error("the saved VM {saved} an in-kernel irqchip, this one {live}")]
+    IrqchipMismatch {
+        /// "had" or "had no".
+        saved: &'static str,
+        /// "has" or "has none".
+        live: &'static str,
+    },
 }
+
+/// The VM-wide state KVM holds: the in-kernel PIT, the kvmclock, the PICs and the IOAPIC.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    /// The PIT (`KVM_GET_PIT2`), when there is an in-kernel irqchip.
+    pub pit: Option<kvm_pit_state2>,
+    /// The kvmclock (`KVM_GET_CLOCK`).
+    pub clock: kvm_clock_data,
+    /// PIC master, PIC slave and IOAPIC, when there is an in-kernel irqchip.
+    pub irqchips: Vec<kvm_irqchip>,
+}
+
+/// The in-kernel interrupt controllers, in restore order.
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
 
 /// Dirty pages of each memory region (slot), one bit per 4 KiB page, in KVM's layout: page `p`
 /// is bit `p % 64` of word `p / 64`.
@@ -71,6 +128,15 @@ impl DirtyBitmap {
             .sum()
     }
 
+    /// Adds the pages of `other`.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m |= t;
+            }
+        }
+    }
+
     /// Whether the page at `offset` bytes into region `slot` is dirty.
     pub fn is_dirty(&self, slot: usize, offset: u64) -> bool {
         let page = (offset / PAGE_SIZE as u64) as usize;
@@ -85,8 +151,11 @@ impl DirtyBitmap {
 pub struct Vm {
     fd: VmFd,
     memory: GuestMemoryMmap,
-    dirty_logging: bool,
+    dirty_logging: std::sync::atomic::AtomicBool,
     irqchip: bool,
+    /// Dirty pages collected but not consumed (a snapshot or a send that failed): the next
+    /// collection reports them again.
+    returned_dirty: std::sync::Mutex<Option<DirtyBitmap>>,
 }
 
 impl Vm {
@@ -97,15 +166,16 @@ impl Vm {
         let vm = Vm {
             fd,
             memory,
-            dirty_logging,
+            dirty_logging: dirty_logging.into(),
             irqchip: false,
+            returned_dirty: std::sync::Mutex::new(None),
         };
         vm.register_memory()?;
         Ok(vm)
     }
 
     fn register_memory(&self) -> Result<(), VmError> {
-        let flags = if self.dirty_logging {
+        let flags = if self.dirty_logging() {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
@@ -160,9 +230,13 @@ impl Vm {
     }
 
     /// Turns KVM dirty logging on or off for every slot.
-    pub fn set_dirty_logging(&mut self, enabled: bool) -> Result<(), VmError> {
-        if self.dirty_logging != enabled {
-            self.dirty_logging = enabled;
+    /// (Safe while the vCPUs run: KVM switches the slots over atomically.)
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), VmError> {
+        if self
+            .dirty_logging
+            .swap(enabled, std::sync::atomic::Ordering::SeqCst)
+            != enabled
+        {
             self.register_memory()?;
         }
         Ok(())
@@ -170,13 +244,13 @@ impl Vm {
 
     /// Whether KVM dirty logging is on.
     pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging
+        self.dirty_logging.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The pages written since the last call, by the guest (KVM's dirty log) OR by the monitor
     /// (the vm-memory bitmap). Both logs are cleared.
     pub fn collect_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
-        if !self.dirty_logging {
+        if !self.dirty_logging() {
             return Err(VmError::DirtyLogDisabled);
         }
         let mut all = Vec::with_capacity(self.memory.num_regions());
@@ -192,7 +266,83 @@ impl Vm {
             }
             all.push(kvm_bits);
         }
-        Ok(DirtyBitmap(all))
+        let mut bitmap = DirtyBitmap(all);
+        if let Some(returned) = self.returned_dirty_slot().take() {
+            bitmap.merge(&returned);
+        }
+        Ok(bitmap)
+    }
+
+    /// Gives back dirty pages that were collected but not consumed (the snapshot or the send
+    /// they were for failed), so that the next [`Vm::collect_dirty_pages`] reports them again.
+    pub fn return_dirty_pages(&self, bitmap: DirtyBitmap) {
+        let mut slot = self.returned_dirty_slot();
+        match slot.as_mut() {
+            Some(held) => held.merge(&bitmap),
+            None => *slot = Some(bitmap),
+        }
+    }
+
+    fn returned_dirty_slot(&self) -> std::sync::MutexGuard<'_, Option<DirtyBitmap>> {
+        self.returned_dirty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Saves the VM-wide state. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let mut state = VmState {
+            pit: None,
+            clock: self.fd.get_clock().map_err(VmError::GetClock)?,
+            irqchips: Vec::new(),
+        };
+        if self.irqchip {
+            state.pit = Some(self.fd.get_pit2().map_err(VmError::GetPit)?);
+            for chip in IRQCHIPS {
+                let mut irqchip = kvm_irqchip {
+                    chip_id: chip,
+                    ..Default::default()
+                };
+                self.fd
+                    .get_irqchip(&mut irqchip)
+                    .map_err(|source| VmError::GetIrqchip { chip, source })?;
+                state.irqchips.push(irqchip);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Restores the VM-wide state saved by [`Vm::save_state`], in the order KVM needs: PIT,
+    /// clock, PIC master, PIC slave, IOAPIC. Runs after [`Vm::setup_irqchip`] and before any
+    /// vCPU runs.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let saved_irqchip = state.pit.is_some() && state.irqchips.len() == IRQCHIPS.len();
+        if saved_irqchip != self.irqchip {
+            return Err(VmError::IrqchipMismatch {
+                saved: if saved_irqchip { "had" } else { "had no" },
+                live: if self.irqchip { "has" } else { "has none" },
+            });
+        }
+        if let Some(pit) = &state.pit {
+            self.fd.set_pit2(pit).map_err(VmError::SetPit)?;
+        }
+        // The guest's clock goes on from where it was saved (no KVM_CLOCK_REALTIME: time spent
+        // in the snapshot is not replayed as a jump); TSC_STABLE is only ever reported by KVM.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(VmError::SetClock)?;
+        for irqchip in &state.irqchips {
+            self.fd
+                .set_irqchip(irqchip)
+                .map_err(|source| VmError::SetIrqchip {
+                    chip: irqchip.chip_id,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The KVM VM fd.

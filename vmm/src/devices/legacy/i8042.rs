@@ -5,10 +5,12 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Trigger;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 /// Offset of the data port (0x60) from the device base.
 const OFFSET_DATA: u64 = 0;
@@ -47,11 +49,27 @@ const KBD_ACK: u8 = 0xfa;
 const OUTPUT_PORT_DEFAULT: u8 = 0x03;
 
 /// What the next write to the data port is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataTarget {
+    /// A keyboard command (acknowledged).
     Keyboard,
+    /// The control register (after `0x60`).
     ControlRegister,
+    /// The output port (after `0xD1`).
     OutputPort,
+}
+
+/// The saved state of the [`I8042`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Control register.
+    pub control: u8,
+    /// Bytes waiting to be read from the data port.
+    pub output: Vec<u8>,
+    /// What the next data-port write is for.
+    pub data_target: DataTarget,
 }
 
 /// The i8042 on ports 0x60..=0x64.
@@ -114,6 +132,31 @@ impl I8042 {
             // No keyboard: acknowledge its commands so that nothing waits for it.
             DataTarget::Keyboard => self.push(KBD_ACK),
         }
+    }
+}
+
+impl Persist for I8042 {
+    type State = I8042State;
+    type ConstructorArgs = EventFdTrigger;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            output: self.output.iter().copied().collect(),
+            data_target: self.data_target,
+        }
+    }
+
+    fn restore(reset_evt: EventFdTrigger, state: &I8042State) -> Result<Self, Self::Error> {
+        Ok(Self {
+            reset_evt,
+            status: state.status,
+            control: state.control,
+            output: state.output.iter().copied().collect(),
+            data_target: state.data_target,
+        })
     }
 }
 
@@ -190,5 +233,21 @@ mod tests {
         dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(OFFSET_DATA, &[0x02]);
         assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn state_round_trip_mid_command() {
+        let mut dev = I8042::new(EventFdTrigger::new().unwrap());
+        dev.write(OFFSET_COMMAND, &[CMD_SELF_TEST]);
+        dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        let state = dev.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: I8042State = serde_json::from_str(&json).unwrap();
+        let mut restored = I8042::restore(EventFdTrigger::new().unwrap(), &state).unwrap();
+        assert_eq!(restored.save(), dev.save());
+        assert_eq!(read(&mut restored, OFFSET_DATA), SELF_TEST_OK);
+        restored.write(OFFSET_DATA, &[0x61]);
+        restored.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut restored, OFFSET_DATA), 0x61);
     }
 }

@@ -2,11 +2,13 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::Serial;
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
+use crate::persist::Persist;
 
 /// Where the console goes.
 pub type SerialOut = Box<dyn Write + Send>;
@@ -37,6 +39,80 @@ impl SerialDevice {
     }
 }
 
+/// The saved registers and receive FIFO of the UART (vm-superio's `SerialState`, which has no
+/// serde).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// Why a UART state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot restore the serial port: {0}")]
+pub struct SerialRestoreError(String);
+
+impl Persist for SerialDevice {
+    type State = SerialState;
+    type ConstructorArgs = (EventFdTrigger, SerialOut);
+    type Error = SerialRestoreError;
+
+    fn save(&self) -> SerialState {
+        let s = self.serial.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(
+        (irq, out): (EventFdTrigger, SerialOut),
+        s: &SerialState,
+    ) -> Result<Self, SerialRestoreError> {
+        let uart = UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&uart, irq, NoEvents, out)
+            .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
+        Ok(Self { serial })
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 {
@@ -56,5 +132,46 @@ impl BusDevice for SerialDevice {
 impl Drop for SerialDevice {
     fn drop(&mut self) {
         let _ = self.serial.writer_mut().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trip_keeps_registers_and_input() {
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(std::io::sink()));
+        dev.write(3, &[0x80]); // DLAB
+        dev.write(0, &[0x0c]);
+        dev.write(3, &[0x03]);
+        dev.write(7, &[0x5a]);
+        dev.enqueue_input(b"hi").unwrap();
+        let state = dev.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: SerialState = serde_json::from_str(&json).unwrap();
+        let args = (
+            EventFdTrigger::new().unwrap(),
+            Box::new(std::io::sink()) as SerialOut,
+        );
+        let mut restored = SerialDevice::restore(args, &state).unwrap();
+        assert_eq!(restored.save(), dev.save());
+        let mut b = [0u8];
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'h');
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+    }
+
+    #[test]
+    fn an_overfull_fifo_is_refused() {
+        let dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(std::io::sink()));
+        let mut state = dev.save();
+        state.in_buffer = vec![0; 4096];
+        let args = (
+            EventFdTrigger::new().unwrap(),
+            Box::new(std::io::sink()) as SerialOut,
+        );
+        assert!(SerialDevice::restore(args, &state).is_err());
     }
 }

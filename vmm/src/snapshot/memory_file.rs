@@ -1,0 +1,535 @@
+//! The snapshot's memory file: guest RAM, region after region, as one sparse file.
+//!
+//! Only the pages listed in [`MemoryFileState::runs`] are written. In a full snapshot every
+//! other page is zero (a hole in the file); in a diff snapshot every other page is whatever the
+//! parent snapshot holds. A CRC32 over the written pages, in order, catches corruption.
+//! A full snapshot is restored by mapping the file copy-on-write (pages load lazily, as the
+//! guest touches them); a diff is read into the memory restored from its parent.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    VolatileSlice,
+};
+
+use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap, PAGE_SIZE};
+use crate::vstate::vm::DirtyBitmap;
+
+/// Pages copied per read or write system call.
+const BATCH_PAGES: usize = 256;
+
+/// Why the memory file cannot be written, read or mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// The file cannot be created or opened.
+    #[error("cannot open memory file {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Writing failed (disk full, I/O error).
+    #[error("cannot write memory file {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Reading failed.
+    #[error("cannot read memory file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is shorter or longer than the guest RAM it holds.
+    #[error("memory file {path} is {len} bytes, the snapshot says {expected}: truncated or not this snapshot's")]
+    Length {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// Guest RAM size.
+        expected: u64,
+    },
+    /// The pages do not match their checksum.
+    #[error("memory file {path} is corrupt (checksum {found:#010x}, expected {expected:#010x})")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The computed CRC32.
+        found: u32,
+        /// The stored CRC32.
+        expected: u32,
+    },
+    /// A page run lies outside guest RAM.
+    #[error("memory file {path}: pages {first}..{end} are outside guest RAM ({pages} pages)")]
+    RunOutOfRange {
+        /// The file.
+        path: PathBuf,
+        /// First page of the run.
+        first: u64,
+        /// One past its last page.
+        end: u64,
+        /// Pages of guest RAM.
+        pages: u64,
+    },
+    /// The regions do not match guest RAM.
+    #[error("the snapshot's memory regions do not match this VM's")]
+    Regions,
+    /// Mapping the file failed.
+    #[error("cannot map memory file {path}: {source}")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// The mmap error.
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A mapped region is not valid guest memory.
+    #[error("cannot build guest memory from {0}")]
+    Guest(PathBuf),
+}
+
+/// One guest RAM region: where it sits in guest-physical space and in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionState {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Consecutive pages present in the file: pages `first..first + count` of guest RAM, counted
+/// across regions in order (page `p` is at file offset `p * 4096`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// First page.
+    pub first: u64,
+    /// Number of pages.
+    pub count: u64,
+}
+
+/// What the state file says about the memory file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryFileState {
+    /// Guest RAM regions, in file order.
+    pub regions: Vec<RegionState>,
+    /// The pages written, in order.
+    pub runs: Vec<PageRun>,
+    /// CRC32 of the written pages, in run order.
+    pub checksum: u32,
+}
+
+impl MemoryFileState {
+    /// Guest RAM size, which is also the file's length.
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Pages written.
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|r| r.count).sum()
+    }
+}
+
+/// The regions of `mem`, in order.
+pub fn regions_of(mem: &GuestMemoryMmap) -> Vec<RegionState> {
+    mem.iter()
+        .map(|r| RegionState {
+            gpa: r.start_addr().raw_value(),
+            size: r.len(),
+        })
+        .collect()
+}
+
+/// Which pages a snapshot writes.
+#[derive(Debug, Clone, Copy)]
+pub enum PageSelection<'a> {
+    /// Every page that is not all zeros (a full snapshot).
+    NonZero,
+    /// Exactly the dirty pages, zero or not (a diff snapshot).
+    Dirty(&'a DirtyBitmap),
+}
+
+/// The guest page `page` of region `region` (writes through it are marked in its bitmap).
+fn page_slice(region: &GuestRegionMmap, page: u64) -> VolatileSlice<'_, BS<'_, AtomicBitmap>> {
+    region
+        .get_slice(MemoryRegionAddress(page * PAGE_SIZE as u64), PAGE_SIZE)
+        .expect("page inside its region")
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Accumulates consecutive pages and writes them at their offset.
+struct RunWriter<'a> {
+    file: &'a File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    first: u64,
+    runs: Vec<PageRun>,
+    hasher: crc32fast::Hasher,
+}
+
+impl RunWriter<'_> {
+    fn push(&mut self, page: u64, data: &[u8]) -> Result<(), MemoryFileError> {
+        let pending = (self.buf.len() / PAGE_SIZE) as u64;
+        if pending > 0 && (self.first + pending != page || pending as usize == BATCH_PAGES) {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.first = page;
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), MemoryFileError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(&self.buf, self.first * PAGE_SIZE as u64)
+            .map_err(|source| MemoryFileError::Write {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        self.hasher.update(&self.buf);
+        let count = (self.buf.len() / PAGE_SIZE) as u64;
+        match self.runs.last_mut() {
+            Some(last) if last.first + last.count == self.first => last.count += count,
+            _ => self.runs.push(PageRun {
+                first: self.first,
+                count,
+            }),
+        }
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// Writes the selected pages of `mem` to a new sparse file at `path` (synced).
+pub fn write(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    selection: PageSelection<'_>,
+) -> Result<MemoryFileState, MemoryFileError> {
+    let regions = regions_of(mem);
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| MemoryFileError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let write_err = |source| MemoryFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    file.set_len(total).map_err(write_err)?;
+    let mut out = RunWriter {
+        file: &file,
+        path,
+        buf: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
+        first: 0,
+        runs: Vec::new(),
+        hasher: crc32fast::Hasher::new(),
+    };
+    let mut page_buf = vec![0u8; PAGE_SIZE];
+    let mut base_page = 0u64;
+    for (slot, region) in mem.iter().enumerate() {
+        let pages = region.len() / PAGE_SIZE as u64;
+        let mut copy = |page: u64, out: &mut RunWriter<'_>, keep_zero: bool| {
+            page_slice(region, page).copy_to(&mut page_buf[..]);
+            if keep_zero || !is_zero(&page_buf) {
+                out.push(base_page + page, &page_buf)?;
+            }
+            Ok::<(), MemoryFileError>(())
+        };
+        match selection {
+            PageSelection::NonZero => {
+                for page in 0..pages {
+                    copy(page, &mut out, false)?;
+                }
+            }
+            PageSelection::Dirty(bitmap) => {
+                let words = bitmap.0.get(slot).ok_or(MemoryFileError::Regions)?;
+                for (w, &word) in words.iter().enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        if page < pages {
+                            copy(page, &mut out, true)?;
+                        }
+                    }
+                }
+            }
+        }
+        base_page += pages;
+    }
+    out.flush()?;
+    let state = MemoryFileState {
+        regions,
+        runs: std::mem::take(&mut out.runs),
+        checksum: out.hasher.finalize(),
+    };
+    file.sync_data().map_err(write_err)?;
+    Ok(state)
+}
+
+/// Opens the memory file at `path` and checks its length, its runs and its checksum.
+fn open_checked(path: &Path, state: &MemoryFileState) -> Result<File, MemoryFileError> {
+    let file = File::open(path).map_err(|source| MemoryFileError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| MemoryFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let total = state.total_size();
+    if len != total {
+        return Err(MemoryFileError::Length {
+            path: path.to_path_buf(),
+            len,
+            expected: total,
+        });
+    }
+    let pages = total / PAGE_SIZE as u64;
+    let mut hasher = crc32fast::Hasher::new();
+    for_each_batch(&file, path, state, pages, |_, data| {
+        hasher.update(data);
+        Ok(())
+    })?;
+    let found = hasher.finalize();
+    if found != state.checksum {
+        return Err(MemoryFileError::Checksum {
+            path: path.to_path_buf(),
+            found,
+            expected: state.checksum,
+        });
+    }
+    Ok(file)
+}
+
+/// Calls `f(first_page, data)` for the file's pages, a batch at a time, in run order.
+fn for_each_batch(
+    file: &File,
+    path: &Path,
+    state: &MemoryFileState,
+    pages: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), MemoryFileError>,
+) -> Result<(), MemoryFileError> {
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+    for run in &state.runs {
+        let end = run.first.checked_add(run.count).unwrap_or(u64::MAX);
+        if end > pages {
+            return Err(MemoryFileError::RunOutOfRange {
+                path: path.to_path_buf(),
+                first: run.first,
+                end,
+                pages,
+            });
+        }
+        let mut page = run.first;
+        while page < end {
+            let n = (end - page).min(BATCH_PAGES as u64) as usize;
+            let data = &mut buf[..n * PAGE_SIZE];
+            file.read_exact_at(data, page * PAGE_SIZE as u64)
+                .map_err(|source| MemoryFileError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            f(page, data)?;
+            page += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Guest memory restored from the full snapshot's memory file: the file is checked, then mapped
+/// copy-on-write, so pages load as the guest touches them and the file is never written.
+pub fn map(path: &Path, state: &MemoryFileState) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let file = open_checked(path, state)?;
+    let mut regions = Vec::with_capacity(state.regions.len());
+    let mut offset = 0u64;
+    for r in &state.regions {
+        let fd = file.try_clone().map_err(|source| MemoryFileError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mapping = MmapRegion::<AtomicBitmap>::build(
+            Some(FileOffset::new(fd, offset)),
+            r.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
+        )
+        .map_err(|source| MemoryFileError::Map {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        regions.push(
+            GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
+                .ok_or_else(|| MemoryFileError::Guest(path.to_path_buf()))?,
+        );
+        offset += r.size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryFileError::Guest(path.to_path_buf()))
+}
+
+/// Reads a diff snapshot's pages into `mem` (restored from its parent). The whole file is
+/// checked first, so a corrupt diff leaves `mem` as it was.
+pub fn apply(
+    path: &Path,
+    state: &MemoryFileState,
+    mem: &GuestMemoryMmap,
+) -> Result<(), MemoryFileError> {
+    if regions_of(mem) != state.regions {
+        return Err(MemoryFileError::Regions);
+    }
+    let file = open_checked(path, state)?;
+    let pages = state.total_size() / PAGE_SIZE as u64;
+    // Flat page number -> (region, page in region).
+    let starts: Vec<(u64, &GuestRegionMmap)> = {
+        let mut base = 0;
+        mem.iter()
+            .map(|r| {
+                let start = base;
+                base += r.len() / PAGE_SIZE as u64;
+                (start, r)
+            })
+            .collect()
+    };
+    for_each_batch(&file, path, state, pages, |first, data| {
+        for (i, page_data) in data.chunks(PAGE_SIZE).enumerate() {
+            let page = first + i as u64;
+            let (start, region) = starts
+                .iter()
+                .rev()
+                .find(|(start, _)| *start <= page)
+                .expect("page 0 starts the first region");
+            page_slice(region, page - start).copy_from(page_data);
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+
+    fn temp() -> vmm_sys_util::tempdir::TempDir {
+        vmm_sys_util::tempdir::TempDir::new().unwrap()
+    }
+
+    #[test]
+    fn full_snapshot_holds_only_non_zero_pages_and_maps_back() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        mem.write_slice(b"first page", GuestAddress(0)).unwrap();
+        mem.write_slice(&[7u8; 8192], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(b"last", GuestAddress((64 << 20) - 4))
+            .unwrap();
+        let dir = temp();
+        let path = dir.as_path().join("memory");
+        let state = write(&path, &mem, PageSelection::NonZero).unwrap();
+        assert_eq!(state.pages(), 4);
+        assert_eq!(state.runs.len(), 3);
+        let restored = map(&path, &state).unwrap();
+        let mut buf = [0u8; 10];
+        restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page");
+        let mut big = vec![0u8; 8192];
+        restored
+            .read_slice(&mut big, GuestAddress(0x10_0000))
+            .unwrap();
+        assert!(big.iter().all(|&b| b == 7));
+        // Writes to the restored memory never reach the file.
+        restored.write_slice(b"changed", GuestAddress(0)).unwrap();
+        let again = map(&path, &state).unwrap();
+        again.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert_eq!(&buf, b"first page");
+    }
+
+    #[test]
+    fn a_diff_applies_dirty_pages_even_when_they_became_zero() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        mem.write_slice(&[1u8; 4096], GuestAddress(0x2000)).unwrap();
+        mem.write_slice(&[2u8; 4096], GuestAddress(0x5000)).unwrap();
+        let dir = temp();
+        let full = write(&dir.as_path().join("full"), &mem, PageSelection::NonZero).unwrap();
+
+        mem.write_slice(&[0u8; 4096], GuestAddress(0x2000)).unwrap();
+        mem.write_slice(&[3u8; 4096], GuestAddress(0x9000)).unwrap();
+        let words = (32 << 20) / PAGE_SIZE / 64;
+        let mut bits = vec![0u64; words];
+        bits[0] = (1 << 2) | (1 << 9);
+        let dirty = DirtyBitmap(vec![bits]);
+        let diff_path = dir.as_path().join("diff");
+        let diff = write(&diff_path, &mem, PageSelection::Dirty(&dirty)).unwrap();
+        assert_eq!(diff.pages(), 2);
+
+        let restored = map(&dir.as_path().join("full"), &full).unwrap();
+        apply(&diff_path, &diff, &restored).unwrap();
+        for (addr, value) in [(0x2000, 0u8), (0x5000, 2), (0x9000, 3)] {
+            let mut page = vec![0xffu8; 4096];
+            restored.read_slice(&mut page, GuestAddress(addr)).unwrap();
+            assert!(page.iter().all(|&b| b == value), "page at {addr:#x}");
+        }
+    }
+
+    #[test]
+    fn truncated_or_corrupt_files_are_refused() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        mem.write_slice(&[9u8; 4096], GuestAddress(0x3000)).unwrap();
+        let dir = temp();
+        let path = dir.as_path().join("memory");
+        let state = write(&path, &mem, PageSelection::NonZero).unwrap();
+
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[8], 0x3000 + 100).unwrap();
+        let err = map(&path, &state).unwrap_err();
+        assert!(matches!(err, MemoryFileError::Checksum { .. }), "{err}");
+
+        file.set_len(16 << 20).unwrap();
+        let err = map(&path, &state).unwrap_err();
+        assert!(matches!(err, MemoryFileError::Length { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+
+        let mut bad = state.clone();
+        bad.runs.push(PageRun {
+            first: 1 << 40,
+            count: 1,
+        });
+        file.set_len(32 << 20).unwrap();
+        let err = map(&path, &bad).unwrap_err();
+        assert!(
+            matches!(err, MemoryFileError::RunOutOfRange { .. }),
+            "{err}"
+        );
+    }
+}
