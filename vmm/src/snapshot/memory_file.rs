@@ -343,7 +343,7 @@ fn for_each_batch(
 ) -> Result<(), MemoryFileError> {
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     for run in &state.runs {
-        let end = run.first.checked_add(run.count).unwrap_or(u64::MAX);
+        let end = run.first.saturating_add(run.count);
         if end > pages {
             return Err(MemoryFileError::RunOutOfRange {
                 path: path.to_path_buf(),
