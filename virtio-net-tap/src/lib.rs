@@ -12,6 +12,7 @@
 //! (what is offered, and the TAP offloads that follow), [`ring`] (used-ring batches and
 //! interrupt suppression), [`gate`], [`ingress`], [`mac`], [`device`].
 
+pub mod announce;
 pub mod device;
 pub mod features;
 pub mod gate;

@@ -25,7 +25,7 @@ use crate::hostcheck::{self, HostError};
 use crate::loader::{self, LoaderError};
 use crate::microvm::{Devices, EventLoop, ExitHandler, MicroVm, Subscriber, VirtioSlot};
 use crate::persist::Persist;
-use crate::snapshot::{LoadedSnapshot, ParentRef, SnapshotError};
+use crate::snapshot::{LoadedSnapshot, MicroVmState, ParentRef, SnapshotError};
 use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VmRunState};
 use crate::vstate::vm::{Vm, VmError};
@@ -350,7 +350,28 @@ pub fn restore_microvm(
     options: &RestoreOptions,
 ) -> Result<MicroVm, BuildError> {
     let newest = snapshot.newest();
-    let state = &newest.microvm;
+    let (dir, _) = snapshot.chain.last().expect("a chain is never empty");
+    let last = ParentRef {
+        id: newest.meta.id,
+        path: dir.clone(),
+    };
+    restore_from_state(
+        &newest.microvm,
+        || Ok(snapshot.restore_memory()?),
+        options,
+        Some(last),
+    )
+}
+
+/// Builds a microVM from a saved state and its guest memory (from `memory`, called once the
+/// host resources are open), with dirty tracking on from the start; `last` names the snapshot
+/// the memory equals, if any.
+pub fn restore_from_state(
+    state: &MicroVmState,
+    memory: impl FnOnce() -> Result<GuestMemoryMmap, BuildError>,
+    options: &RestoreOptions,
+    last: Option<ParentRef>,
+) -> Result<MicroVm, BuildError> {
     let mut config = state.config.clone();
     config.serial = options.serial.clone();
     config.allow_pvm = options.allow_pvm;
@@ -363,7 +384,7 @@ pub fn restore_microvm(
     let virtio: Vec<VirtioEntry> = Vec::new();
     let serial_out = serial_output(&options.serial)?;
     let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
-    let mem = snapshot.restore_memory()?;
+    let mem = memory()?;
     let machine = assemble(kvm, mem, true, serial_out, virtio, Some(&state.devices))?;
     machine.vm.restore_state(&state.vm)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -377,12 +398,7 @@ pub fn restore_microvm(
         vcpu.restore_state(saved)?;
         vcpus.push(vcpu);
     }
-    // Dirty tracking starts now: the memory equals the snapshot, which a diff may build on.
+    // Dirty tracking starts now, from memory equal to the saved state's.
     machine.vm.collect_dirty_pages()?;
-    let (dir, _) = snapshot.chain.last().expect("a chain is never empty");
-    let last = ParentRef {
-        id: newest.meta.id,
-        path: dir.clone(),
-    };
-    Ok(machine.into_microvm(vcpus, config, Some(last)))
+    Ok(machine.into_microvm(vcpus, config, last))
 }

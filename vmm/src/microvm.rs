@@ -3,6 +3,7 @@
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use crate::devices::DevicesState;
 use crate::persist::Persist;
 use crate::snapshot::{self, MicroVmState, ParentRef, SnapshotError, SnapshotKind};
 use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuError, VcpuHandle, VmRunState};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{DirtyBitmap, Vm, VmError};
 
 /// The event manager of the monitor's thread.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -121,6 +122,71 @@ pub struct SnapshotReport {
     pub pause: Duration,
     /// How long the whole snapshot took.
     pub total: Duration,
+}
+
+/// What a migration (or, later, replication) thread gets when it freezes the VM: the state of
+/// the paused machine and the pages written since the last collection. The VM stays frozen -
+/// vCPUs parked, device events not processed - until `outcome` is answered.
+pub struct Frozen {
+    /// Everything but memory.
+    pub state: MicroVmState,
+    /// Pages written since the last collection of the dirty log.
+    pub dirty: DirtyBitmap,
+    /// Answer with the outcome: the VM then ends (moved) or runs on (failed).
+    pub outcome: Sender<FreezeOutcome>,
+}
+
+/// How a freeze ended.
+pub enum FreezeOutcome {
+    /// The VM runs elsewhere now: this one ends.
+    Moved,
+    /// The transfer failed: give back the dirty pages (still to be sent) and run on.
+    Failed(DirtyBitmap),
+}
+
+/// The monitor-thread side of freeze requests: the requester writes `wake` after sending.
+pub struct FreezeChannel {
+    requests: Receiver<Sender<Result<Frozen, String>>>,
+    wake: EventFd,
+}
+
+/// The requester's side of a [`FreezeChannel`].
+#[derive(Clone)]
+pub struct FreezeHandle {
+    requests: Sender<Sender<Result<Frozen, String>>>,
+    wake: Arc<EventFd>,
+}
+
+impl FreezeHandle {
+    /// Asks the monitor thread to freeze the VM; returns what it froze.
+    pub fn freeze(&self) -> Result<Frozen, String> {
+        let (tx, rx) = channel();
+        self.requests
+            .send(tx)
+            .map_err(|_| "the VM is gone".to_string())?;
+        self.wake
+            .write(1)
+            .map_err(|e| format!("cannot wake the monitor thread: {e}"))?;
+        rx.recv().map_err(|_| "the VM is gone".to_string())?
+    }
+}
+
+/// A new freeze channel and the handle to give to a transfer thread.
+pub fn freeze_channel() -> std::io::Result<(FreezeChannel, FreezeHandle)> {
+    let (tx, rx) = channel();
+    let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+    let handle = FreezeHandle {
+        requests: tx,
+        wake: Arc::new(wake.try_clone()?),
+    };
+    Ok((FreezeChannel { requests: rx, wake }, handle))
+}
+
+impl FreezeChannel {
+    /// The fd to watch ([`MicroVm::add_wakeup`]).
+    pub fn fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
 }
 
 /// Wakes the event loop when a file descriptor becomes readable; the caller reads it.
@@ -389,6 +455,62 @@ impl MicroVm {
             pause,
             total: t0.elapsed(),
         })
+    }
+
+    /// Serves a pending freeze request, if any: pauses the VM, hands its state and dirty pages
+    /// to the requester and waits (device events held) for the outcome. `Moved` ends the VM;
+    /// `Failed` gives the pages back and resumes it (if it was running).
+    pub fn serve_freeze(&mut self, freezes: &FreezeChannel) {
+        let _ = freezes.wake.read();
+        while let Ok(reply) = freezes.requests.try_recv() {
+            let was_running = self.phase == VmPhase::Running;
+            let frozen = self.freeze();
+            let (outcome_tx, outcome_rx) = channel();
+            let sent = match frozen {
+                Ok((state, dirty)) => reply
+                    .send(Ok(Frozen {
+                        state,
+                        dirty,
+                        outcome: outcome_tx,
+                    }))
+                    .is_ok(),
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                    false
+                }
+            };
+            let outcome = if sent {
+                outcome_rx
+                    .recv()
+                    .unwrap_or(FreezeOutcome::Failed(DirtyBitmap::default()))
+            } else {
+                FreezeOutcome::Failed(DirtyBitmap::default())
+            };
+            match outcome {
+                FreezeOutcome::Moved => {
+                    tracing::info!("the VM moved to another host: ending here");
+                    self.run_state.request_exit(ExitReason::Migrated);
+                    return;
+                }
+                FreezeOutcome::Failed(dirty) => {
+                    self.vm.return_dirty_pages(dirty);
+                    if was_running && self.phase == VmPhase::Paused {
+                        if let Err(e) = self.resume() {
+                            tracing::error!("cannot resume the VM after a failed transfer: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn freeze(&mut self) -> Result<(MicroVmState, DirtyBitmap), ControlError> {
+        if self.phase == VmPhase::Running {
+            self.pause()?;
+        }
+        let state = self.save_state()?;
+        let dirty = self.vm.collect_dirty_pages()?;
+        Ok((state, dirty))
     }
 
     fn write_snapshot(

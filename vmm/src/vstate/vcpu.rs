@@ -164,6 +164,8 @@ pub enum ExitReason {
     Shutdown,
     /// The monitor was asked to stop (signal, API).
     Stopped,
+    /// The VM now runs on another host: it was migrated there.
+    Migrated,
     /// A vCPU failed (entry failure, internal error, ioctl failure).
     Error(String),
 }
@@ -173,7 +175,7 @@ impl ExitReason {
     pub fn is_clean(&self) -> bool {
         matches!(
             self,
-            ExitReason::Reset | ExitReason::Halted | ExitReason::Stopped
+            ExitReason::Reset | ExitReason::Halted | ExitReason::Stopped | ExitReason::Migrated
         )
     }
 }

@@ -115,7 +115,7 @@ const IRQCHIPS: [u32; 3] = [
 
 /// Dirty pages of each memory region (slot), one bit per 4 KiB page, in KVM's layout: page `p`
 /// is bit `p % 64` of word `p / 64`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirtyBitmap(pub Vec<Vec<u64>>);
 
 impl DirtyBitmap {
@@ -130,7 +130,13 @@ impl DirtyBitmap {
 
     /// Adds the pages of `other`.
     pub fn merge(&mut self, other: &DirtyBitmap) {
+        if self.0.len() < other.0.len() {
+            self.0.resize(other.0.len(), Vec::new());
+        }
         for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            if mine.len() < theirs.len() {
+                mine.resize(theirs.len(), 0);
+            }
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m |= t;
             }
