@@ -43,19 +43,26 @@ in_ns() {
 # run64 SCRIPT: the kernel argument that makes the guest's /init run SCRIPT (then reboot).
 run64() { printf 'vmr.run64=%s' "$(printf '%s\n' "$1" | base64 -w0)"; }
 
-# start_guest NAME CMDLINE [VMR_ARGS...]: boots a guest in the background (inside the
-# namespace, if any); its console goes to $SCRATCH/NAME.console.
-start_guest() {
-    local name=$1 cmdline=$2
-    shift 2
+# start_vmr NAME VMR_ARGS...: runs `vmr VMR_ARGS...` in the background (inside the namespace,
+# if any) with its console in $SCRATCH/NAME.console.
+start_vmr() {
+    local name=$1
+    shift
     CONSOLE="$SCRATCH/$name.console"
     : >"$CONSOLE"
-    in_ns "$VMR_BIN" run --kernel "$VMR_KERNEL" --initrd "$VMR_INITRAMFS" \
-        --serial "file:$CONSOLE" --cmdline "$cmdline" "$@" \
+    in_ns "$VMR_BIN" "$@" --serial "file:$CONSOLE" \
         </dev/null >"$SCRATCH/$name.stdout" 2>"$SCRATCH/$name.stderr" &
     GUEST_PID=$!
     GUEST_NAME=$name
-    log "started $name (pid $GUEST_PID): vmr run $* --cmdline '$cmdline'"
+    log "started $name (pid $GUEST_PID): vmr $*"
+}
+
+# start_guest NAME CMDLINE [VMR_ARGS...]: boots a guest in the background.
+start_guest() {
+    local name=$1 cmdline=$2
+    shift 2
+    start_vmr "$name" run --kernel "$VMR_KERNEL" --initrd "$VMR_INITRAMFS" \
+        --cmdline "$cmdline" "$@"
 }
 
 dump_guest() {
@@ -110,3 +117,36 @@ check() {
 
 # console_value KEY: the value of the last "KEY=value" line on the console.
 console_value() { grep -a "^$1=" "$CONSOLE" | tail -n1 | cut -d= -f2- | tr -d '\r'; }
+
+# ctl SOCKET ARGS...: `vmr ctl` against the API socket SOCKET, bounded in time.
+ctl() {
+    local sock=$1
+    shift
+    timeout 120 "$VMR_BIN" ctl --api "$sock" "$@"
+}
+
+# replies LOG: how many answers the TCP client has logged.
+replies() { grep -c '^reply ' "$1" 2>/dev/null || true; }
+
+# wait_replies LOG COUNT [SECONDS]: waits until the TCP client has logged COUNT answers.
+wait_replies() {
+    local log=$1 count=$2 limit=${3:-120} i
+    for ((i = 0; i < limit * 10; i++)); do
+        [ "$(replies "$log")" -ge "$count" ] && return 0
+        grep -q '^FAIL' "$log" 2>/dev/null && fail "TCP client: $(grep '^FAIL' "$log")"
+        sleep 0.1
+    done
+    fail "the TCP client logged $(replies "$log") answers, not $count, within ${limit}s"
+}
+
+# The guest side of tcp_client.py: a line-echo server on port 7000 answering "N <uptime>",
+# for one connection; the guest reboots (vmr exits 0) once the client hangs up.
+ECHO_GUEST_SCRIPT='
+cat >/tmp/echo.sh <<"EOS"
+#!/bin/sh
+while read n; do echo "$n $(cut -d" " -f1 /proc/uptime)"; done
+EOS
+chmod +x /tmp/echo.sh
+echo ECHO-READY
+nc -l -p 7000 -e /tmp/echo.sh
+'

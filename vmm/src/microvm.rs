@@ -241,6 +241,13 @@ impl MutEventSubscriber for ExitHandler {
     }
 }
 
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
+        crate::vstate::memory::release_guest_memory(self.vm.memory());
+    }
+}
+
 /// A microVM: its vCPUs, devices, memory and event loop.
 pub struct MicroVm {
     // Field order is drop order: the vCPUs and devices go before the VM and its memory.

@@ -11,14 +11,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-    VolatileSlice,
-};
+use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap, PAGE_SIZE};
+use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap, PageMap, PAGE_SIZE};
 use crate::vstate::vm::DirtyBitmap;
 
 /// Pages copied per read or write system call.
@@ -160,13 +157,6 @@ pub enum PageSelection<'a> {
     Dirty(&'a DirtyBitmap),
 }
 
-/// The guest page `page` of region `region` (writes through it are marked in its bitmap).
-fn page_slice(region: &GuestRegionMmap, page: u64) -> VolatileSlice<'_, BS<'_, AtomicBitmap>> {
-    region
-        .get_slice(MemoryRegionAddress(page * PAGE_SIZE as u64), PAGE_SIZE)
-        .expect("page inside its region")
-}
-
 fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
@@ -252,38 +242,28 @@ pub fn write(
         runs: Vec::new(),
         hasher: crc32fast::Hasher::new(),
     };
+    let map = PageMap::new(mem);
     let mut page_buf = vec![0u8; PAGE_SIZE];
-    let mut base_page = 0u64;
-    for (slot, region) in mem.iter().enumerate() {
-        let pages = region.len() / PAGE_SIZE as u64;
-        let mut copy = |page: u64, out: &mut RunWriter<'_>, keep_zero: bool| {
-            page_slice(region, page).copy_to(&mut page_buf[..]);
-            if keep_zero || !is_zero(&page_buf) {
-                out.push(base_page + page, &page_buf)?;
-            }
-            Ok::<(), MemoryFileError>(())
-        };
-        match selection {
-            PageSelection::NonZero => {
-                for page in 0..pages {
-                    copy(page, &mut out, false)?;
-                }
-            }
-            PageSelection::Dirty(bitmap) => {
-                let words = bitmap.0.get(slot).ok_or(MemoryFileError::Regions)?;
-                for (w, &word) in words.iter().enumerate() {
-                    let mut bits = word;
-                    while bits != 0 {
-                        let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                        bits &= bits - 1;
-                        if page < pages {
-                            copy(page, &mut out, true)?;
-                        }
-                    }
-                }
+    let mut copy = |page: u64, out: &mut RunWriter<'_>, keep_zero: bool| {
+        map.page(page)
+            .expect("page numbers come from the map")
+            .copy_to(&mut page_buf[..]);
+        if keep_zero || !is_zero(&page_buf) {
+            out.push(page, &page_buf)?;
+        }
+        Ok::<(), MemoryFileError>(())
+    };
+    match selection {
+        PageSelection::NonZero => {
+            for page in 0..map.pages() {
+                copy(page, &mut out, false)?;
             }
         }
-        base_page += pages;
+        PageSelection::Dirty(bitmap) => {
+            for page in bitmap.pages(&map) {
+                copy(page, &mut out, true)?;
+            }
+        }
     }
     out.flush()?;
     let state = MemoryFileState {
@@ -409,27 +389,12 @@ pub fn apply(
         return Err(MemoryFileError::Regions);
     }
     let file = open_checked(path, state)?;
-    let pages = state.total_size() / PAGE_SIZE as u64;
-    // Flat page number -> (region, page in region).
-    let starts: Vec<(u64, &GuestRegionMmap)> = {
-        let mut base = 0;
-        mem.iter()
-            .map(|r| {
-                let start = base;
-                base += r.len() / PAGE_SIZE as u64;
-                (start, r)
-            })
-            .collect()
-    };
-    for_each_batch(&file, path, state, pages, |first, data| {
+    let map = PageMap::new(mem);
+    for_each_batch(&file, path, state, map.pages(), |first, data| {
         for (i, page_data) in data.chunks(PAGE_SIZE).enumerate() {
-            let page = first + i as u64;
-            let (start, region) = starts
-                .iter()
-                .rev()
-                .find(|(start, _)| *start <= page)
-                .expect("page 0 starts the first region");
-            page_slice(region, page - start).copy_from(page_data);
+            map.page(first + i as u64)
+                .expect("runs were checked against guest RAM")
+                .copy_from(page_data);
         }
         Ok(())
     })

@@ -10,7 +10,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::memory::{GuestMemoryMmap, PAGE_SIZE};
+use super::memory::{GuestMemoryMmap, PageMap, PAGE_SIZE};
 
 /// Address of the 3-page TSS region KVM needs on Intel hosts (below the IOAPIC, in the gap).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -126,6 +126,26 @@ impl DirtyBitmap {
             .flatten()
             .map(|w| w.count_ones() as usize)
             .sum()
+    }
+
+    /// The dirty pages, numbered across regions as `map` numbers them.
+    pub fn pages<'a>(&'a self, map: &'a PageMap<'_>) -> impl Iterator<Item = u64> + 'a {
+        self.0.iter().enumerate().flat_map(move |(slot, words)| {
+            let (first, count) = map.region(slot).unwrap_or((0, 0));
+            words.iter().enumerate().flat_map(move |(w, &word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    if bits == 0 {
+                        return None;
+                    }
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    Some(page)
+                })
+                .filter(move |&page| page < count)
+                .map(move |page| first + page)
+            })
+        })
     }
 
     /// Adds the pages of `other`.

@@ -1,0 +1,34 @@
+# Snapshot and restore through the API: a TCP connection from the host to a server in the
+# guest survives `vmr ctl pause` + `snapshot`, the loss of the monitor (kill -9) and
+# `vmr restore` in a new process; the guest's processes and clock carry on.
+source "$(dirname "$0")/common.sh"
+make_netns
+client_log="$SCRATCH/client.log"
+stop="$SCRATCH/stop-client"
+
+start_guest a "vmr.ip=$GUEST_IP/24 $(run64 "$ECHO_GUEST_SCRIPT")" --vcpus 2 --mem 256 \
+    --net tap=tap0,mac=06:00:0a:00:02:02 --api "$SCRATCH/a.sock"
+wait_console ECHO-READY 120
+in_ns python3 "$(dirname "$0")/tcp_client.py" "$GUEST_IP" 7000 "$stop" >"$client_log" 2>&1 &
+client=$!
+wait_replies "$client_log" 20 60
+check "API: the VM is running" sh -c "ctl '$SCRATCH/a.sock' status | grep -q '\"state\": *\"running\"'"
+check "API: pause" ctl "$SCRATCH/a.sock" pause
+check "API: the VM is paused" sh -c "ctl '$SCRATCH/a.sock' status | grep -q '\"state\": *\"paused\"'"
+check "API: snapshot" ctl "$SCRATCH/a.sock" snapshot "$SCRATCH/snap"
+check "the snapshot has a state and a memory file" test -s "$SCRATCH/snap/state" -a -f "$SCRATCH/snap/memory"
+log "snapshot: $(du -sh --apparent-size "$SCRATCH/snap/memory" | cut -f1) apparent, $(du -sh "$SCRATCH/snap/memory" | cut -f1) on disk"
+kill -9 "$GUEST_PID"
+wait "$GUEST_PID" 2>/dev/null || true
+before=$(replies "$client_log")
+log "monitor a killed after $before answers; restoring"
+
+start_vmr b restore --from "$SCRATCH/snap" --api "$SCRATCH/b.sock"
+wait_replies "$client_log" $((before + 20)) 180
+check "API of the restored VM: running" sh -c "ctl '$SCRATCH/b.sock' status | grep -q '\"state\": *\"running\"'"
+touch "$stop"
+wait "$client" || fail "TCP client: $(tail -n 3 "$client_log")"
+check "the TCP client finished cleanly" grep -q '^CLIENT OK' "$client_log"
+log "$(grep '^CLIENT OK' "$client_log")"
+wait_guest_exit 60
+echo "SCENARIO PASS snapshot"

@@ -1,0 +1,167 @@
+//! The receiving side of a live migration (`vmr receive`): accepts a migration stream, fills
+//! fresh guest memory with its pages, restores the machine from its state on `Commit`, answers
+//! `Ack` and hands the VM over to run. A stream that breaks or is refused before `Commit`
+//! leaves nothing behind, and the next connection is accepted.
+
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Message, MessageReader, MessageWriter, Purpose, PROTOCOL_VERSION};
+use crate::builder::{restore_from_state, BuildError, RestoreOptions};
+use crate::microvm::MicroVm;
+use crate::snapshot::MicroVmState;
+use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
+
+/// How long the source may stay silent.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why an incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Accepting a connection failed.
+    #[error("cannot accept a migration: {0}")]
+    Accept(std::io::Error),
+    /// The stream broke.
+    #[error("the migration stream broke: {0}")]
+    Wire(#[from] wire::WireError),
+    /// The source sent something out of order.
+    #[error("unexpected message from the source: {0}")]
+    Protocol(String),
+    /// The source gave up.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    /// The VM cannot be hosted here.
+    #[error("cannot host this VM: {0}")]
+    Unfit(String),
+    /// Guest memory cannot be created.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// A page lies outside guest memory.
+    #[error("page {0} is outside guest memory")]
+    PageOutOfRange(u64),
+    /// The state does not decode.
+    #[error("the machine state does not decode: {0}")]
+    State(String),
+    /// The machine cannot be restored from the state.
+    #[error("cannot restore the VM: {0}")]
+    Restore(#[from] BuildError),
+}
+
+/// What a received migration took.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Pages received.
+    pub pages: u64,
+    /// From the first byte to the acknowledgement.
+    pub total: Duration,
+    /// From `Commit` to the acknowledgement (restore time).
+    pub restore: Duration,
+}
+
+/// Accepts migrations on `listener` until one completes; returns the restored VM, ready to
+/// run (the source has ended).
+pub fn receive(
+    listener: &TcpListener,
+    options: &RestoreOptions,
+) -> Result<(MicroVm, Received), ReceiveError> {
+    loop {
+        let (stream, peer) = listener.accept().map_err(ReceiveError::Accept)?;
+        tracing::info!(%peer, "incoming migration");
+        match receive_one(stream, options) {
+            Ok(done) => return Ok(done),
+            Err(e) => tracing::warn!(%peer, "incoming migration failed, waiting for another: {e}"),
+        }
+    }
+}
+
+fn receive_one(
+    stream: TcpStream,
+    options: &RestoreOptions,
+) -> Result<(MicroVm, Received), ReceiveError> {
+    let t0 = Instant::now();
+    stream
+        .set_read_timeout(Some(IDLE_TIMEOUT))
+        .map_err(ReceiveError::Accept)?;
+    let _ = stream.set_nodelay(true);
+    let mut writer = MessageWriter::new(stream.try_clone().map_err(ReceiveError::Accept)?);
+    let mut reader = MessageReader::new(stream);
+    let result = receive_stream(&mut reader, &mut writer, options, t0);
+    if let Err(e) = &result {
+        // Tell the source why, if the link still works.
+        let _ = writer.send(&Message::Error(e.to_string()));
+        let _ = writer.flush();
+    }
+    result
+}
+
+fn receive_stream(
+    reader: &mut MessageReader<TcpStream>,
+    writer: &mut MessageWriter<TcpStream>,
+    options: &RestoreOptions,
+    t0: Instant,
+) -> Result<(MicroVm, Received), ReceiveError> {
+    let hello = match reader.recv()? {
+        Message::Hello(hello) => hello,
+        other => return Err(ReceiveError::Protocol(format!("{other:?} before Hello"))),
+    };
+    if hello.purpose != Purpose::Migration {
+        return Err(ReceiveError::Unfit(format!(
+            "a {:?} stream sent to `vmr receive`",
+            hello.purpose
+        )));
+    }
+    if hello.page_size as usize != PAGE_SIZE || hello.mem_bytes % PAGE_SIZE as u64 != 0 {
+        return Err(ReceiveError::Unfit(format!(
+            "page size {} / memory {} bytes",
+            hello.page_size, hello.mem_bytes
+        )));
+    }
+    let mem = memory::create_guest_memory(hello.mem_bytes)?;
+    let map = PageMap::new(&mem);
+    writer.send(&Message::Ack { seq: 0 })?;
+    writer.flush()?;
+    tracing::info!(
+        mem_mib = hello.mem_bytes >> 20,
+        vcpus = hello.vcpus,
+        protocol = PROTOCOL_VERSION,
+        "migration accepted"
+    );
+
+    let mut pages = 0u64;
+    let mut state: Option<MicroVmState> = None;
+    let commit = loop {
+        match reader.recv()? {
+            Message::Pages(batch) => {
+                for (page, data) in batch.iter() {
+                    let slice = map.page(page).ok_or(ReceiveError::PageOutOfRange(page))?;
+                    match data {
+                        Some(data) => slice.copy_from(data),
+                        None => slice.write_bytes(0),
+                    }
+                    pages += 1;
+                }
+            }
+            Message::State(bytes) => {
+                state = Some(
+                    wire::decode_payload(&bytes).map_err(|e| ReceiveError::State(e.to_string()))?,
+                );
+            }
+            Message::Commit { seq } => break seq,
+            Message::Error(reason) => return Err(ReceiveError::Aborted(reason)),
+            other => return Err(ReceiveError::Protocol(format!("{other:?}"))),
+        }
+    };
+    let committed = Instant::now();
+    let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
+    let microvm = restore_from_state(&state, || Ok(mem), options, None)?;
+    writer.send(&Message::Ack { seq: commit })?;
+    writer.flush()?;
+    Ok((
+        microvm,
+        Received {
+            pages,
+            total: t0.elapsed(),
+            restore: committed.elapsed(),
+        },
+    ))
+}

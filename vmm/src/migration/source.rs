@@ -1,0 +1,263 @@
+//! The sending side of a live migration: iterative pre-copy of guest memory from the dirty log
+//! while the guest runs, then stop-and-copy of the last pages and the machine state.
+//!
+//! 1. Hello: the destination checks it can host the VM and answers `Ack 0`.
+//! 2. Pass 0: every non-zero page (the destination's memory starts zeroed), guest running.
+//! 3. Passes 1..: the pages the guest dirtied during the previous pass, until what is left
+//!    would take less than the allowed downtime to send at the measured rate (or the passes
+//!    run out).
+//! 4. Freeze (vCPUs parked, device events held), send the last dirty pages, the state and
+//!    `Commit`; the destination restores, answers `Ack`, and runs. This VM then ends.
+//!
+//! Any failure before the `Ack` — the destination dies, the link breaks, it refuses — leaves
+//! this VM running (resumed, its dirty pages given back) and the migration can be retried.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use super::wire::{self, Hello, Message, MessageReader, MessageWriter, PageBatchBuilder, Purpose};
+use crate::microvm::{FreezeHandle, FreezeOutcome};
+use crate::vstate::memory::{PageMap, PAGE_SIZE};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Default largest pause of the guest.
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(300);
+/// Passes over the dirty log before stopping the guest regardless.
+pub const MAX_PASSES: u32 = 30;
+/// How long the destination may take to answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a migration failed (the VM keeps running here).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The destination address does not resolve.
+    #[error("cannot resolve {addr}: {reason}")]
+    Resolve {
+        /// The address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The destination cannot be reached.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The stream broke.
+    #[error("the migration stream to {addr} broke: {source}")]
+    Wire {
+        /// The destination.
+        addr: String,
+        /// The transport error.
+        source: wire::WireError,
+    },
+    /// The destination refused or failed.
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    /// The destination answered something else than expected.
+    #[error("unexpected answer from the destination: {0}")]
+    Protocol(String),
+    /// The dirty log could not be read.
+    #[error(transparent)]
+    DirtyLog(#[from] VmError),
+    /// The VM could not be frozen.
+    #[error("cannot stop the VM for the final copy: {0}")]
+    Freeze(String),
+}
+
+/// What to migrate where.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// `host:port` of `vmr receive`.
+    pub destination: String,
+    /// The largest pause of the guest to aim for.
+    pub max_downtime: Duration,
+}
+
+/// What a finished migration took.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationReport {
+    /// From pausing the guest here to the destination's acknowledgement (it runs then).
+    pub downtime: Duration,
+    /// From connecting to the acknowledgement.
+    pub total: Duration,
+    /// Pre-copy passes, pass 0 included.
+    pub passes: u32,
+    /// Pages sent, all passes.
+    pub pages_sent: u64,
+    /// Bytes on the wire.
+    pub bytes_sent: u64,
+    /// Pages sent while the guest was stopped.
+    pub final_pages: u64,
+}
+
+struct Link {
+    addr: String,
+    writer: MessageWriter<TcpStream>,
+    reader: MessageReader<TcpStream>,
+}
+
+impl Link {
+    fn wire_err(&self, source: wire::WireError) -> MigrationError {
+        MigrationError::Wire {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<(), MigrationError> {
+        self.writer.send(msg).map_err(|e| self.wire_err(e))
+    }
+
+    /// Waits for `Ack seq`.
+    fn expect_ack(&mut self, seq: u64) -> Result<(), MigrationError> {
+        self.writer.flush().map_err(|e| self.wire_err(e))?;
+        match self.reader.recv().map_err(|e| self.wire_err(e))? {
+            Message::Ack { seq: s } if s == seq => Ok(()),
+            Message::Error(reason) => Err(MigrationError::Refused(reason)),
+            other => Err(MigrationError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// Sends the pages listed by `pages` in batches; returns how many.
+fn send_pages(
+    link: &mut Link,
+    map: &PageMap<'_>,
+    pages: impl Iterator<Item = u64>,
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
+    let mut builder = PageBatchBuilder::new();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut sent = 0;
+    for page in pages {
+        let Some(slice) = map.page(page) else { continue };
+        slice.copy_to(&mut buf[..]);
+        if skip_zero && buf.iter().all(|&b| b == 0) {
+            continue;
+        }
+        sent += 1;
+        if let Some(batch) = builder.push(page, &buf) {
+            link.send(&Message::Pages(batch))?;
+        }
+    }
+    if let Some(batch) = builder.finish() {
+        link.send(&Message::Pages(batch))?;
+    }
+    Ok(sent)
+}
+
+/// Migrates the VM to `options.destination`. On success the VM has been told to end (it runs
+/// at the destination); on failure it runs on here.
+pub fn migrate(
+    vm: &Vm,
+    freeze: &FreezeHandle,
+    config: &[u8],
+    vcpus: u8,
+    options: &MigrateOptions,
+) -> Result<MigrationReport, MigrationError> {
+    let t0 = Instant::now();
+    let addr = options
+        .destination
+        .to_socket_addrs()
+        .map_err(|e| MigrationError::Resolve {
+            addr: options.destination.clone(),
+            reason: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| MigrationError::Resolve {
+            addr: options.destination.clone(),
+            reason: "no address".into(),
+        })?;
+    let connect_err = |source| MigrationError::Connect {
+        addr: options.destination.clone(),
+        source,
+    };
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(connect_err)?;
+    stream.set_nodelay(true).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(connect_err)?;
+    let mut link = Link {
+        addr: options.destination.clone(),
+        reader: MessageReader::new(stream.try_clone().map_err(connect_err)?),
+        writer: MessageWriter::new(stream),
+    };
+    let mem = vm.memory();
+    let map = PageMap::new(mem);
+    link.send(&Message::Hello(Hello::new(
+        Purpose::Migration,
+        map.pages() * PAGE_SIZE as u64,
+        vcpus,
+        config.to_vec(),
+    )))?;
+    link.expect_ack(0)?;
+
+    let mut report = MigrationReport::default();
+    // Pass 0: everything, while the guest runs; the log from here on says what changed.
+    vm.set_dirty_logging(true)?;
+    drop(vm.collect_dirty_pages()?);
+    let mut pass_start = Instant::now();
+    let mut sent = send_pages(&mut link, &map, 0..map.pages(), true)?;
+    report.passes = 1;
+    report.pages_sent = sent;
+    loop {
+        let elapsed = pass_start.elapsed().max(Duration::from_millis(1));
+        let rate = sent.max(1) as f64 / elapsed.as_secs_f64(); // pages per second
+        let dirty = vm.collect_dirty_pages()?;
+        let left = dirty.count() as f64;
+        let estimate = Duration::from_secs_f64(left / rate);
+        tracing::info!(
+            pass = report.passes,
+            sent,
+            dirty = left,
+            estimate_ms = estimate.as_millis() as u64,
+            "migration: pre-copy pass done"
+        );
+        if estimate <= options.max_downtime || report.passes >= MAX_PASSES {
+            // Sent in the final copy, with whatever the guest writes until the freeze.
+            vm.return_dirty_pages(dirty);
+            break;
+        }
+        pass_start = Instant::now();
+        sent = match send_pages(&mut link, &map, dirty.pages(&map), false) {
+            Ok(n) => n,
+            Err(e) => {
+                vm.return_dirty_pages(dirty);
+                return Err(e);
+            }
+        };
+        report.passes += 1;
+        report.pages_sent += sent;
+    }
+
+    let frozen = freeze.freeze().map_err(MigrationError::Freeze)?;
+    let paused = Instant::now();
+    let result = (|| {
+        let n = send_pages(&mut link, &map, frozen.dirty.pages(&map), false)?;
+        let state = wire::encode_payload(&frozen.state)
+            .map_err(|e| MigrationError::Protocol(format!("cannot encode the state: {e}")))?;
+        link.send(&Message::State(state))?;
+        link.send(&Message::Commit { seq: 1 })?;
+        link.expect_ack(1)?;
+        Ok::<u64, MigrationError>(n)
+    })();
+    match result {
+        Ok(n) => {
+            report.downtime = paused.elapsed();
+            report.final_pages = n;
+            report.pages_sent += n;
+            report.bytes_sent = link.writer.bytes_sent();
+            report.total = t0.elapsed();
+            let _ = frozen.outcome.send(FreezeOutcome::Moved);
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = frozen.outcome.send(FreezeOutcome::Failed(frozen.dirty));
+            Err(e)
+        }
+    }
+}
