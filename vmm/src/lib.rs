@@ -1,6 +1,7 @@
 //! vmr's minimal KVM virtual machine monitor: boots a Linux microVM (bzImage or ELF vmlinux)
 //! with a serial console, an i8042 for reset, and virtio-mmio block and network devices.
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -1,0 +1,1171 @@
+//! Tests of the API server and client against a fake VM thread, with every response checked
+//! against `vmm/api/openapi.yaml`.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::server::MAX_BODY_BYTES;
+use super::*;
+
+/// Timeout of a raw test request: longer than the server's test timeouts.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Server timeouts in the tests: long enough for a loaded machine, short enough to fail fast.
+const TEST_CONFIG: ApiServerConfig = ApiServerConfig {
+    request_timeout: Duration::from_secs(10),
+    migrate_timeout: Duration::from_secs(10),
+};
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAPI document.
+
+struct OpenApi {
+    doc: Value,
+}
+
+fn openapi() -> &'static OpenApi {
+    static DOC: OnceLock<OpenApi> = OnceLock::new();
+    DOC.get_or_init(|| OpenApi {
+        doc: serde_yaml::from_str(OPENAPI_YAML).expect("openapi.yaml is valid YAML"),
+    })
+}
+
+impl OpenApi {
+    /// Every (METHOD, path) the document describes.
+    fn operations(&self) -> BTreeSet<(String, String)> {
+        let mut ops = BTreeSet::new();
+        for (path, item) in self.doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                ops.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+        ops
+    }
+
+    fn operation(&self, method: &str, path: &str) -> Option<&Value> {
+        self.doc["paths"].get(path)?.get(method.to_lowercase())
+    }
+
+    /// Follows a local `$ref` (e.g. `#/components/responses/Conflict`).
+    fn resolve<'a>(&'a self, value: &'a Value) -> &'a Value {
+        match value.get("$ref").and_then(Value::as_str) {
+            Some(reference) => {
+                let pointer = reference.strip_prefix('#').expect("local $ref");
+                self.doc
+                    .pointer(pointer)
+                    .unwrap_or_else(|| panic!("dangling $ref {reference}"))
+            }
+            None => value,
+        }
+    }
+
+    /// A validator of `schema`, whose `$ref`s resolve into the document's components.
+    fn validator(&self, schema: &Value) -> jsonschema::Validator {
+        let document = json!({
+            "components": self.doc["components"],
+            "allOf": [schema],
+        });
+        jsonschema::draft4::options()
+            .build(&document)
+            .unwrap_or_else(|e| panic!("invalid schema {schema}: {e}"))
+    }
+
+    /// Checks `instance` against `schema`, returning the errors.
+    fn errors(&self, schema: &Value, instance: &Value) -> Vec<String> {
+        self.validator(schema)
+            .iter_errors(instance)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect()
+    }
+
+    fn schema(&self, name: &str) -> Value {
+        json!({ "$ref": format!("#/components/schemas/{name}") })
+    }
+
+    /// Checks a response to `method path` against the document: the status must be listed
+    /// for the operation, and the body must match its media type and schema. Paths and
+    /// methods the document lacks must be answered 404 or 405 with an `Error` body.
+    fn check(&self, method: &str, path: &str, response: &HttpResponse) {
+        let status = response.status;
+        let Some(operation) = self.operation(method, path) else {
+            assert!(
+                status == 404 || status == 405,
+                "{method} {path} is not in openapi.yaml but answered {status}"
+            );
+            self.check_json(&self.schema("Error"), response, method, path);
+            return;
+        };
+        let listed = operation["responses"]
+            .get(status.to_string())
+            .unwrap_or_else(|| {
+                panic!(
+                    "openapi.yaml lists no {status} response for {method} {path} (body {:?})",
+                    String::from_utf8_lossy(&response.body)
+                )
+            });
+        let listed = self.resolve(listed);
+        let Some(content) = listed.get("content").and_then(Value::as_object) else {
+            assert!(
+                response.body.is_empty(),
+                "{method} {path} {status}: the document says no body, got {:?}",
+                String::from_utf8_lossy(&response.body)
+            );
+            return;
+        };
+        let content_type = response
+            .header("content-type")
+            .unwrap_or_else(|| panic!("{method} {path} {status}: no Content-Type"));
+        let normalize = |s: &str| s.replace(' ', "").to_ascii_lowercase();
+        let (media_type, media) = content
+            .iter()
+            .find(|(media_type, _)| normalize(media_type) == normalize(content_type))
+            .unwrap_or_else(|| {
+                panic!("{method} {path} {status}: Content-Type {content_type} is not documented")
+            });
+        if media_type == "application/json" {
+            self.check_json(&media["schema"], response, method, path);
+        } else {
+            assert_eq!(media["schema"]["type"], "string");
+            assert!(std::str::from_utf8(&response.body).is_ok());
+        }
+    }
+
+    fn check_json(&self, schema: &Value, response: &HttpResponse, method: &str, path: &str) {
+        assert_eq!(
+            response.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        let body: Value = serde_json::from_slice(&response.body).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path} {}: body is not JSON ({e}): {:?}",
+                response.status,
+                String::from_utf8_lossy(&response.body)
+            )
+        });
+        let errors = self.errors(schema, &body);
+        assert!(
+            errors.is_empty(),
+            "{method} {path} {}: {body} does not match {schema}: {errors:?}",
+            response.status
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fake VM behind a real server.
+
+/// What the fake VM tracks.
+struct FakeVm {
+    paused: bool,
+    started: Instant,
+    /// Calls held unanswered (to provoke 504).
+    held: Vec<ApiCall>,
+}
+
+impl FakeVm {
+    /// Answers `call` as a VM would; some snapshot paths provoke the server's own errors.
+    fn serve(&mut self, call: ApiCall) {
+        let result = match &call.request {
+            ApiRequest::GetVm => Ok(ApiReply::Vm(VmInfo {
+                id: "test-vm".to_string(),
+                state: if self.paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                },
+                uptime_ms: self.started.elapsed().as_millis() as u64,
+                vcpus: 2,
+                mem_mib: 256,
+                config: json!({"vcpus": 2, "mem_mib": 256, "net": [{"tap": "tap0"}]}),
+            })),
+            ApiRequest::GetResources => Ok(ApiReply::Resources(resource_graph())),
+            ApiRequest::Pause if self.paused => Err(ApiError::conflict("the VM is already paused")),
+            ApiRequest::Pause => {
+                self.paused = true;
+                Ok(ApiReply::Done)
+            }
+            ApiRequest::Resume if !self.paused => Err(ApiError::conflict("the VM is not paused")),
+            ApiRequest::Resume => {
+                self.paused = false;
+                Ok(ApiReply::Done)
+            }
+            ApiRequest::CreateSnapshot(params) => {
+                match params.snapshot_path.file_name().and_then(|n| n.to_str()) {
+                    Some("drop-me") => return drop(call),
+                    Some("hold-me") => return self.held.push(call),
+                    Some("wrong-kind") => Ok(ApiReply::Done),
+                    _ if !params.snapshot_path.parent().is_some_and(Path::exists) => {
+                        Err(ApiError::not_found(format!(
+                            "directory of {} does not exist",
+                            params.snapshot_path.display()
+                        )))
+                    }
+                    _ => {
+                        let pages = match params.snapshot_type {
+                            SnapshotType::Full => 65536,
+                            SnapshotType::Diff => 100,
+                        };
+                        Ok(ApiReply::Snapshot(SnapshotInfo {
+                            path: params.snapshot_path.clone(),
+                            snapshot_type: params.snapshot_type,
+                            memory_bytes: pages * 4096,
+                            pages,
+                            pause_ms: 12.5,
+                            total_ms: 40.25,
+                        }))
+                    }
+                }
+            }
+            ApiRequest::Migrate(params) if params.destination.ends_with(":1") => {
+                Err(ApiError::bad_gateway(format!(
+                    "cannot connect to {}: Connection refused",
+                    params.destination
+                )))
+            }
+            ApiRequest::Migrate(params) => Ok(ApiReply::Migrated(MigrationInfo {
+                destination: params.destination.clone(),
+                downtime_ms: params.max_downtime_ms.unwrap_or(300) as f64 / 2.0,
+                total_ms: 1234.5,
+                iterations: 3,
+                bytes_sent: 300 << 20,
+                pages_sent: 76800,
+            })),
+            ApiRequest::GetMetrics => Ok(ApiReply::Metrics(metrics())),
+        };
+        call.respond(result);
+    }
+}
+
+fn resource_graph() -> ResourceGraph {
+    let node = |id: &str, kind, attrs: Value| ResourceNode {
+        id: id.to_string(),
+        kind,
+        attrs: attrs.as_object().cloned().unwrap_or_default(),
+    };
+    let edge = |from: &str, to: &str, relation| ResourceEdge {
+        from: from.to_string(),
+        to: to.to_string(),
+        relation,
+    };
+    ResourceGraph {
+        nodes: vec![
+            node("vcpu0", ResourceKind::Vcpu, json!({"apic_id": 0})),
+            node(
+                "memory0",
+                ResourceKind::Memory,
+                json!({"gpa": 0, "size": 256 << 20}),
+            ),
+            node(
+                "virtio-net0",
+                ResourceKind::Device,
+                json!({"mmio": "0xd0000000"}),
+            ),
+            node("virtio-net0/rx", ResourceKind::Queue, json!({"size": 256})),
+            node("tap:tap0", ResourceKind::Tap, json!({})),
+            node("irq5", ResourceKind::Irq, json!({"gsi": 5})),
+            node("file:/var/lib/vmr/disk.img", ResourceKind::File, json!({})),
+        ],
+        edges: vec![
+            edge("virtio-net0", "virtio-net0/rx", Relation::HasQueue),
+            edge("virtio-net0", "tap:tap0", Relation::BackedBy),
+            edge("virtio-net0/rx", "irq5", Relation::InterruptsVia),
+            edge("virtio-net0/rx", "memory0", Relation::Writes),
+        ],
+    }
+}
+
+fn metrics() -> Vec<Metric> {
+    vec![
+        Metric::new(
+            "vmr_vcpu_exits_total",
+            "vCPU exits.",
+            MetricKind::Counter,
+            10.0,
+        )
+        .with_label("vcpu", "0")
+        .with_label("reason", "mmio"),
+        Metric::new(
+            "vmr_uptime_seconds",
+            "Time since boot.",
+            MetricKind::Gauge,
+            1.5,
+        ),
+        Metric::new(
+            "vmr_vcpu_exits_total",
+            "vCPU exits.",
+            MetricKind::Counter,
+            3.0,
+        )
+        .with_label("vcpu", "1")
+        .with_label("reason", "a \"quoted\\\" reason\nwith a newline"),
+    ]
+}
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// A private temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "vmr-api-test-{}-{}",
+            std::process::id(),
+            NEXT_DIR.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An API server with a fake VM thread answering it.
+struct TestVm {
+    client: ApiClient,
+    seen: Arc<Mutex<Vec<ApiRequest>>>,
+    stop: Arc<AtomicBool>,
+    vm_thread: Option<JoinHandle<()>>,
+    server: Option<ApiServer>,
+    socket: PathBuf,
+    dir: TempDir,
+}
+
+impl TestVm {
+    fn start() -> Self {
+        Self::start_with(TEST_CONFIG)
+    }
+
+    fn start_with(config: ApiServerConfig) -> Self {
+        let dir = TempDir::new();
+        let socket = dir.0.join("api.sock");
+        let (server, receiver) = ApiServer::start_with(&socket, config).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let vm_thread = {
+            let (seen, stop) = (seen.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut vm = FakeVm {
+                    paused: false,
+                    started: Instant::now(),
+                    held: Vec::new(),
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    // Like the event loop: calls are only taken when the eventfd says so.
+                    let mut pollfd = libc::pollfd {
+                        fd: receiver.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: `pollfd` is a valid, exclusively borrowed pollfd and nfds is 1.
+                    let ready = unsafe { libc::poll(&mut pollfd, 1, 20) };
+                    if ready <= 0 {
+                        continue;
+                    }
+                    for call in receiver.drain() {
+                        seen.lock().unwrap().push(call.request.clone());
+                        vm.serve(call);
+                    }
+                }
+            })
+        };
+        Self {
+            client: ApiClient::new(&socket),
+            seen,
+            stop,
+            vm_thread: Some(vm_thread),
+            server: Some(server),
+            socket,
+            dir,
+        }
+    }
+
+    /// Sends a raw request and checks the response against openapi.yaml.
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+        let response = self
+            .client
+            .call(method, path, body.map(str::as_bytes), CALL_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        openapi().check(method, path, &response);
+        response
+    }
+
+    /// Sends a raw request, expects `status` and returns the JSON body.
+    fn expect(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> Value {
+        let response = self.request(method, path, body);
+        let text = String::from_utf8_lossy(&response.body);
+        assert_eq!(response.status, status, "{method} {path} {body:?}: {text}");
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    /// Expects an error answer and returns its message.
+    fn expect_error(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> String {
+        let body = self.expect(method, path, body, status);
+        let message = body["error"]
+            .as_str()
+            .expect("an error message")
+            .to_string();
+        assert!(!message.is_empty());
+        message
+    }
+
+    fn seen(&self) -> Vec<ApiRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.vm_thread.take() {
+            let _ = thread.join();
+        }
+        self.server.take();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server.
+
+#[test]
+fn api_socket_is_mode_0600_and_removed_on_shutdown() {
+    let mut vm = TestVm::start();
+    let meta = std::fs::symlink_metadata(&vm.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(vm.server.as_ref().unwrap().socket_path(), vm.socket);
+
+    vm.server.take().unwrap().shutdown();
+    assert!(!vm.socket.exists());
+    let err = vm.client.get_vm().unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert!(
+        err.to_string().contains(vm.socket.to_str().unwrap()),
+        "{err}"
+    );
+}
+
+#[test]
+fn start_refuses_a_live_socket_and_replaces_a_stale_one() {
+    let vm = TestVm::start();
+    let err = ApiServer::start(&vm.socket).unwrap_err();
+    assert!(matches!(err, ApiServerError::AlreadyServing(_)), "{err}");
+    // The live server still answers.
+    vm.expect("GET", "/vm", None, 200);
+
+    let stale = vm.dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let (server, _receiver) = ApiServer::start(&stale).unwrap();
+    assert_eq!(
+        std::fs::symlink_metadata(&stale)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    drop(server);
+    assert!(!stale.exists());
+
+    let file = vm.dir.0.join("not-a-socket");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = ApiServer::start(&file).unwrap_err();
+    assert!(matches!(err, ApiServerError::NotASocket(_)), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+#[test]
+fn get_vm_answers_vm_info() {
+    let vm = TestVm::start();
+    let body = vm.expect("GET", "/vm", None, 200);
+    assert_eq!(body["id"], "test-vm");
+    assert_eq!(body["state"], "running");
+    assert_eq!(body["vcpus"], 2);
+    assert_eq!(body["mem_mib"], 256);
+    assert_eq!(body["config"]["net"][0]["tap"], "tap0");
+    assert_eq!(vm.seen(), vec![ApiRequest::GetVm]);
+}
+
+#[test]
+fn get_resources_answers_the_graph() {
+    let vm = TestVm::start();
+    let body = vm.expect("GET", "/vm/resources", None, 200);
+    let graph: ResourceGraph = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(graph, resource_graph());
+    assert_eq!(body["nodes"][3]["kind"], "queue");
+    assert_eq!(body["edges"][2]["relation"], "interrupts_via");
+}
+
+#[test]
+fn pause_and_resume_track_the_state_and_conflict_when_repeated() {
+    let vm = TestVm::start();
+    assert_eq!(vm.expect("PUT", "/vm/pause", None, 204), Value::Null);
+    assert_eq!(vm.expect("GET", "/vm", None, 200)["state"], "paused");
+    let message = vm.expect_error("PUT", "/vm/pause", None, 409);
+    assert_eq!(message, "the VM is already paused");
+    assert_eq!(vm.expect("PUT", "/vm/resume", None, 204), Value::Null);
+    assert_eq!(vm.expect("GET", "/vm", None, 200)["state"], "running");
+    vm.expect_error("PUT", "/vm/resume", None, 409);
+    assert_eq!(vm.seen().len(), 6);
+}
+
+#[test]
+fn snapshot_create_answers_snapshot_info() {
+    let vm = TestVm::start();
+    let path = vm.dir.0.join("snap");
+    let path = path.to_str().unwrap();
+
+    // The type defaults to full.
+    let body = vm.expect(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(r#"{{"snapshot_path": "{path}"}}"#)),
+        200,
+    );
+    assert_eq!(body["path"], path);
+    assert_eq!(body["snapshot_type"], "full");
+    assert_eq!(body["pages"], 65536);
+    assert_eq!(body["pause_ms"], 12.5);
+
+    let body = vm.expect(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{path}", "snapshot_type": "diff"}}"#
+        )),
+        200,
+    );
+    assert_eq!(body["snapshot_type"], "diff");
+    assert_eq!(body["memory_bytes"], 409600);
+
+    let message = vm.expect_error(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/nonexistent-vmr-dir/snap"}"#),
+        404,
+    );
+    assert!(message.contains("/nonexistent-vmr-dir/snap"), "{message}");
+
+    assert_eq!(
+        vm.seen()[1],
+        ApiRequest::CreateSnapshot(SnapshotParams {
+            snapshot_path: PathBuf::from(path),
+            snapshot_type: SnapshotType::Diff,
+        })
+    );
+}
+
+#[test]
+fn migrate_answers_migration_info_or_bad_gateway() {
+    let vm = TestVm::start();
+    let body = vm.expect(
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination": "127.0.0.1:4444", "max_downtime_ms": 50}"#),
+        200,
+    );
+    assert_eq!(body["destination"], "127.0.0.1:4444");
+    assert_eq!(body["downtime_ms"], 25.0);
+    assert_eq!(body["iterations"], 3);
+
+    // A host name resolves, and max_downtime_ms may be omitted or null.
+    vm.expect(
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination": "localhost:4444"}"#),
+        200,
+    );
+    vm.expect(
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination": "[::1]:4444", "max_downtime_ms": null}"#),
+        200,
+    );
+
+    let message = vm.expect_error(
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination": "127.0.0.1:1"}"#),
+        502,
+    );
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert_eq!(
+        vm.seen()[0],
+        ApiRequest::Migrate(MigrateParams {
+            destination: "127.0.0.1:4444".to_string(),
+            max_downtime_ms: Some(50),
+        })
+    );
+}
+
+#[test]
+fn metrics_answer_prometheus_text() {
+    let vm = TestVm::start();
+    let response = vm.request("GET", "/metrics", None);
+    assert_eq!(response.status, 200);
+    assert_eq!(
+        response.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = String::from_utf8(response.body).unwrap();
+    assert_eq!(text, render_prometheus(&metrics()));
+    check_exposition_format(&text);
+}
+
+#[test]
+fn invalid_requests_are_400_and_never_reach_the_vm() {
+    let vm = TestVm::start();
+    let cases: &[(&str, &str, &str)] = &[
+        ("/snapshot/create", "", "needs a JSON body"),
+        ("/snapshot/create", "{", "invalid SnapshotParams body"),
+        (
+            "/snapshot/create",
+            "not json",
+            "invalid SnapshotParams body",
+        ),
+        ("/snapshot/create", "{}", "missing field `snapshot_path`"),
+        (
+            "/snapshot/create",
+            r#"{"snapshot_path": 5}"#,
+            "invalid type",
+        ),
+        (
+            "/snapshot/create",
+            r#"{"snapshot_path": "/a", "snapshot_type": "half"}"#,
+            "unknown variant `half`",
+        ),
+        (
+            "/snapshot/create",
+            r#"{"snapshot_path": "/a", "compress": true}"#,
+            "unknown field `compress`",
+        ),
+        (
+            "/snapshot/create",
+            r#"{"snapshot_path": "relative/snap"}"#,
+            "must be an absolute path",
+        ),
+        (
+            "/snapshot/create",
+            r#"{"snapshot_path": "/"}"#,
+            "names no file",
+        ),
+        ("/migrate", "[]", "invalid MigrateParams body"),
+        ("/migrate", "{}", "missing field `destination`"),
+        (
+            "/migrate",
+            r#"{"destination": ""}"#,
+            "not a valid host:port",
+        ),
+        (
+            "/migrate",
+            r#"{"destination": "localhost"}"#,
+            "not a valid host:port",
+        ),
+        (
+            "/migrate",
+            r#"{"destination": "127.0.0.1:notaport"}"#,
+            "not a valid host:port",
+        ),
+        (
+            "/migrate",
+            r#"{"destination": "127.0.0.1:70000"}"#,
+            "not a valid host:port",
+        ),
+        (
+            "/migrate",
+            r#"{"destination": "127.0.0.1:4444", "max_downtime_ms": -1}"#,
+            "invalid MigrateParams body",
+        ),
+        (
+            "/migrate",
+            r#"{"destination": "127.0.0.1:4444", "max_downtime_ms": 0}"#,
+            "at least 1",
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let message = vm.expect_error("PUT", path, Some(body), 400);
+        assert!(
+            message.contains(expected),
+            "PUT {path} {body:?}: {message:?} lacks {expected:?}"
+        );
+    }
+    // A request without any body at all.
+    let message = vm.expect_error("PUT", "/migrate", None, 400);
+    assert!(message.contains("needs a JSON body"), "{message}");
+    assert_eq!(vm.seen(), Vec::new());
+}
+
+#[test]
+fn oversized_body_is_413() {
+    let vm = TestVm::start();
+    let body = format!(
+        r#"{{"snapshot_path": "/{}"}}"#,
+        "a".repeat(MAX_BODY_BYTES + 1)
+    );
+    let message = vm.expect_error("PUT", "/snapshot/create", Some(&body), 413);
+    assert!(message.contains("/snapshot/create"), "{message}");
+    assert_eq!(vm.seen(), Vec::new());
+}
+
+#[test]
+fn unknown_path_is_404_and_wrong_method_is_405() {
+    let vm = TestVm::start();
+    for path in ["/", "/vm/nope", "/vms", "/snapshot", "/metrics/x"] {
+        let message = vm.expect_error("GET", path, None, 404);
+        assert!(message.contains(path), "{message}");
+    }
+    vm.expect_error("PUT", "/nope", Some("{}"), 404);
+
+    let response = vm.request("POST", "/vm/pause", None);
+    assert_eq!(response.status, 405);
+    assert_eq!(response.header("allow"), Some("PUT"));
+    let response = vm.request("PUT", "/vm", None);
+    assert_eq!(response.status, 405);
+    assert_eq!(response.header("allow"), Some("GET,HEAD"));
+    let message = vm.expect_error("DELETE", "/metrics", None, 405);
+    assert_eq!(
+        message,
+        "method DELETE is not allowed on /metrics (use GET)"
+    );
+    vm.expect_error("GET", "/snapshot/create", None, 405);
+    vm.expect_error("PATCH", "/migrate", Some("{}"), 405);
+    assert_eq!(vm.seen(), Vec::new());
+}
+
+#[test]
+fn dropped_call_is_503() {
+    let vm = TestVm::start();
+    let message = vm.expect_error(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/drop-me"}"#),
+        503,
+    );
+    assert!(message.starts_with("the VM is gone"), "{message}");
+    // The server goes on serving.
+    vm.expect("GET", "/vm", None, 200);
+}
+
+#[test]
+fn gone_event_loop_is_503() {
+    let dir = TempDir::new();
+    let socket = dir.0.join("api.sock");
+    let (_server, receiver) = ApiServer::start(&socket).unwrap();
+    drop(receiver);
+    let response = ApiClient::new(&socket)
+        .call("GET", "/vm", None, CALL_TIMEOUT)
+        .unwrap();
+    openapi().check("GET", "/vm", &response);
+    assert_eq!(response.status, 503);
+    let err = ApiClient::new(&socket).pause().unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 503, message } if message.starts_with("the VM is gone")),
+        "{err}"
+    );
+}
+
+#[test]
+fn unanswered_call_is_504() {
+    let vm = TestVm::start_with(ApiServerConfig {
+        request_timeout: Duration::from_millis(300),
+        migrate_timeout: Duration::from_millis(300),
+    });
+    let started = Instant::now();
+    let message = vm.expect_error(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/hold-me"}"#),
+        504,
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        message,
+        "the VM did not answer the create-snapshot request within 300 ms"
+    );
+}
+
+#[test]
+fn reply_of_the_wrong_kind_is_500() {
+    let vm = TestVm::start();
+    let message = vm.expect_error(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/wrong-kind"}"#),
+        500,
+    );
+    assert!(message.contains("create-snapshot"), "{message}");
+}
+
+#[test]
+fn calls_queued_together_are_all_answered() {
+    let vm = TestVm::start();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let client = vm.client.clone();
+            std::thread::spawn(move || client.get_vm().unwrap())
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap().id, "test-vm");
+    }
+    assert_eq!(vm.seen().len(), 8);
+}
+
+#[test]
+fn shutdown_does_not_wait_for_calls_in_flight() {
+    let mut vm = TestVm::start();
+    let client = vm.client.clone();
+    let pending =
+        std::thread::spawn(move || client.snapshot(Path::new("/tmp/hold-me"), SnapshotType::Full));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.seen().is_empty() {
+        assert!(Instant::now() < deadline, "the call never reached the VM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    vm.server.take().unwrap().shutdown();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = pending.join().unwrap().unwrap_err();
+    // The connection is closed without an answer.
+    assert!(
+        matches!(err, ClientError::Malformed { .. } | ClientError::Io { .. }),
+        "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAPI document itself.
+
+#[test]
+fn openapi_operations_are_the_routes_served() {
+    let documented = openapi().operations();
+    let served: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|route| (route.method.as_str().to_string(), route.path.to_string()))
+        .collect();
+    assert_eq!(documented, served);
+
+    // And the router really serves them: each documented operation reaches the VM, every
+    // other method on a documented path is 405.
+    let vm = TestVm::start();
+    let snapshot = format!(r#"{{"snapshot_path": "{}"}}"#, vm.dir.0.join("s").display());
+    let bodies = [
+        ("/snapshot/create", snapshot.as_str()),
+        ("/migrate", r#"{"destination": "127.0.0.1:4444"}"#),
+    ];
+    for (method, path) in &documented {
+        let body = bodies.iter().find(|(p, _)| p == path).map(|(_, b)| *b);
+        let response = vm.request(method, path, body);
+        assert!(
+            (200..300).contains(&response.status) || response.status == 409,
+            "{method} {path}: {}",
+            response.status
+        );
+    }
+    assert_eq!(vm.seen().len(), documented.len());
+    for route in ROUTES {
+        for method in ["GET", "PUT", "POST", "DELETE", "PATCH"] {
+            if method != route.method.as_str() {
+                vm.expect_error(method, route.path, None, 405);
+            }
+        }
+    }
+}
+
+#[test]
+fn openapi_schemas_accept_our_bodies_and_reject_others() {
+    let doc = openapi();
+    let schema = |name: &str| doc.schema(name);
+    let ok = |name: &str, value: Value| {
+        let errors = doc.errors(&schema(name), &value);
+        assert!(errors.is_empty(), "{name} rejects {value}: {errors:?}");
+    };
+    let bad = |name: &str, value: Value| {
+        assert!(
+            !doc.errors(&schema(name), &value).is_empty(),
+            "{name} accepts {value}"
+        );
+    };
+
+    ok(
+        "ResourceGraph",
+        serde_json::to_value(resource_graph()).unwrap(),
+    );
+    let snapshot = SnapshotParams {
+        snapshot_path: PathBuf::from("/s"),
+        snapshot_type: SnapshotType::Diff,
+    };
+    ok("SnapshotParams", serde_json::to_value(&snapshot).unwrap());
+    let migrate = MigrateParams {
+        destination: "h:1".to_string(),
+        max_downtime_ms: Some(5),
+    };
+    ok("MigrateParams", serde_json::to_value(&migrate).unwrap());
+    ok("Error", json!({"error": "x"}));
+
+    let vm_info = json!({
+        "id": "a", "state": "running", "uptime_ms": 1, "vcpus": 1, "mem_mib": 32, "config": {}
+    });
+    ok("VmInfo", vm_info.clone());
+    let mut sleeping = vm_info.clone();
+    sleeping["state"] = json!("sleeping");
+    bad("VmInfo", sleeping);
+    let mut missing = vm_info.clone();
+    missing.as_object_mut().unwrap().remove("uptime_ms");
+    bad("VmInfo", missing);
+    let mut extra = vm_info;
+    extra["surprise"] = json!(1);
+    bad("VmInfo", extra);
+    bad("Error", json!({"message": "x"}));
+    bad("SnapshotInfo", json!({"path": "/s"}));
+    bad(
+        "ResourceEdge",
+        json!({"from": "a", "to": "b", "relation": "likes"}),
+    );
+
+    // Every $ref in the document resolves.
+    fn refs<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    out.push(r);
+                }
+                map.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc.doc, &mut all);
+    assert!(!all.is_empty());
+    for reference in all {
+        assert!(
+            doc.doc.pointer(reference.trim_start_matches('#')).is_some(),
+            "dangling {reference}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client.
+
+#[test]
+fn client_drives_the_vm() {
+    let vm = TestVm::start();
+    let client = &vm.client;
+    assert_eq!(client.socket(), vm.socket);
+
+    let info = client.get_vm().unwrap();
+    assert_eq!(info.state, VmState::Running);
+    assert_eq!(info.vcpus, 2);
+    assert_eq!(client.get_resources().unwrap(), resource_graph());
+
+    client.pause().unwrap();
+    assert_eq!(client.get_vm().unwrap().state, VmState::Paused);
+    let err = client.pause().unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 409, message } if message == "the VM is already paused"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the monitor answered 409: the VM is already paused"
+    );
+    client.resume().unwrap();
+
+    let path = vm.dir.0.join("snap");
+    let info = client.snapshot(&path, SnapshotType::Diff).unwrap();
+    assert_eq!(info.path, path);
+    assert_eq!(info.snapshot_type, SnapshotType::Diff);
+    assert_eq!(info.pages, 100);
+    let err = client
+        .snapshot(Path::new("relative"), SnapshotType::Full)
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 400, message } if message.contains("absolute")),
+        "{err}"
+    );
+
+    let info = client.migrate("127.0.0.1:4444", Some(100)).unwrap();
+    assert_eq!(info.destination, "127.0.0.1:4444");
+    assert_eq!(info.downtime_ms, 50.0);
+    assert_eq!(info.bytes_sent, 300 << 20);
+    let err = client.migrate("127.0.0.1:1", None).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 502, .. }),
+        "{err}"
+    );
+
+    let text = client.metrics().unwrap();
+    assert_eq!(text, render_prometheus(&metrics()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus rendering.
+
+/// Checks `text` is well-formed exposition format 0.0.4: comment lines are HELP or TYPE, each
+/// once per name and before its samples; samples of one name are contiguous; label values
+/// are properly quoted and escaped; values parse as floats.
+fn check_exposition_format(text: &str) {
+    assert!(text.ends_with('\n'));
+    let mut helped = BTreeSet::new();
+    let mut typed = BTreeSet::new();
+    let mut finished = BTreeSet::new();
+    let mut current: Option<String> = None;
+    let valid_name = |name: &str| {
+        !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            assert!(valid_name(name), "{line}");
+            assert!(helped.insert(name.to_string()), "second HELP: {line}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(valid_name(name), "{line}");
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            assert!(typed.insert(name.to_string()), "second TYPE: {line}");
+            continue;
+        }
+        assert!(!line.starts_with('#'), "{line}");
+        let name_end = line.find(['{', ' ']).expect("a sample line");
+        let name = &line[..name_end];
+        assert!(valid_name(name), "{line}");
+        assert!(typed.contains(name) && helped.contains(name), "{line}");
+        if current.as_deref() != Some(name) {
+            if let Some(previous) = current.replace(name.to_string()) {
+                finished.insert(previous);
+            }
+            assert!(!finished.contains(name), "samples of {name} not contiguous");
+        }
+        let mut rest = &line[name_end..];
+        if let Some(labels) = rest.strip_prefix('{') {
+            let (pairs, after) = parse_labels(labels);
+            assert!(!pairs.is_empty(), "{line}");
+            rest = after;
+        }
+        let value = rest.strip_prefix(' ').expect("a space before the value");
+        assert!(
+            ["NaN", "+Inf", "-Inf"].contains(&value) || value.parse::<f64>().is_ok(),
+            "{line}"
+        );
+    }
+    assert_eq!(helped, typed);
+}
+
+/// Parses `name="value",...}` (what follows a sample's `{`): the label pairs, values
+/// unescaped, and the text after the `}`.
+fn parse_labels(labels: &str) -> (Vec<(String, String)>, &str) {
+    let mut pairs = Vec::new();
+    let mut rest = labels;
+    loop {
+        let eq = rest.find("=\"").expect("label=\"");
+        let name = &rest[..eq];
+        assert!(
+            !name.is_empty()
+                && !name.starts_with(|c: char| c.is_ascii_digit())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad label name {name:?}"
+        );
+        let mut value = String::new();
+        let mut chars = rest[eq + 2..].char_indices();
+        let close = loop {
+            let (i, c) = chars.next().expect("a closing quote");
+            match c {
+                '\\' => match chars.next().expect("an escaped character").1 {
+                    '\\' => value.push('\\'),
+                    '"' => value.push('"'),
+                    'n' => value.push('\n'),
+                    other => panic!("bad escape \\{other} in {labels:?}"),
+                },
+                '"' => break eq + 2 + i,
+                '\n' => panic!("raw newline in {labels:?}"),
+                c => value.push(c),
+            }
+        };
+        pairs.push((name.to_string(), value));
+        rest = &rest[close + 1..];
+        match rest.strip_prefix(',') {
+            Some(more) => rest = more,
+            None => return (pairs, rest.strip_prefix('}').expect("a closing brace")),
+        }
+    }
+}
+
+#[test]
+fn prometheus_groups_samples_and_escapes() {
+    let text = render_prometheus(&metrics());
+    check_exposition_format(&text);
+    assert_eq!(
+        text,
+        concat!(
+            "# HELP vmr_vcpu_exits_total vCPU exits.\n",
+            "# TYPE vmr_vcpu_exits_total counter\n",
+            "vmr_vcpu_exits_total{vcpu=\"0\",reason=\"mmio\"} 10\n",
+            "vmr_vcpu_exits_total{vcpu=\"1\",reason=\"a \\\"quoted\\\\\\\" reason\\nwith a newline\"} 3\n",
+            "# HELP vmr_uptime_seconds Time since boot.\n",
+            "# TYPE vmr_uptime_seconds gauge\n",
+            "vmr_uptime_seconds 1.5\n",
+        )
+    );
+    let line = text.lines().nth(3).unwrap();
+    let (pairs, rest) = parse_labels(&line["vmr_vcpu_exits_total{".len()..]);
+    assert_eq!(pairs[1].1, "a \"quoted\\\" reason\nwith a newline");
+    assert_eq!(rest, " 3");
+}
+
+#[test]
+fn prometheus_sanitizes_names_and_formats_special_values() {
+    let metrics = [
+        Metric::new(
+            "vmr-net.rx bytes",
+            "Multi\nline \\ help.",
+            MetricKind::Counter,
+            1e21,
+        )
+        .with_label("0dev", "x"),
+        Metric::new("", "Empty.", MetricKind::Gauge, f64::NAN),
+        Metric::new("vmr:ratio", "Ratio.", MetricKind::Gauge, f64::INFINITY),
+        Metric::new("vmr:ratio", "Ratio.", MetricKind::Gauge, f64::NEG_INFINITY)
+            .with_label("a:b", "y"),
+    ];
+    let text = render_prometheus(&metrics);
+    check_exposition_format(&text);
+    assert!(
+        text.contains("# HELP vmr_net_rx_bytes Multi\\nline \\\\ help.\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmr_net_rx_bytes{_0dev=\"x\"} 1000000000000000000000\n"),
+        "{text}"
+    );
+    assert!(text.contains("\n_ NaN\n"), "{text}");
+    assert!(text.contains("\nvmr:ratio +Inf\n"), "{text}");
+    assert!(text.contains("\nvmr:ratio{a_b=\"y\"} -Inf\n"), "{text}");
+    assert_eq!(render_prometheus(&[]), "");
+}
