@@ -1,11 +1,15 @@
 //! `vmr`: run a Linux microVM.
 
-use std::path::PathBuf;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use vmm::api::{ApiClient, ApiServer, SnapshotType};
 use vmm::builder::{build_microvm, restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
+use vmm::controller::Controller;
 use vmm::microvm::MicroVm;
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
@@ -22,6 +26,85 @@ enum Command {
     Run(RunArgs),
     /// Bring a snapshot back to life in this process: the guest continues where it was.
     Restore(RestoreArgs),
+    /// Wait for a live migration and run the VM it brings.
+    Receive(ReceiveArgs),
+    /// Drive a running VM through its API socket.
+    Ctl(CtlArgs),
+}
+
+/// Host-side options of a VM that did not boot here (restored or received).
+#[derive(Args)]
+struct HostArgs {
+    /// TAP for each network device, in order (default: the TAP names the VM had).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<NetConfig>,
+    /// Serial console: stdout, file:PATH or none.
+    #[arg(long, value_name = "stdout|file:PATH|none", default_value = "stdout")]
+    serial: SerialConfig,
+    /// Serve the API on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
+    /// Go ahead on a PVM host (only for PVM-enabled guest kernels).
+    #[arg(long)]
+    allow_pvm: bool,
+}
+
+impl HostArgs {
+    fn restore_options(&self) -> RestoreOptions {
+        RestoreOptions {
+            net: self.net.clone(),
+            serial: self.serial.clone(),
+            allow_pvm: self.allow_pvm,
+        }
+    }
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7070.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: PathBuf,
+    #[command(subcommand)]
+    action: CtlAction,
+}
+
+#[derive(Subcommand)]
+enum CtlAction {
+    /// State, configuration and uptime.
+    Status,
+    /// The resource graph: vCPUs, memory, devices, queues, host backends.
+    Resources,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Write a snapshot to the new directory DIR.
+    Snapshot {
+        /// The snapshot directory (must not exist).
+        dir: PathBuf,
+        /// Only the pages written since the previous snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Live-migrate the VM to `vmr receive` at HOST:PORT.
+    Migrate {
+        /// The destination.
+        destination: String,
+        /// The longest pause of the guest to aim for, in ms.
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
+    },
+    /// Metrics in the Prometheus text format.
+    Metrics,
 }
 
 #[derive(Args)]
@@ -29,15 +112,8 @@ struct RestoreArgs {
     /// The snapshot directory (for a diff, its parents are found through it).
     #[arg(long = "from", value_name = "DIR")]
     from: PathBuf,
-    /// TAP for each network device, in order (default: the TAP names saved in the snapshot).
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    net: Vec<NetConfig>,
-    /// Serial console: stdout, file:PATH or none.
-    #[arg(long, value_name = "stdout|file:PATH|none", default_value = "stdout")]
-    serial: SerialConfig,
-    /// Restore even on a PVM host (only for PVM-enabled guest kernels).
-    #[arg(long)]
-    allow_pvm: bool,
+    #[command(flatten)]
+    host: HostArgs,
 }
 
 #[derive(Args)]
@@ -75,6 +151,9 @@ struct RunArgs {
     /// Boot even on a PVM host (only for PVM-enabled guest kernels).
     #[arg(long)]
     allow_pvm: bool,
+    /// Serve the API on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -116,30 +195,100 @@ impl RunArgs {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let api = args.api.clone();
     let config = args.into_config()?;
     let microvm = build_microvm(&config).map_err(|e| e.to_string())?;
-    run_microvm(microvm)
+    run_microvm(microvm, api.as_deref())
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let snapshot = vmm::snapshot::load(&args.from).map_err(|e| e.to_string())?;
-    let options = RestoreOptions {
-        net: args.net,
-        serial: args.serial,
-        allow_pvm: args.allow_pvm,
-    };
-    let microvm = restore_microvm(&snapshot, &options).map_err(|e| e.to_string())?;
+    let microvm =
+        restore_microvm(&snapshot, &args.host.restore_options()).map_err(|e| e.to_string())?;
     tracing::info!(from = %args.from.display(), "VM restored");
-    run_microvm(microvm)
+    run_microvm(microvm, args.host.api.as_deref())
 }
 
-fn run_microvm(mut microvm: MicroVm) -> Result<ExitCode, String> {
-    let reason = microvm.run().map_err(|e| e.to_string())?;
+fn receive(args: ReceiveArgs) -> Result<ExitCode, String> {
+    let listener = TcpListener::bind(&args.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    eprintln!("vmr: waiting for a migration on {}", args.listen);
+    let (microvm, received) =
+        vmm::migration::destination::receive(&listener, &args.host.restore_options())
+            .map_err(|e| e.to_string())?;
+    eprintln!(
+        "vmr: migration received: {} pages in {:.1} ms, restored in {:.1} ms",
+        received.pages,
+        received.total.as_secs_f64() * 1000.0,
+        received.restore.as_secs_f64() * 1000.0
+    );
+    microvm.announce();
+    run_microvm(microvm, args.host.api.as_deref())
+}
+
+fn run_microvm(mut microvm: MicroVm, api: Option<&Path>) -> Result<ExitCode, String> {
+    let reason = match api {
+        None => microvm.run(),
+        Some(socket) => {
+            let (server, receiver) = ApiServer::start(socket).map_err(|e| e.to_string())?;
+            let id = format!("vmr-{}", std::process::id());
+            let mut controller =
+                Controller::new(receiver, &mut microvm, id).map_err(|e| e.to_string())?;
+            let reason = microvm.run_with(|vm| controller.poll(vm));
+            // Let the server deliver answers given in the last round (a migration's) before
+            // it closes every connection.
+            std::thread::sleep(Duration::from_millis(200));
+            drop(server);
+            reason
+        }
+    }
+    .map_err(|e| e.to_string())?;
     tracing::info!(?reason, "VM ended");
     if reason.is_clean() {
         Ok(ExitCode::SUCCESS)
     } else {
         Err(format!("the VM ended abnormally: {reason:?}"))
+    }
+}
+
+fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
+    let client = ApiClient::new(&args.api);
+    let out = match args.action {
+        CtlAction::Status => to_json(&client.get_vm()),
+        CtlAction::Resources => to_json(&client.get_resources()),
+        CtlAction::Pause => client
+            .pause()
+            .map(|()| "paused".to_string())
+            .map_err(|e| e.to_string()),
+        CtlAction::Resume => client
+            .resume()
+            .map(|()| "resumed".to_string())
+            .map_err(|e| e.to_string()),
+        CtlAction::Snapshot { dir, diff } => {
+            let dir = std::path::absolute(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let kind = if diff {
+                SnapshotType::Diff
+            } else {
+                SnapshotType::Full
+            };
+            to_json(&client.snapshot(&dir, kind))
+        }
+        CtlAction::Migrate {
+            destination,
+            max_downtime_ms,
+        } => to_json(&client.migrate(&destination, max_downtime_ms)),
+        CtlAction::Metrics => client.metrics().map_err(|e| e.to_string()),
+    }?;
+    println!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_json<T: serde::Serialize, E: std::fmt::Display>(
+    result: &Result<T, E>,
+) -> Result<String, String> {
+    match result {
+        Ok(value) => serde_json::to_string_pretty(value).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -155,6 +304,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Receive(args) => receive(args),
+        Command::Ctl(args) => ctl(args),
     };
     match result {
         Ok(code) => code,

@@ -158,6 +158,13 @@ pub struct FreezeHandle {
 }
 
 impl FreezeHandle {
+    /// Wakes the monitor thread (to look at a finished transfer).
+    pub fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!("cannot wake the monitor thread: {e}");
+        }
+    }
+
     /// Asks the monitor thread to freeze the VM; returns what it froze.
     pub fn freeze(&self) -> Result<Frozen, String> {
         let (tx, rx) = channel();
@@ -375,6 +382,14 @@ impl MicroVm {
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
         result?;
         Ok(self.run_state.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+
+    /// Announces the guest on the host network (after it moved here): every network device
+    /// sends a RARP broadcast from the guest's MAC, so bridges and switches learn its new port.
+    pub fn announce(&self) {
+        for slot in &self.devices.virtio {
+            lock(lock(&slot.transport).device()).announce();
+        }
     }
 
     /// Parks every vCPU. Device events wait until the monitor's thread runs its loop again.

@@ -1,68 +1,11 @@
 //! The `vmr` command line: a tiny ELF "kernel" booted end to end on this host's `/dev/kvm`, and
 //! every bad input refused with a one-line error and a non-zero status, never a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use common::{assert_refused, scratch, tiny_elf, vmr};
 
 use vmm::hostcheck::{probe, HostKvm};
-
-fn vmr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmr"))
-        .args(args)
-        .env("VMR_LOG", "error")
-        .output()
-        .unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmr-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-/// Links `tests/guests/NAME.S` into an ELF executable at 2 MiB: a kernel `vmr run` can load.
-/// Each call makes its own files: tests run in parallel.
-fn tiny_elf(name: &str) -> PathBuf {
-    static BUILDS: AtomicUsize = AtomicUsize::new(0);
-    let n = BUILDS.fetch_add(1, Ordering::SeqCst);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.S"));
-    let obj = scratch(&format!("{name}-{n}.o"));
-    let elf = scratch(&format!("{name}-{n}.elf"));
-    for cmd in [
-        Command::new("as")
-            .arg("--64")
-            .arg("-o")
-            .arg(&obj)
-            .arg(&src)
-            .status(),
-        Command::new("ld")
-            .args(["-m", "elf_x86_64", "-e", "_start", "-Ttext=0x200000", "-o"])
-            .arg(&elf)
-            .arg(&obj)
-            .status(),
-    ] {
-        assert!(cmd.expect("binutils (as, ld) must be installed").success());
-    }
-    elf
-}
-
-/// Asserts a clean refusal: exit status 1, one `vmr: error:` line naming `needle`, no panic.
-fn assert_refused(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("vmr: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "stderr: {stderr}");
-    assert!(
-        errors[0].contains(needle),
-        "{:?} does not say {needle:?}",
-        errors[0]
-    );
-}
 
 #[test]
 fn tiny_kernel_boots_prints_and_resets_cleanly() {

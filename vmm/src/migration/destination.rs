@@ -12,6 +12,9 @@ use crate::microvm::MicroVm;
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
 
+/// An all-zero page.
+static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+
 /// How long the source may stay silent.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -118,6 +121,7 @@ fn receive_stream(
     }
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
     let map = PageMap::new(&mem);
+    reader.set_max_pages(map.pages());
     writer.send(&Message::Ack { seq: 0 })?;
     writer.flush()?;
     tracing::info!(
@@ -136,7 +140,7 @@ fn receive_stream(
                     let slice = map.page(page).ok_or(ReceiveError::PageOutOfRange(page))?;
                     match data {
                         Some(data) => slice.copy_from(data),
-                        None => slice.write_bytes(0),
+                        None => slice.copy_from(&ZERO_PAGE[..]),
                     }
                     pages += 1;
                 }

@@ -134,7 +134,9 @@ fn send_pages(
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut sent = 0;
     for page in pages {
-        let Some(slice) = map.page(page) else { continue };
+        let Some(slice) = map.page(page) else {
+            continue;
+        };
         slice.copy_to(&mut buf[..]);
         if skip_zero && buf.iter().all(|&b| b == 0) {
             continue;

@@ -123,4 +123,6 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn is_activated(&self) -> bool;
     /// Stops the device (driver wrote 0 to `Status`); returns to the pre-activation state.
     fn reset(&mut self);
+    /// Makes the guest known on the host's network after it moved here (network devices).
+    fn announce(&self) {}
 }

@@ -296,6 +296,12 @@ impl VirtioDevice for Net {
         self.active = None;
         self.device.reset();
     }
+
+    fn announce(&self) {
+        if let Err(err) = virtio_net_tap::announce::announce(self.device.tap(), self.device.mac()) {
+            tracing::warn!(%err, "virtio-net: cannot announce the guest on its TAP");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,668 @@
+//! The wire protocol of live migration, built for continuous replication to reuse: framed,
+//! versioned, checksummed messages, their payloads compressed with zstd when that pays.
+//!
+//! Every message is one frame: a fixed 32-byte little-endian header, then the payload.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "VMRW"
+//!      4    2 protocol version
+//!      6    1 message kind
+//!      7    1 flags (bit 0: payload compressed with zstd)
+//!      8    8 sequence / epoch number
+//!     16    4 payload length on the wire
+//!     20    4 payload length uncompressed
+//!     24    4 CRC32 of the uncompressed payload
+//!     28    4 CRC32 of bytes 0..28
+//! ```
+//!
+//! A stream carries `Hello`, then any number of `Pages` and `State`, then `Commit`, answered
+//! by `Ack` (or `Error`) in the other direction. Replication sends one such epoch after the
+//! other on the same stream, numbered by the sequence field.
+
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::vstate::memory::PAGE_SIZE;
+
+/// The first bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"VMRW";
+/// The protocol this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Frame header length.
+pub const HEADER_LEN: usize = 32;
+/// Default largest payload accepted (checked before anything is allocated).
+pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
+/// Pages per batch a [`PageBatchBuilder`] fills before handing it out (2 MiB).
+pub const BATCH_PAGES: usize = 512;
+/// Default zstd level: fast; guest memory compresses well even so.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// Bit of a page index in a batch marking an all-zero page (no data follows).
+const ZERO_PAGE: u64 = 1 << 63;
+const FLAG_ZSTD: u8 = 1;
+
+/// Why a frame or message cannot be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The stream failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the stream between frames.
+    #[error("the peer closed the stream")]
+    Closed,
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a frame")]
+    Truncated,
+    /// Not a vmr stream.
+    #[error("not a vmr migration stream (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// The header is corrupt.
+    #[error("corrupt frame header (checksum mismatch)")]
+    HeaderChecksum,
+    /// The peer speaks another protocol version.
+    #[error("the peer speaks protocol version {found}, this vmr speaks {PROTOCOL_VERSION}")]
+    Version {
+        /// The peer's version.
+        found: u16,
+    },
+    /// A message kind this build does not know.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// A payload larger than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The payload does not match its checksum.
+    #[error("corrupt frame payload (checksum mismatch)")]
+    PayloadChecksum,
+    /// zstd failed.
+    #[error("zstd: {0}")]
+    Zstd(io::Error),
+    /// The payload decompressed to another size than announced.
+    #[error("payload decompressed to {found} bytes, {expected} announced")]
+    SizeMismatch {
+        /// Announced.
+        expected: u32,
+        /// Found.
+        found: usize,
+    },
+    /// A payload does not encode or decode.
+    #[error("malformed payload: {0}")]
+    Payload(String),
+    /// A page batch names a page beyond guest memory.
+    #[error("page {page} is outside guest memory ({pages} pages)")]
+    PageOutOfRange {
+        /// The page.
+        page: u64,
+        /// Pages of guest memory.
+        pages: u64,
+    },
+}
+
+/// Why the stream was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Purpose {
+    /// A one-time move of the VM.
+    Migration,
+    /// Continuous epochs to a standby.
+    Replication,
+}
+
+/// The first message of a stream: what the VM needs of its destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's protocol version.
+    pub protocol: u16,
+    /// Why.
+    pub purpose: Purpose,
+    /// Guest RAM.
+    pub mem_bytes: u64,
+    /// Page size of the page batches.
+    pub page_size: u32,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// The VM's TSC frequency, where known.
+    pub tsc_khz: Option<u32>,
+    /// The VM's configuration (opaque here).
+    pub config: Vec<u8>,
+}
+
+impl Hello {
+    /// A hello of this protocol version.
+    pub fn new(purpose: Purpose, mem_bytes: u64, vcpus: u8, config: Vec<u8>) -> Self {
+        Self {
+            protocol: PROTOCOL_VERSION,
+            purpose,
+            mem_bytes,
+            page_size: PAGE_SIZE as u32,
+            vcpus,
+            tsc_khz: None,
+            config,
+        }
+    }
+}
+
+/// Guest pages: (page number, contents), an all-zero page carried by its number only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageBatch {
+    /// Page numbers, [`ZERO_PAGE`] set for a zero page.
+    index: Vec<u64>,
+    /// The non-zero pages, in order.
+    data: Vec<u8>,
+}
+
+impl PageBatch {
+    /// Pages in the batch.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Adds page `page`.
+    pub fn push(&mut self, page: u64, contents: &[u8]) {
+        debug_assert_eq!(contents.len(), PAGE_SIZE);
+        if contents.iter().all(|&b| b == 0) {
+            self.index.push(page | ZERO_PAGE);
+        } else {
+            self.index.push(page);
+            self.data.extend_from_slice(contents);
+        }
+    }
+
+    /// (page, contents; `None` for a zero page), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        let mut pages = self.data.chunks_exact(PAGE_SIZE);
+        self.index.iter().map(move |&i| {
+            if i & ZERO_PAGE != 0 {
+                (i & !ZERO_PAGE, None)
+            } else {
+                (i, pages.next())
+            }
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + self.index.len() * 8 + self.data.len());
+        out.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
+        for i in &self.index {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    /// Decodes a batch, checking every page number against `max_pages`.
+    pub fn decode(payload: &[u8], max_pages: u64) -> Result<Self, WireError> {
+        let bad = |what: &str| WireError::Payload(format!("page batch: {what}"));
+        let count = payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| bad("no count"))?;
+        let index_end = count
+            .checked_mul(8)
+            .and_then(|n| n.checked_add(4))
+            .filter(|&end| end <= payload.len())
+            .ok_or_else(|| bad("index longer than the payload"))?;
+        let index: Vec<u64> = payload[4..index_end]
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        for &i in &index {
+            let page = i & !ZERO_PAGE;
+            if page >= max_pages {
+                return Err(WireError::PageOutOfRange {
+                    page,
+                    pages: max_pages,
+                });
+            }
+        }
+        let data = payload[index_end..].to_vec();
+        let full = index.iter().filter(|&&i| i & ZERO_PAGE == 0).count();
+        if data.len() != full * PAGE_SIZE {
+            return Err(bad("data does not match the index"));
+        }
+        Ok(Self { index, data })
+    }
+}
+
+/// Collects pages into batches of [`BATCH_PAGES`].
+#[derive(Debug, Default)]
+pub struct PageBatchBuilder {
+    batch: PageBatch,
+}
+
+impl PageBatchBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a page; returns a full batch to send.
+    pub fn push(&mut self, page: u64, contents: &[u8]) -> Option<PageBatch> {
+        self.batch.push(page, contents);
+        (self.batch.len() >= BATCH_PAGES).then(|| std::mem::take(&mut self.batch))
+    }
+
+    /// The last, partial batch, if any.
+    pub fn finish(self) -> Option<PageBatch> {
+        (!self.batch.is_empty()).then_some(self.batch)
+    }
+}
+
+/// A message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens a stream.
+    Hello(Hello),
+    /// Guest pages.
+    Pages(PageBatch),
+    /// The serialized machine state (opaque here).
+    State(Vec<u8>),
+    /// Everything of epoch / transfer `seq` has been sent: apply it.
+    Commit {
+        /// Which.
+        seq: u64,
+    },
+    /// `seq` is applied (`0` answers `Hello`).
+    Ack {
+        /// Which.
+        seq: u64,
+    },
+    /// The peer gives up, and why.
+    Error(String),
+    /// A clean end of the stream.
+    Bye,
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Hello(_) => 1,
+            Message::Pages(_) => 2,
+            Message::State(_) => 3,
+            Message::Commit { .. } => 4,
+            Message::Ack { .. } => 5,
+            Message::Error(_) => 6,
+            Message::Bye => 7,
+        }
+    }
+}
+
+/// Encodes a serde value as a payload (postcard).
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    postcard::to_stdvec(value).map_err(|e| WireError::Payload(e.to_string()))
+}
+
+/// Decodes a payload made by [`encode_payload`].
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
+    postcard::from_bytes(payload).map_err(|e| WireError::Payload(e.to_string()))
+}
+
+/// Sends messages on a stream.
+pub struct MessageWriter<W: Write> {
+    out: BufWriter<W>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    bytes_sent: u64,
+}
+
+impl<W: Write> MessageWriter<W> {
+    /// A writer compressing at [`DEFAULT_ZSTD_LEVEL`].
+    pub fn new(out: W) -> Self {
+        Self::with_compression(out, Some(DEFAULT_ZSTD_LEVEL))
+    }
+
+    /// A writer compressing at `level`, or not at all.
+    pub fn with_compression(out: W, level: Option<i32>) -> Self {
+        Self {
+            out: BufWriter::with_capacity(1 << 20, out),
+            compressor: level.and_then(|l| zstd::bulk::Compressor::new(l).ok()),
+            bytes_sent: 0,
+        }
+    }
+
+    /// Bytes written so far, headers included.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// Sends `msg` (buffered: [`MessageWriter::flush`] pushes it out).
+    pub fn send(&mut self, msg: &Message) -> Result<(), WireError> {
+        let (seq, payload) = match msg {
+            Message::Hello(h) => (0, encode_payload(h)?),
+            Message::Pages(batch) => (0, batch.encode()),
+            Message::State(state) => (0, state.clone()),
+            Message::Commit { seq } | Message::Ack { seq } => (*seq, Vec::new()),
+            Message::Error(reason) => (0, reason.as_bytes().to_vec()),
+            Message::Bye => (0, Vec::new()),
+        };
+        self.send_frame(msg.kind(), seq, &payload)
+    }
+
+    fn send_frame(&mut self, kind: u8, seq: u64, payload: &[u8]) -> Result<(), WireError> {
+        let compressed = match &mut self.compressor {
+            Some(c) if payload.len() >= 256 => {
+                c.compress(payload).ok().filter(|z| z.len() < payload.len())
+            }
+            _ => None,
+        };
+        let (flags, body) = match &compressed {
+            Some(z) => (FLAG_ZSTD, z.as_slice()),
+            None => (0, payload),
+        };
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC);
+        h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        h[6] = kind;
+        h[7] = flags;
+        h[8..16].copy_from_slice(&seq.to_le_bytes());
+        h[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        h[24..28].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let crc = crc32fast::hash(&h[..28]);
+        h[28..32].copy_from_slice(&crc.to_le_bytes());
+        self.out.write_all(&h)?;
+        self.out.write_all(body)?;
+        self.bytes_sent += (HEADER_LEN + body.len()) as u64;
+        Ok(())
+    }
+
+    /// Pushes buffered frames to the stream.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.out.flush().map_err(Into::into)
+    }
+}
+
+/// Receives messages from a stream.
+pub struct MessageReader<R: Read> {
+    input: BufReader<R>,
+    max_payload: u32,
+    max_pages: u64,
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes(b.try_into().expect("4 bytes"))
+}
+
+impl<R: Read> MessageReader<R> {
+    /// A reader accepting payloads up to [`DEFAULT_MAX_PAYLOAD`].
+    pub fn new(input: R) -> Self {
+        Self {
+            input: BufReader::with_capacity(1 << 20, input),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_pages: u64::MAX,
+        }
+    }
+
+    /// Refuses page batches naming pages at or beyond `pages` (guest memory size).
+    pub fn set_max_pages(&mut self, pages: u64) {
+        self.max_pages = pages;
+    }
+
+    /// The next message.
+    pub fn recv(&mut self) -> Result<Message, WireError> {
+        let (kind, seq, payload) = self.recv_frame()?;
+        Ok(match kind {
+            1 => Message::Hello(decode_payload(&payload)?),
+            2 => Message::Pages(PageBatch::decode(&payload, self.max_pages)?),
+            3 => Message::State(payload),
+            4 => Message::Commit { seq },
+            5 => Message::Ack { seq },
+            6 => Message::Error(String::from_utf8_lossy(&payload).into_owned()),
+            7 => Message::Bye,
+            other => return Err(WireError::UnknownKind(other)),
+        })
+    }
+
+    fn recv_frame(&mut self) -> Result<(u8, u64, Vec<u8>), WireError> {
+        let mut h = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            match self.input.read(&mut h[got..]) {
+                Ok(0) if got == 0 => return Err(WireError::Closed),
+                Ok(0) => return Err(WireError::Truncated),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if h[0..4] != MAGIC {
+            return Err(WireError::BadMagic(h[0..4].try_into().expect("4 bytes")));
+        }
+        if crc32fast::hash(&h[..28]) != le32(&h[28..32]) {
+            return Err(WireError::HeaderChecksum);
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != PROTOCOL_VERSION {
+            return Err(WireError::Version { found: version });
+        }
+        let (kind, flags) = (h[6], h[7]);
+        let seq = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+        let wire_len = le32(&h[16..20]);
+        let raw_len = le32(&h[20..24]);
+        for len in [wire_len, raw_len] {
+            if len > self.max_payload {
+                return Err(WireError::TooLarge {
+                    len,
+                    max: self.max_payload,
+                });
+            }
+        }
+        let mut body = vec![0u8; wire_len as usize];
+        self.input.read_exact(&mut body).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                WireError::Truncated
+            } else {
+                e.into()
+            }
+        })?;
+        let payload = if flags & FLAG_ZSTD != 0 {
+            let out = zstd::bulk::decompress(&body, raw_len as usize).map_err(WireError::Zstd)?;
+            if out.len() != raw_len as usize {
+                return Err(WireError::SizeMismatch {
+                    expected: raw_len,
+                    found: out.len(),
+                });
+            }
+            out
+        } else {
+            if wire_len != raw_len {
+                return Err(WireError::SizeMismatch {
+                    expected: raw_len,
+                    found: body.len(),
+                });
+            }
+            body
+        };
+        if crc32fast::hash(&payload) != le32(&h[24..28]) {
+            return Err(WireError::PayloadChecksum);
+        }
+        Ok((kind, seq, payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; PAGE_SIZE];
+        p[7] = fill.wrapping_add(1);
+        p
+    }
+
+    fn messages() -> Vec<Message> {
+        let mut batch = PageBatch::default();
+        batch.push(3, &page(1));
+        batch.push(9, &[0u8; PAGE_SIZE]);
+        batch.push(10, &page(200));
+        vec![
+            Message::Hello(Hello::new(Purpose::Migration, 64 << 20, 2, vec![1, 2, 3])),
+            Message::Pages(batch),
+            Message::State((0..5000u32).map(|i| (i % 7) as u8).collect()),
+            Message::Commit { seq: 41 },
+            Message::Ack { seq: 41 },
+            Message::Error("no room here".into()),
+            Message::Bye,
+        ]
+    }
+
+    fn encode_all(level: Option<i32>) -> Vec<u8> {
+        let mut w = MessageWriter::with_compression(Vec::new(), level);
+        for m in messages() {
+            w.send(&m).unwrap();
+        }
+        w.flush().unwrap();
+        w.out.into_inner().unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips_compressed_or_not() {
+        for level in [None, Some(1), Some(3)] {
+            let bytes = encode_all(level);
+            let mut r = MessageReader::new(&bytes[..]);
+            for m in messages() {
+                assert_eq!(r.recv().unwrap(), m);
+            }
+            assert!(matches!(r.recv(), Err(WireError::Closed)));
+        }
+        assert!(
+            encode_all(Some(1)).len() < encode_all(None).len(),
+            "pages compress"
+        );
+    }
+
+    #[test]
+    fn zero_pages_travel_as_numbers_only() {
+        let mut b = PageBatch::default();
+        b.push(5, &[0u8; PAGE_SIZE]);
+        assert_eq!(b.encode().len(), 4 + 8);
+        let back = PageBatch::decode(&b.encode(), 10).unwrap();
+        assert_eq!(back.iter().collect::<Vec<_>>(), vec![(5, None)]);
+    }
+
+    #[test]
+    fn truncation_anywhere_is_detected() {
+        let bytes = encode_all(Some(1));
+        for len in 1..bytes.len() {
+            let mut r = MessageReader::new(&bytes[..len]);
+            let mut result = Ok(Message::Bye);
+            while result.is_ok() {
+                result = r.recv();
+            }
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, WireError::Truncated | WireError::Closed),
+                "cut at {len}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_of_a_frame_is_detected() {
+        let mut w = MessageWriter::with_compression(Vec::new(), None);
+        w.send(&Message::State(b"state of the machine".to_vec()))
+            .unwrap();
+        w.flush().unwrap();
+        let bytes = w.out.into_inner().unwrap();
+        for bit in 0..bytes.len() * 8 {
+            let mut b = bytes.clone();
+            b[bit / 8] ^= 1 << (bit % 8);
+            let result = MessageReader::new(&b[..]).recv();
+            assert!(result.is_err(), "bit {bit} went unnoticed: {result:?}");
+        }
+    }
+
+    #[test]
+    fn bad_magic_future_versions_and_huge_frames_are_refused() {
+        let good = encode_all(None);
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(
+            MessageReader::new(&b[..]).recv(),
+            Err(WireError::BadMagic(_))
+        ));
+
+        let with_header = |edit: &dyn Fn(&mut [u8])| {
+            let mut b = good.clone();
+            edit(&mut b[..HEADER_LEN]);
+            let crc = crc32fast::hash(&b[..28]);
+            b[28..32].copy_from_slice(&crc.to_le_bytes());
+            MessageReader::new(&b[..]).recv()
+        };
+        let err = with_header(&|h| h[4..6].copy_from_slice(&2u16.to_le_bytes())).unwrap_err();
+        assert!(err.to_string().contains("version 2"), "{err}");
+        let err = with_header(&|h| h[16..20].copy_from_slice(&u32::MAX.to_le_bytes())).unwrap_err();
+        assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+        let err = with_header(&|h| h[6] = 99).unwrap_err();
+        assert!(
+            matches!(err, WireError::UnknownKind(99) | WireError::Payload(_)),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pages_beyond_guest_memory_are_refused() {
+        let mut b = PageBatch::default();
+        b.push(100, &page(3));
+        assert!(matches!(
+            PageBatch::decode(&b.encode(), 100),
+            Err(WireError::PageOutOfRange {
+                page: 100,
+                pages: 100
+            })
+        ));
+        let mut payload = b.encode();
+        payload.truncate(payload.len() - 1);
+        assert!(PageBatch::decode(&payload, 1000).is_err());
+    }
+
+    #[test]
+    fn builder_hands_out_full_batches_then_the_rest() {
+        let mut builder = PageBatchBuilder::new();
+        let mut batches = Vec::new();
+        for p in 0..(BATCH_PAGES as u64 * 2 + 3) {
+            if let Some(b) = builder.push(p, &page(p as u8)) {
+                batches.push(b);
+            }
+        }
+        batches.extend(builder.finish());
+        let sizes: Vec<usize> = batches.iter().map(PageBatch::len).collect();
+        assert_eq!(sizes, vec![BATCH_PAGES, BATCH_PAGES, 3]);
+        let pages: Vec<u64> = batches
+            .iter()
+            .flat_map(|b| b.iter().map(|(p, _)| p))
+            .collect();
+        assert_eq!(pages, (0..(BATCH_PAGES as u64 * 2 + 3)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_peer_hanging_up_mid_stream_is_an_error_not_a_hang() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sender = std::thread::spawn(move || {
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            let mut w = MessageWriter::new(s);
+            w.send(&Message::Commit { seq: 7 }).unwrap();
+            w.flush().unwrap();
+            // Half a frame, then gone.
+            let bytes = encode_all(None);
+            let mut s = w.out.into_inner().unwrap();
+            s.write_all(&bytes[..HEADER_LEN + 3]).unwrap();
+        });
+        let (s, _) = listener.accept().unwrap();
+        let mut r = MessageReader::new(s);
+        assert_eq!(r.recv().unwrap(), Message::Commit { seq: 7 });
+        sender.join().unwrap();
+        assert!(matches!(r.recv(), Err(WireError::Truncated)));
+    }
+}
