@@ -24,18 +24,26 @@
 //! the [`Egress`] gate, which writes it to the TAP or holds it; the chain is returned at once.
 //! When the gate is full the chain is left in the ring and transmission stops until the gate
 //! signals room.
+//!
+//! **Save and restore.** Between two calls of the data path the device holds no descriptor
+//! chain (chains taken for a frame that did not fit are put back at once), so its queues are
+//! fully described by their indices, which the transport saves. What the device alone holds is
+//! in [`NetState`]: the features, the MAC, the inbound frames not yet delivered (the one waiting
+//! for buffers and the injected backlog), the egress gate with its held frames, and the
+//! counters. Frames still queued in the host kernel's TAP are not: they belong to the TAP.
 
 use std::collections::VecDeque;
 use std::io::ErrorKind;
 use std::num::Wrapping;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::features::{self, has, BASE_FEATURES, OFFLOAD_FEATURES};
-use crate::gate::{Admission, Egress};
+use crate::gate::{Admission, Egress, EgressState};
 use crate::header::{self, VNET_HDR_LEN};
 use crate::ingress::{IngressFrame, IngressSink, Mirrored};
 use crate::mac::MacAddr;
@@ -78,6 +86,28 @@ pub enum NetError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A restore asked for features this device cannot offer (e.g. offloads on a TAP without
+    /// them), or a saved state that accepted features it did not offer.
+    #[error(
+        "the saved device offered {saved_offered:#x} and the driver accepted {saved_acked:#x}, \
+         but a device on TAP {tap} offers only {offered:#x}"
+    )]
+    Features {
+        /// The TAP of the restored device.
+        tap: String,
+        /// Features the saved device offered.
+        saved_offered: u64,
+        /// Features its driver accepted.
+        saved_acked: u64,
+        /// Features the new device can offer.
+        offered: u64,
+    },
+    /// A saved inbound frame is longer than the device can hold.
+    #[error("a saved inbound frame of {len} bytes exceeds {MAX_FRAME_LEN}")]
+    SavedFrameTooLong {
+        /// Its length.
+        len: usize,
+    },
 }
 
 /// Why a transmit chain was dropped.
@@ -94,7 +124,7 @@ enum ChainError {
 }
 
 /// Counters of the data path.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetStats {
     /// Frames delivered to the guest.
     pub rx_frames: u64,
@@ -111,6 +141,29 @@ pub struct NetStats {
     pub tx_malformed: u64,
     /// Mirrored copies lost because the ingress sink was full.
     pub ingress_lost: u64,
+}
+
+/// The saved state of a [`NetDevice`] (see the module docs). The ingress sink is not part of
+/// it: the restorer connects a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The TAP the device was on (a restore may use another).
+    pub tap_name: String,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+    /// Features offered.
+    pub avail_features: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// The inbound frame (header included) taken from the TAP or the backlog and waiting for
+    /// receive buffers.
+    pub rx_waiting: Option<Vec<u8>>,
+    /// Injected frames not yet taken, in order.
+    pub rx_backlog: Vec<Vec<u8>>,
+    /// The egress gate, with its held frames and their epochs.
+    pub egress: EgressState,
+    /// The data-path counters.
+    pub stats: NetStats,
 }
 
 /// What became of the waiting inbound frame.
@@ -205,6 +258,63 @@ impl NetDevice {
             tx_notifier: Notifier::default(),
             stats: NetStats::default(),
         })
+    }
+
+    /// Captures the device's state (call it between two calls of the data path).
+    pub fn save(&self) -> NetState {
+        NetState {
+            tap_name: self.tap.name().to_string(),
+            mac: self.mac,
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+            rx_waiting: self.rx.len.map(|len| self.rx.buf[..len].to_vec()),
+            rx_backlog: self.rx.backlog.iter().cloned().collect(),
+            egress: self.egress.save(),
+            stats: self.stats,
+        }
+    }
+
+    /// A device on `tap` (which may differ from the saved one) in the state `state`: the same
+    /// MAC and offered features, the accepted features applied to the TAP's offloads (so the
+    /// TAP hands over only what the driver negotiated), the undelivered inbound frames, the
+    /// egress gate and the counters. [`NetDevice::activate`] follows, with the restored queues.
+    ///
+    /// Fails if this TAP cannot offer what the saved device offered.
+    pub fn restore(tap: Tap, state: &NetState) -> Result<Self, NetError> {
+        let mut dev = NetDevice::new(tap, state.mac)?;
+        let wanted = state.avail_features | state.acked_features;
+        if wanted & !dev.avail_features != 0 || state.acked_features & !state.avail_features != 0 {
+            return Err(NetError::Features {
+                tap: dev.tap.name().to_string(),
+                saved_offered: state.avail_features,
+                saved_acked: state.acked_features,
+                offered: dev.avail_features,
+            });
+        }
+        dev.avail_features = state.avail_features;
+        dev.set_acked_features(state.acked_features)?;
+        if let Some(frame) = &state.rx_waiting {
+            let len = frame.len();
+            let buf = dev
+                .rx
+                .buf
+                .get_mut(..len)
+                .ok_or(NetError::SavedFrameTooLong { len })?;
+            buf.copy_from_slice(frame);
+            dev.rx.len = Some(len);
+        }
+        dev.rx.backlog = state.rx_backlog.iter().cloned().collect();
+        dev.egress.restore(&state.egress);
+        dev.stats = state.stats;
+        tracing::debug!(
+            tap = dev.tap.name(),
+            saved_tap = state.tap_name,
+            rx_waiting = state.rx_waiting.is_some(),
+            rx_backlog = state.rx_backlog.len(),
+            held = state.egress.held.len(),
+            "virtio-net: device restored"
+        );
+        Ok(dev)
     }
 
     /// Stops offering checksum and segmentation offloads (before the driver negotiates).
@@ -932,6 +1042,157 @@ mod tests {
         ));
         // The frame still waits: a driver reset and a sane ring will take it.
         assert!(dev.rx_pending());
+    }
+
+    #[test]
+    fn restore_on_another_tap_keeps_frames_gate_and_offloads() {
+        let Some(ns) = NetNs::enter() else { return };
+        let (probe, _) = TapPeer::new(&ns, "probe");
+        let offloads = probe.offload_supported();
+        drop(probe);
+        let acked = if offloads {
+            MERGE | 1 << VIRTIO_NET_F_GUEST_CSUM
+        } else {
+            MERGE
+        };
+        let (mut dev, src_peer) = device(&ns, "ssrc", acked);
+        let mem = memory();
+        let mut rxq = TestQueue::new(&mem, 0, 16);
+        let mut txq = TestQueue::new(&mem, 0x8000, 16);
+        let mut rx_queue = rxq.queue(true);
+        let mut tx_queue = txq.queue(true);
+        dev.activate(&rx_queue, &tx_queue);
+
+        // One frame delivered, one taken from the TAP and waiting for buffers, one injected.
+        let first = ether_frame(MAC, b"first");
+        let second = ether_frame(MAC, b"second, from the TAP");
+        let third = ether_frame(MAC, b"third, injected");
+        rxq.add_rx(BUF, 2048);
+        src_peer.send(&first);
+        wait_readable(&dev);
+        assert!(dev.process_rx(&mem, &mut rx_queue).unwrap());
+        src_peer.send(&second);
+        wait_readable(&dev);
+        dev.process_rx(&mem, &mut rx_queue).unwrap();
+        assert!(dev.rx_pending());
+        dev.inject_rx(with_header(&third));
+        // One outbound frame held in epoch 9.
+        dev.egress().set_mode(GateMode::Held);
+        dev.egress().set_epoch(9);
+        let held = with_header(&ether_frame([0xff; 6], b"held in epoch nine"));
+        mem.write_slice(&held, GuestAddress(BUF + 0x4000)).unwrap();
+        txq.add_chain(&[(BUF + 0x4000, held.len() as u32, false)]);
+        assert!(dev.process_tx(&mem, &mut tx_queue).unwrap());
+
+        let state = dev.save();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: NetState = serde_json::from_str(&json).unwrap();
+        assert_eq!(state, dev.save());
+        assert_eq!(
+            &state.rx_waiting.as_ref().unwrap()[VNET_HDR_LEN..],
+            &second[..]
+        );
+        assert_eq!(state.rx_backlog, vec![with_header(&third)]);
+        assert_eq!(state.egress.held.len(), 1);
+        assert_eq!(state.egress.held[0].epoch, 9);
+        assert_eq!(state.egress.held[0].bytes, held);
+        assert_eq!(state.stats.rx_frames, 1);
+        assert_eq!(state.acked_features, acked);
+
+        // The destination's TAP: a fresh one, its offloads off until the restore sets them.
+        let (dst_tap, dst_peer) = TapPeer::new(&ns, "sdst");
+        let mut restored = NetDevice::restore(dst_tap, &state).unwrap();
+        assert_eq!(restored.tap().name(), dst_peer.name);
+        assert_eq!(
+            NetState {
+                tap_name: state.tap_name.clone(),
+                ..restored.save()
+            },
+            state
+        );
+        assert!(restored.rx_pending());
+        // The transport rebuilds the queues with the saved indices.
+        let mut rx_queue2 = rxq.queue(true);
+        rx_queue2.set_next_avail(rx_queue.next_avail());
+        rx_queue2.set_next_used(rx_queue.next_used());
+        let mut tx_queue2 = txq.queue(true);
+        tx_queue2.set_next_avail(tx_queue.next_avail());
+        tx_queue2.set_next_used(tx_queue.next_used());
+        restored.activate(&rx_queue2, &tx_queue2);
+        rxq.add_rx(BUF + 0x1000, 2048);
+        rxq.add_rx(BUF + 0x2000, 2048);
+        restored.process_rx(&mem, &mut rx_queue2).unwrap();
+        assert_eq!(rxq.used_idx(), 3);
+        for (i, (frame, at)) in [(&second, BUF + 0x1000), (&third, BUF + 0x2000)]
+            .into_iter()
+            .enumerate()
+        {
+            let (head, len) = rxq.used_elem(1 + i as u16);
+            assert_eq!(head, 1 + i as u16);
+            assert_eq!(
+                &read_guest(&mem, at, len as usize)[VNET_HDR_LEN..],
+                &frame[..]
+            );
+        }
+        assert_eq!(restored.stats().rx_frames, 3);
+
+        // The held frame leaves through the new TAP when its epoch is released; a frame sent
+        // after the restore is held behind it.
+        let after = with_header(&ether_frame([0xff; 6], b"sent after the restore"));
+        mem.write_slice(&after, GuestAddress(BUF + 0x5000)).unwrap();
+        txq.add_chain(&[(BUF + 0x5000, after.len() as u32, false)]);
+        restored.process_tx(&mem, &mut tx_queue2).unwrap();
+        assert_eq!(txq.used_idx(), 2);
+        assert_eq!(restored.egress().held_epochs(), vec![9]);
+        assert_eq!(restored.egress().release_through(9), 2);
+        let head = ether_frame([0xff; 6], b"");
+        assert!(dst_peer
+            .recv_matching(&head)
+            .ends_with(b"held in epoch nine"));
+        assert!(dst_peer
+            .recv_matching(&head)
+            .ends_with(b"sent after the restore"));
+
+        // The accepted checksum offload is in force on the new TAP.
+        if offloads {
+            ip(&["addr", "add", "10.9.0.1/24", "dev", &dst_peer.name]);
+            let mac = MacAddr(MAC).to_string();
+            let neigh = [
+                "neigh",
+                "add",
+                "10.9.0.2",
+                "lladdr",
+                &mac,
+                "dev",
+                &dst_peer.name,
+            ];
+            ip(&[&neigh[..], &["nud", "permanent"]].concat());
+            let frame = udp_from_host(&restored, &dst_peer);
+            assert_eq!(u32::from(frame[0]), VIRTIO_NET_HDR_F_NEEDS_CSUM);
+        }
+    }
+
+    #[test]
+    fn restore_refuses_features_the_tap_cannot_offer_and_oversized_frames() {
+        let Some(ns) = NetNs::enter() else { return };
+        let (dev, _peer) = device(&ns, "rfsrc", MERGE);
+        let state = dev.save();
+        let (tap, _peer2) = TapPeer::new(&ns, "rfdst");
+        let bad = NetState {
+            avail_features: state.avail_features | 1 << 60,
+            ..state.clone()
+        };
+        let err = NetDevice::restore(tap, &bad).unwrap_err();
+        assert!(matches!(err, NetError::Features { .. }), "{err}");
+        assert!(err.to_string().contains("vnt-rfdst"), "{err}");
+
+        let (tap, _peer3) = TapPeer::new(&ns, "rfbig");
+        let bad = NetState {
+            rx_waiting: Some(vec![0; MAX_FRAME_LEN + 1]),
+            ..state
+        };
+        let err = NetDevice::restore(tap, &bad).unwrap_err();
+        assert!(matches!(err, NetError::SavedFrameTooLong { .. }), "{err}");
     }
 
     /// A UDP datagram from the host's stack to the guest's address, as read from the TAP.

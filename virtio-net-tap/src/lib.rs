@@ -22,11 +22,16 @@ pub mod mac;
 pub mod ring;
 pub mod tap;
 
-#[cfg(test)]
-mod testutil;
+#[cfg(any(test, feature = "testutil"))]
+pub mod testutil;
 
-pub use device::{NetDevice, NetError, NetStats, CONFIG_LEN, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE};
-pub use gate::{Admission, Egress, EgressGate, EgressStats, Epoch, GateMode, DEFAULT_HELD_LIMIT};
+pub use device::{
+    NetDevice, NetError, NetState, NetStats, CONFIG_LEN, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE,
+};
+pub use gate::{
+    Admission, Egress, EgressGate, EgressState, EgressStats, Epoch, GateMode, HeldFrame,
+    DEFAULT_HELD_LIMIT,
+};
 pub use header::VNET_HDR_LEN;
 pub use ingress::{IngressFrame, IngressSink, Mirrored};
 pub use mac::{MacAddr, ParseMacError};

@@ -82,6 +82,8 @@ pub struct TapPeer {
     pub name: String,
     sock: libc::c_int,
     ifindex: libc::c_int,
+    /// Whether the TAP is persistent and deleted with the peer.
+    persistent: bool,
 }
 
 impl TapPeer {
@@ -90,6 +92,42 @@ impl TapPeer {
     pub fn new(ns: &NetNs, tag: &str) -> (Tap, TapPeer) {
         let name = ns.tap_name(tag);
         let tap = Tap::open(&name).unwrap();
+        let peer = TapPeer::bind(name);
+        let mut buf = vec![0u8; 70_000];
+        while tap.read_frame(&mut buf).is_ok() {}
+        (tap, peer)
+    }
+
+    /// Creates the persistent TAP `vnt-TAG` in `ns` (it outlives the descriptors opened on it,
+    /// so a device can be closed and another opened on it by name), brings it up and binds a
+    /// packet socket to it.
+    pub fn persistent(ns: &NetNs, tag: &str) -> TapPeer {
+        let name = ns.tap_name(tag);
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap", "vnet_hdr"]);
+        let mut peer = TapPeer::bind(name);
+        peer.persistent = true;
+        peer
+    }
+
+    /// Waits (up to two seconds) until the TAP's link is up: a persistent TAP gets its carrier
+    /// when a device attaches, and the kernel drops what is sent to it before the link is up.
+    pub fn wait_link_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let out = Command::new("ip")
+                .args(["-o", "link", "show", "dev", &self.name])
+                .output()
+                .expect("cannot run ip");
+            if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "TAP {} never came up", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Brings TAP `name` up and binds a packet socket to it, with nothing received yet.
+    fn bind(name: String) -> TapPeer {
         std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1").ok();
         ip(&["link", "set", &name, "up"]);
         let cname = std::ffi::CString::new(name.clone()).unwrap();
@@ -114,17 +152,16 @@ impl TapPeer {
             )
         };
         assert_eq!(ret, 0, "bind: {}", std::io::Error::last_os_error());
-        // Forget whatever the kernel sent when the link came up.
-        std::thread::sleep(Duration::from_millis(20));
-        let mut buf = vec![0u8; 70_000];
-        while tap.read_frame(&mut buf).is_ok() {}
         let peer = TapPeer {
             name,
             sock,
             ifindex,
+            persistent: false,
         };
+        // Forget whatever the kernel sent when the link came up.
+        std::thread::sleep(Duration::from_millis(20));
         peer.drain();
-        (tap, peer)
+        peer
     }
 
     /// Sends an Ethernet frame out of the host side: the TAP fd reads it.
@@ -195,6 +232,12 @@ impl Drop for TapPeer {
     fn drop(&mut self) {
         // SAFETY: the socket fd is owned by this struct and closed once.
         unsafe { libc::close(self.sock) };
+        if self.persistent {
+            // In a private namespace the TAP would go with it; in a shared one it must not stay.
+            let _ = Command::new("ip")
+                .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
+                .output();
+        }
     }
 }
 

@@ -7,6 +7,11 @@
 //! The image file is used only from the event-loop thread, with an explicit seek before each
 //! transfer: that gives positional (pread/pwrite) semantics. Whoever needs the image elsewhere
 //! must open it again rather than share this descriptor (a `dup` shares the file offset).
+//!
+//! **Save and restore.** Requests are served whole within one event, so between events the
+//! device holds no request: the queue indices (saved by the transport) and [`BlockState`] say
+//! everything. Requests the driver made available but the device has not taken yet are in guest
+//! memory and are served after the restore, when the restored device is activated.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -14,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -25,10 +31,12 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use super::mmio::QueueRuntimeState;
 use super::{
-    ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_VRING,
+    ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
+use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Size of the device's only queue.
@@ -72,6 +80,85 @@ pub enum BlockError {
     /// An eventfd cannot be created.
     #[error("cannot create an eventfd for the block device: {0}")]
     EventFd(io::Error),
+    /// The image to restore on is not of the saved device's size.
+    #[error(
+        "disk image {} has {found} sectors ({} bytes), the saved device had {saved} sectors \
+         ({} bytes)",
+        path.display(),
+        found * SECTOR_SIZE,
+        saved * SECTOR_SIZE
+    )]
+    CapacityMismatch {
+        /// The image.
+        path: PathBuf,
+        /// Saved capacity in sectors.
+        saved: u64,
+        /// The image's capacity in sectors.
+        found: u64,
+    },
+    /// The restore asked for a disk read-only where the guest saw it writable, or the reverse.
+    #[error(
+        "disk image {}: the saved device was {}, the restore asks for it {}",
+        path.display(),
+        access(*saved),
+        access(*asked)
+    )]
+    ReadOnlyMismatch {
+        /// The image.
+        path: PathBuf,
+        /// Whether the saved device was read-only.
+        saved: bool,
+        /// Whether the restore asked for read-only.
+        asked: bool,
+    },
+    /// The saved device offered or accepted features this device does not offer.
+    #[error(
+        "the saved device offered {saved_offered:#x} and the driver accepted {saved_acked:#x}, \
+         this device offers {offered:#x}"
+    )]
+    Features {
+        /// Features the saved device offered.
+        saved_offered: u64,
+        /// Features its driver accepted.
+        saved_acked: u64,
+        /// Features this device offers.
+        offered: u64,
+    },
+}
+
+fn access(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "writable"
+    }
+}
+
+/// The saved state of a [`Block`] device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The image file.
+    pub path: PathBuf,
+    /// Whether the guest sees the disk read-only.
+    pub read_only: bool,
+    /// The `GET_ID` string, zero-padded.
+    pub id: [u8; ID_LEN],
+    /// The disk size in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Features offered.
+    pub avail_features: u64,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// What restoring a block device needs besides its state.
+#[derive(Debug, Clone, Default)]
+pub struct BlockRestoreArgs {
+    /// The image to open instead of the saved path (e.g. the destination host's copy).
+    pub path: Option<PathBuf>,
+    /// Whether the destination's configuration wants the disk read-only: it must match the
+    /// saved device (`None`: as saved).
+    pub read_only: Option<bool>,
 }
 
 /// Why one request failed. Logged, and reported to the driver as a status byte.
@@ -586,6 +673,57 @@ impl MutEventSubscriber for Block {
     }
 }
 
+impl Persist for Block {
+    type State = BlockState;
+    type ConstructorArgs = BlockRestoreArgs;
+    type Error = BlockError;
+
+    fn save(&self) -> BlockState {
+        BlockState {
+            path: self.disk.path.clone(),
+            read_only: self.disk.read_only,
+            id: self.disk.id,
+            capacity_sectors: self.disk.capacity,
+            avail_features: self.avail_features,
+            acked_features: self.acked_features,
+        }
+    }
+
+    /// Reopens the image (`args.path`, else the saved path) with the saved access, ID and
+    /// features; refuses an image of another size or another access than saved. The device is
+    /// not activated: the transport's restore does that with the saved queues.
+    fn restore(args: BlockRestoreArgs, state: &BlockState) -> Result<Self, BlockError> {
+        let path = args.path.unwrap_or_else(|| state.path.clone());
+        if let Some(asked) = args.read_only.filter(|&ro| ro != state.read_only) {
+            return Err(BlockError::ReadOnlyMismatch {
+                path,
+                saved: state.read_only,
+                asked,
+            });
+        }
+        let mut block = Block::new(&path, state.read_only)?;
+        if block.disk.capacity != state.capacity_sectors {
+            return Err(BlockError::CapacityMismatch {
+                path,
+                saved: state.capacity_sectors,
+                found: block.disk.capacity,
+            });
+        }
+        let wanted = state.avail_features | state.acked_features;
+        if wanted & !block.avail_features != 0 {
+            return Err(BlockError::Features {
+                saved_offered: state.avail_features,
+                saved_acked: state.acked_features,
+                offered: block.avail_features,
+            });
+        }
+        block.avail_features = state.avail_features;
+        block.acked_features = state.acked_features;
+        tracing::debug!(path = %path.display(), "virtio-blk: device restored");
+        Ok(block.with_id(state.id))
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
@@ -662,6 +800,17 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+    }
+
+    fn queue_states(&self) -> Vec<QueueRuntimeState> {
+        self.active
+            .iter()
+            .map(|active| QueueRuntimeState::from(&active.queue))
+            .collect()
+    }
+
+    fn device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(self.save())
     }
 }
 
@@ -1121,6 +1270,164 @@ mod tests {
         transport.write(regs::STATUS, &0u32.to_le_bytes());
         assert!(!block.lock().unwrap().is_activated());
         assert_eq!(block.lock().unwrap().acked_features(), 0);
+    }
+
+    #[test]
+    fn a_running_disk_is_restored_through_the_transport_and_serves_on() {
+        use crate::devices::virtio::mmio::testing::{bring_up, register_dump};
+        use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioState, MmioTransport};
+
+        let Harness {
+            mem,
+            image: _image,
+            interrupt,
+            block,
+        } = harness(false);
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let block = Arc::new(Mutex::new(block.with_id("vmr-disk-7")));
+        let mut transport = MmioTransport::new(mem.clone(), block.clone(), interrupt);
+        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH;
+        bring_up(&mut transport, features, &[&vq]);
+        assert!(block.lock().unwrap().is_activated());
+
+        // One request served, one made available but not yet taken by the device.
+        let pattern: Vec<u8> = (0..512u32).map(|i| (i * 13 + 1) as u8).collect();
+        mem.write_slice(&pattern, GuestAddress(DATA_ADDR)).unwrap();
+        add_request(&mem, &vq, 0, VIRTIO_BLK_T_OUT, 3, 512);
+        block.lock().unwrap().process_queue();
+        assert_eq!(vq.used().idx().load(), 1);
+        mem.write_slice(&[0u8; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        add_request(&mem, &vq, 3, VIRTIO_BLK_T_IN, 3, 512);
+
+        let before = register_dump(&mut transport);
+        let json = serde_json::to_string(&transport.save()).unwrap();
+        let state: MmioState = serde_json::from_str(&json).unwrap();
+        assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_VRING);
+        let queue = state.active_queues.as_ref().expect("queue saved")[0];
+        assert_eq!((queue.next_avail, queue.next_used), (1, 1));
+        let VirtioDeviceState::Block(saved) = &state.device else {
+            panic!("not a block device: {:?}", state.device);
+        };
+        assert_eq!(saved.capacity_sectors, DISK_SECTORS);
+        assert_eq!(&saved.id[..10], b"vmr-disk-7");
+        assert_eq!(saved.acked_features, features);
+        drop(transport);
+        drop(block);
+
+        // A new device and transport on the same guest memory.
+        let block = Block::restore(BlockRestoreArgs::default(), saved).unwrap();
+        let block = Arc::new(Mutex::new(block));
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut restored = MmioTransport::restore(
+            MmioRestoreArgs {
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                device: block.clone(),
+            },
+            &state,
+        )
+        .unwrap();
+        assert_eq!(register_dump(&mut restored), before);
+        assert_eq!(restored.save(), state);
+        // The activation wakes the event loop, which serves the request left in the ring.
+        assert_eq!(block.lock().unwrap().activate_evt.read().unwrap(), 1);
+        block.lock().unwrap().process_queue();
+        assert_eq!(vq.used().idx().load(), 2);
+        assert_eq!(used(&vq, 1), (3, 512 + 1));
+        assert_eq!(status(&mem), VIRTIO_BLK_S_OK);
+        let mut back = vec![0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(DATA_ADDR)).unwrap();
+        assert_eq!(back, pattern);
+
+        // A request queued after the restore is served, the used index going on.
+        add_request(&mem, &vq, 6, VIRTIO_BLK_T_GET_ID, 0, 20);
+        block.lock().unwrap().process_queue();
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(used(&vq, 2), (6, 21));
+        let mut id = [0u8; 10];
+        mem.read_slice(&mut id, GuestAddress(DATA_ADDR)).unwrap();
+        assert_eq!(&id, b"vmr-disk-7");
+        assert_eq!(interrupt.irqfd().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn restore_refuses_another_size_or_access() {
+        let h = harness(false);
+        let state = h.block.save();
+
+        let bigger = TempFile::new().unwrap();
+        bigger
+            .as_file()
+            .write_all(&vec![0u8; (DISK_SECTORS as usize + 1) * 512])
+            .unwrap();
+        let args = BlockRestoreArgs {
+            path: Some(bigger.as_path().to_path_buf()),
+            read_only: None,
+        };
+        let err = Block::restore(args, &state).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                BlockError::CapacityMismatch {
+                    saved: DISK_SECTORS,
+                    found: 65,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("65 sectors (33280 bytes)")
+                && msg.contains("64 sectors (32768 bytes)")
+                && msg.contains(&*bigger.as_path().to_string_lossy()),
+            "{msg}"
+        );
+
+        let args = BlockRestoreArgs {
+            path: None,
+            read_only: Some(true),
+        };
+        let err = Block::restore(args, &state).err().unwrap();
+        assert!(matches!(err, BlockError::ReadOnlyMismatch { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("the saved device was writable, the restore asks for it read-only"),
+            "{err}"
+        );
+
+        let bad = BlockState {
+            acked_features: 1 << VIRTIO_BLK_F_RO,
+            ..state.clone()
+        };
+        let err = Block::restore(BlockRestoreArgs::default(), &bad)
+            .err()
+            .unwrap();
+        assert!(matches!(err, BlockError::Features { .. }), "{err}");
+
+        // Another image of the same size is taken, with the saved ID and features.
+        let copy = image();
+        let args = BlockRestoreArgs {
+            path: Some(copy.as_path().to_path_buf()),
+            read_only: Some(false),
+        };
+        let restored = Block::restore(args, &state).unwrap();
+        assert_eq!(
+            restored.save(),
+            BlockState {
+                path: copy.as_path().to_path_buf(),
+                ..state
+            }
+        );
+
+        // A read-only disk comes back read-only.
+        let ro = harness(true);
+        let restored = Block::restore(BlockRestoreArgs::default(), &ro.block.save()).unwrap();
+        assert!(restored.is_read_only());
+        assert_eq!(restored.save(), ro.block.save());
     }
 
     #[test]

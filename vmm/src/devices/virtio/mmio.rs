@@ -9,10 +9,18 @@
 //! Queue notifications do not come through here: [`MmioTransport::register_ioevents`] asks KVM
 //! to signal each queue's eventfd directly when the driver writes the queue's index to
 //! `QueueNotify`.
+//!
+//! **Save and restore** ([`Persist`]): [`MmioState`] holds the registers, the queue registers,
+//! the `InterruptStatus` bits, the device's state and, if the device runs, each queue's indices
+//! as the device left them. The restore of a running device rebuilds its queues from these,
+//! exactly (the next available and used indices are the saved ones, not re-read from the rings,
+//! which the driver may have moved on), checks that the rings lie in guest memory, and activates
+//! the device with them: the driver goes on without noticing.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -21,8 +29,12 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG};
+use super::{
+    ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_MMIO_INT_CONFIG,
+};
 use crate::arch::layout;
+use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// `MagicValue`: "virt" in little endian.
@@ -87,7 +99,7 @@ pub mod regs {
 /// The driver-visible registers of one virtqueue, as the driver wrote them.
 ///
 /// Plain data: the live [`Queue`] is built from it on `DRIVER_OK` and then belongs to the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueConfig {
     /// `QueueNumMax`: the largest size the device supports.
     pub max_size: u16,
@@ -137,8 +149,56 @@ impl QueueConfig {
             return Err(QueueSetupError::NotReady);
         }
         if !queue.is_valid(mem) {
-            return Err(QueueSetupError::OutsideMemory);
+            return Err(QueueSetupError::OutsideMemory {
+                size: self.size,
+                desc_table: self.desc_table,
+                avail_ring: self.avail_ring,
+                used_ring: self.used_ring,
+            });
         }
+        Ok(queue)
+    }
+}
+
+/// A queue as the device runs it: its registers and where the device is in its rings.
+///
+/// virtio-queue's `QueueState` mirrored, serializable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRuntimeState {
+    /// The registers the queue was built from.
+    pub config: QueueConfig,
+    /// The next available ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used ring entry the device will fill: the used index it last published.
+    pub next_used: u16,
+    /// Whether `VIRTIO_RING_F_EVENT_IDX` was negotiated.
+    pub event_idx_enabled: bool,
+}
+
+impl From<&Queue> for QueueRuntimeState {
+    fn from(queue: &Queue) -> Self {
+        Self {
+            config: QueueConfig {
+                max_size: queue.max_size(),
+                size: queue.size(),
+                ready: queue.ready(),
+                desc_table: queue.desc_table(),
+                avail_ring: queue.avail_ring(),
+                used_ring: queue.used_ring(),
+            },
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+            event_idx_enabled: queue.event_idx_enabled(),
+        }
+    }
+}
+
+impl QueueRuntimeState {
+    /// Rebuilds the live queue, with the same checks as at `DRIVER_OK` and the saved indices.
+    pub fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, QueueSetupError> {
+        let mut queue = self.config.build(mem, self.event_idx_enabled)?;
+        queue.set_next_avail(self.next_avail);
+        queue.set_next_used(self.next_used);
         Ok(queue)
     }
 }
@@ -165,8 +225,119 @@ pub enum QueueSetupError {
     #[error("queue not ready")]
     NotReady,
     /// A ring does not lie in guest RAM.
-    #[error("queue rings are not in guest memory")]
-    OutsideMemory,
+    #[error(
+        "the rings of a {size}-entry queue (descriptors at {desc_table:#x}, available ring at \
+         {avail_ring:#x}, used ring at {used_ring:#x}) are not in guest memory"
+    )]
+    OutsideMemory {
+        /// Queue size.
+        size: u16,
+        /// Guest address of the descriptor table.
+        desc_table: u64,
+        /// Guest address of the available ring.
+        avail_ring: u64,
+        /// Guest address of the used ring.
+        used_ring: u64,
+    },
+}
+
+/// The saved state of a virtio-mmio device: the transport's registers and the device's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// `Status`.
+    pub status: u32,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// The features the driver wrote (both halves).
+    pub driver_features: u64,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// `ConfigGeneration`.
+    pub config_generation: u32,
+    /// `InterruptStatus`: the bits not yet acknowledged.
+    pub interrupt_status: u32,
+    /// The queue registers, one entry per device queue.
+    pub queues: Vec<QueueConfig>,
+    /// The queues the device runs on, if it is activated.
+    pub active_queues: Option<Vec<QueueRuntimeState>>,
+    /// The device's own state.
+    pub device: VirtioDeviceState,
+}
+
+/// What restoring a transport needs besides its state.
+pub struct MmioRestoreArgs {
+    /// Guest memory, restored before.
+    pub mem: GuestMemoryMmap,
+    /// The device's interrupt line: a new irqfd, registered with KVM by the caller.
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// The device, restored from [`MmioState::device`] and registered with the event loop.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+}
+
+/// Why a transport cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioRestoreError {
+    /// The device given is not of the saved type.
+    #[error(
+        "the saved virtio-mmio state is of device type {saved}, the device given of type {device}"
+    )]
+    DeviceType {
+        /// The saved device type.
+        saved: u32,
+        /// The given device's type.
+        device: u32,
+    },
+    /// The device's queues differ in number or maximum size from the saved ones.
+    #[error("the saved queue maximum sizes {saved:?} differ from the device's {device:?}")]
+    QueueLayout {
+        /// Saved maximum sizes.
+        saved: Vec<u16>,
+        /// The device's.
+        device: Vec<u16>,
+    },
+    /// The device's accepted features are not those the driver wrote to the transport.
+    #[error(
+        "the driver's features {driver:#x} differ from those the device accepted ({device:#x})"
+    )]
+    Features {
+        /// The saved driver features.
+        driver: u64,
+        /// The restored device's accepted features.
+        device: u64,
+    },
+    /// Running queues were saved for a device the driver has not started.
+    #[error("queues saved for a device whose status {status:#x} lacks DRIVER_OK")]
+    NotStarted {
+        /// The saved `Status`.
+        status: u32,
+    },
+    /// The number of running queues saved is not the number of queues.
+    #[error("{saved} running queues saved for a device with {queues} queues")]
+    ActiveQueueCount {
+        /// Running queues saved.
+        saved: usize,
+        /// Queues of the device.
+        queues: usize,
+    },
+    /// A running queue's saved registers are not the transport's.
+    #[error("queue {index}: the running queue's registers differ from the transport's")]
+    QueueRegisters {
+        /// Queue index.
+        index: usize,
+    },
+    /// A saved queue cannot be rebuilt (e.g. its rings are not in guest memory).
+    #[error("cannot restore queue {index}: {source}")]
+    Queue {
+        /// Queue index.
+        index: usize,
+        /// Why.
+        source: QueueSetupError,
+    },
+    /// The device refused its restored queues.
+    #[error("cannot activate the restored device: {0}")]
+    Activate(ActivateError),
 }
 
 /// One virtio device on the MMIO bus.
@@ -457,6 +628,38 @@ impl MmioTransport {
         true
     }
 
+    /// On restore of a running device: rebuilds its queues as saved and activates it.
+    fn restore_queues(&self, saved: &[QueueRuntimeState]) -> Result<(), MmioRestoreError> {
+        if !self.has_status(VIRTIO_CONFIG_S_DRIVER_OK) {
+            return Err(MmioRestoreError::NotStarted {
+                status: self.status,
+            });
+        }
+        if saved.len() != self.queues.len() {
+            return Err(MmioRestoreError::ActiveQueueCount {
+                saved: saved.len(),
+                queues: self.queues.len(),
+            });
+        }
+        let queues = self
+            .queues
+            .iter()
+            .zip(saved)
+            .enumerate()
+            .map(|(index, (config, saved))| {
+                if saved.config != *config {
+                    return Err(MmioRestoreError::QueueRegisters { index });
+                }
+                saved
+                    .build(&self.mem)
+                    .map_err(|source| MmioRestoreError::Queue { index, source })
+            })
+            .collect::<Result<Vec<Queue>, _>>()?;
+        lock(&self.device)
+            .activate(self.mem.clone(), queues, self.interrupt.clone())
+            .map_err(MmioRestoreError::Activate)
+    }
+
     /// On `DRIVER_OK`: builds the queues and starts the device, or flags `DEVICE_NEEDS_RESET`.
     fn activate(&mut self) {
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
@@ -529,8 +732,193 @@ impl crate::devices::bus::BusDevice for MmioTransport {
     }
 }
 
+impl Persist for MmioTransport {
+    type State = MmioState;
+    type ConstructorArgs = MmioRestoreArgs;
+    type Error = MmioRestoreError;
+
+    fn save(&self) -> MmioState {
+        let device = lock(&self.device);
+        MmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            queues: self.queues.clone(),
+            active_queues: device.is_activated().then(|| device.queue_states()),
+            device: device.device_state(),
+        }
+    }
+
+    /// Restores the registers around `args.device` (restored from `state.device`, not yet
+    /// activated) and, if the device was running, activates it with its queues as saved.
+    fn restore(args: MmioRestoreArgs, state: &MmioState) -> Result<Self, MmioRestoreError> {
+        let MmioRestoreArgs {
+            mem,
+            interrupt,
+            device,
+        } = args;
+        {
+            let device = lock(&device);
+            let (saved, actual) = (state.device.device_type(), device.device_type());
+            if saved != actual {
+                return Err(MmioRestoreError::DeviceType {
+                    saved,
+                    device: actual,
+                });
+            }
+            let saved: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+            if saved != device.queue_max_sizes() {
+                return Err(MmioRestoreError::QueueLayout {
+                    saved,
+                    device: device.queue_max_sizes().to_vec(),
+                });
+            }
+            let features_ok = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
+            if features_ok && device.acked_features() != state.driver_features {
+                return Err(MmioRestoreError::Features {
+                    driver: state.driver_features,
+                    device: device.acked_features(),
+                });
+            }
+        }
+        interrupt.restore_status(state.interrupt_status);
+        let transport = Self {
+            device,
+            mem,
+            interrupt,
+            status: state.status,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            queues: state.queues.clone(),
+            config_generation: state.config_generation,
+        };
+        if let Some(saved) = &state.active_queues {
+            transport.restore_queues(saved)?;
+        }
+        tracing::debug!(
+            device_type = state.device.device_type(),
+            status = state.status,
+            running = state.active_queues.is_some(),
+            "virtio-mmio: transport restored"
+        );
+        Ok(transport)
+    }
+}
+
 fn lock(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
     device.lock().expect("virtio device lock poisoned")
+}
+
+/// A driver's side of the register interface, for the tests of the transport and its devices.
+#[cfg(test)]
+pub(crate) mod testing {
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FEATURES_OK,
+    };
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+
+    use super::{regs, MmioTransport};
+    use crate::devices::bus::BusDevice;
+    use crate::vstate::memory::GuestMemoryMmap;
+
+    /// Reads a 32-bit register.
+    pub(crate) fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    /// Writes a 32-bit register.
+    pub(crate) fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// What Linux's virtio_mmio driver does up to `DRIVER_OK`: reset, ACKNOWLEDGE, DRIVER,
+    /// `features`, FEATURES_OK, then each queue (size and rings of `queues[i]`), DRIVER_OK.
+    pub(crate) fn bring_up(
+        t: &mut MmioTransport,
+        features: u64,
+        queues: &[&MockSplitQueue<GuestMemoryMmap>],
+    ) {
+        const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+        const DRIVER: u32 = ACK | VIRTIO_CONFIG_S_DRIVER;
+        const FEATURES_OK: u32 = DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+        write_reg(t, regs::STATUS, 0);
+        write_reg(t, regs::STATUS, ACK);
+        write_reg(t, regs::STATUS, DRIVER);
+        write_reg(t, regs::DRIVER_FEATURES_SEL, 0);
+        write_reg(t, regs::DRIVER_FEATURES, features as u32);
+        write_reg(t, regs::DRIVER_FEATURES_SEL, 1);
+        write_reg(t, regs::DRIVER_FEATURES, (features >> 32) as u32);
+        write_reg(t, regs::STATUS, FEATURES_OK);
+        for (index, vq) in queues.iter().enumerate() {
+            let queue: Queue = vq.create_queue().unwrap();
+            write_reg(t, regs::QUEUE_SEL, index as u32);
+            write_reg(t, regs::QUEUE_NUM, u32::from(queue.size()));
+            let rings = [
+                (regs::QUEUE_DESC_LOW, queue.desc_table()),
+                (regs::QUEUE_AVAIL_LOW, queue.avail_ring()),
+                (regs::QUEUE_USED_LOW, queue.used_ring()),
+            ];
+            for (reg, addr) in rings {
+                write_reg(t, reg, addr as u32);
+                write_reg(t, reg + 4, (addr >> 32) as u32);
+            }
+            write_reg(t, regs::QUEUE_READY, 1);
+        }
+        write_reg(t, regs::STATUS, FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+    }
+
+    /// Every register the driver can read, as (offset, selector, value): the plain ones, the
+    /// selected ones under each selector value, and the first 64 bytes of configuration space.
+    /// The selectors are left as they were.
+    pub(crate) fn register_dump(t: &mut MmioTransport) -> Vec<(u64, u32, u32)> {
+        let plain = [
+            regs::MAGIC_VALUE,
+            regs::VERSION,
+            regs::DEVICE_ID,
+            regs::VENDOR_ID,
+            regs::DEVICE_FEATURES,
+            regs::QUEUE_NUM_MAX,
+            regs::QUEUE_READY,
+            regs::INTERRUPT_STATUS,
+            regs::STATUS,
+            regs::CONFIG_GENERATION,
+        ];
+        let mut dump: Vec<(u64, u32, u32)> = plain
+            .into_iter()
+            .map(|offset| (offset, u32::MAX, read_reg(t, offset)))
+            .collect();
+        let (features_sel, queue_sel) = (t.device_features_sel, t.queue_sel);
+        for sel in 0..2 {
+            write_reg(t, regs::DEVICE_FEATURES_SEL, sel);
+            dump.push((
+                regs::DEVICE_FEATURES,
+                sel,
+                read_reg(t, regs::DEVICE_FEATURES),
+            ));
+        }
+        for sel in 0..t.queues.len() as u32 + 1 {
+            write_reg(t, regs::QUEUE_SEL, sel);
+            for offset in [regs::QUEUE_NUM_MAX, regs::QUEUE_READY] {
+                dump.push((offset, sel, read_reg(t, offset)));
+            }
+        }
+        write_reg(t, regs::DEVICE_FEATURES_SEL, features_sel);
+        write_reg(t, regs::QUEUE_SEL, queue_sel);
+        for offset in (regs::CONFIG..regs::CONFIG + 64).step_by(4) {
+            dump.push((offset, u32::MAX, read_reg(t, offset)));
+        }
+        dump
+    }
 }
 
 #[cfg(test)]
@@ -541,13 +929,15 @@ mod tests {
 
     use super::*;
     use crate::devices::bus::BusDevice;
-    use crate::devices::virtio::{ActivateError, TYPE_BLOCK, VIRTIO_MMIO_INT_VRING};
+    use crate::devices::virtio::block::BlockState;
+    use crate::devices::virtio::{TYPE_BLOCK, TYPE_NET, VIRTIO_MMIO_INT_VRING};
 
     const QUEUE_MAX: [u16; 2] = [16, 8];
     const FEATURES: u64 = (1 << VIRTIO_F_VERSION_1) | (1 << 9) | (1 << 5);
 
     /// A device that records what the transport does to it.
     struct FakeDevice {
+        device_type: u32,
         queue_evts: Vec<EventFd>,
         acked: u64,
         config: [u8; 8],
@@ -559,6 +949,7 @@ mod tests {
     impl FakeDevice {
         fn new() -> Self {
             Self {
+                device_type: TYPE_BLOCK,
                 queue_evts: QUEUE_MAX
                     .iter()
                     .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
@@ -579,7 +970,7 @@ mod tests {
 
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
-            TYPE_BLOCK
+            self.device_type
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &QUEUE_MAX
@@ -623,6 +1014,23 @@ mod tests {
             self.activated = None;
             self.resets += 1;
         }
+        fn queue_states(&self) -> Vec<QueueRuntimeState> {
+            self.activated
+                .iter()
+                .flatten()
+                .map(QueueRuntimeState::from)
+                .collect()
+        }
+        fn device_state(&self) -> VirtioDeviceState {
+            VirtioDeviceState::Block(BlockState {
+                path: "fake".into(),
+                read_only: false,
+                id: [0; 20],
+                capacity_sectors: 0,
+                avail_features: FEATURES,
+                acked_features: self.acked,
+            })
+        }
     }
 
     struct Fixture {
@@ -645,15 +1053,7 @@ mod tests {
         }
     }
 
-    fn read(t: &mut MmioTransport, offset: u64) -> u32 {
-        let mut data = [0u8; 4];
-        t.read(offset, &mut data);
-        u32::from_le_bytes(data)
-    }
-
-    fn write(t: &mut MmioTransport, offset: u64, value: u32) {
-        t.write(offset, &value.to_le_bytes());
-    }
+    use super::testing::{read_reg as read, register_dump, write_reg as write};
 
     /// Drives the transport like Linux's virtio_mmio driver up to FEATURES_OK.
     fn negotiate(t: &mut MmioTransport) {
@@ -1004,6 +1404,246 @@ mod tests {
         assert_eq!(
             MmioTransport::cmdline_arg(0xd000_1000, 6),
             "virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+
+    /// The state of `t` after a trip through JSON.
+    fn saved(t: &MmioTransport) -> MmioState {
+        let json = serde_json::to_string(&t.save()).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// A fake device that accepted the fixture's features, as its own restore would give it.
+    fn acked_device() -> FakeDevice {
+        let mut device = FakeDevice::new();
+        device.acked = FEATURES;
+        device
+    }
+
+    /// Restores `state` around `device` on `mem`, with a new interrupt line.
+    fn restore(
+        mem: &GuestMemoryMmap,
+        device: FakeDevice,
+        state: &MmioState,
+    ) -> Result<Fixture, MmioRestoreError> {
+        let device = Arc::new(Mutex::new(device));
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let transport = MmioTransport::restore(
+            MmioRestoreArgs {
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                device: device.clone(),
+            },
+            state,
+        )?;
+        Ok(Fixture {
+            device,
+            interrupt,
+            transport,
+        })
+    }
+
+    /// A transport whose device runs, its queues moved on: (5, 3) and (65535, 65534).
+    fn running() -> Fixture {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t);
+        setup_queue(t, 0, 8, 0x1_0000);
+        setup_queue(t, 1, 4, 0x2_0000);
+        write(t, regs::STATUS, DRIVER_OK);
+        {
+            let mut device = f.device.lock().unwrap();
+            let queues = device.activated.as_mut().unwrap();
+            queues[0].set_next_avail(5);
+            queues[0].set_next_used(3);
+            queues[1].set_next_avail(u16::MAX);
+            queues[1].set_next_used(u16::MAX - 1);
+        }
+        f.interrupt.trigger(VIRTIO_MMIO_INT_VRING).unwrap();
+        f
+    }
+
+    #[test]
+    fn restore_in_the_middle_of_negotiation_lets_the_driver_go_on() {
+        let Fixture { mut transport, .. } = fixture();
+        let t = &mut transport;
+        negotiate(t);
+        setup_queue(t, 0, 8, 0x1_0000);
+        write(t, regs::QUEUE_SEL, 1);
+        write(t, regs::QUEUE_NUM, 4);
+        write(t, regs::DEVICE_FEATURES_SEL, 1);
+        write(t, regs::DRIVER_FEATURES_SEL, 1);
+        t.notify_config_change();
+        let state = saved(t);
+        assert_eq!(state.active_queues, None);
+        assert_eq!(state.interrupt_status, VIRTIO_MMIO_INT_CONFIG);
+        let before = register_dump(t);
+
+        let Fixture {
+            transport: mut restored,
+            device,
+            interrupt,
+        } = restore(&t.mem, acked_device(), &state).unwrap();
+        assert_eq!(register_dump(&mut restored), before);
+        assert_eq!(restored.save(), state);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+        assert!(!device.lock().unwrap().is_activated());
+
+        // The driver finishes queue 1 (still selected), then starts the device.
+        let r = &mut restored;
+        for (reg, addr) in [
+            (regs::QUEUE_DESC_LOW, 0x2_0000),
+            (regs::QUEUE_AVAIL_LOW, 0x2_0200),
+            (regs::QUEUE_USED_LOW, 0x2_0400),
+        ] {
+            write(r, reg, addr);
+        }
+        write(r, regs::QUEUE_READY, 1);
+        write(r, regs::STATUS, DRIVER_OK);
+        assert_eq!(read(r, regs::STATUS), DRIVER_OK);
+        let device = device.lock().unwrap();
+        let queues = device.activated.as_ref().expect("device activated");
+        assert_eq!(queues[0].desc_table(), 0x1_0000);
+        assert_eq!(queues[0].size(), 8);
+        assert_eq!(queues[1].used_ring(), 0x2_0400);
+        assert_eq!(queues[1].size(), 4);
+    }
+
+    #[test]
+    fn a_running_device_gets_its_queues_back_with_their_indices() {
+        let Fixture { transport, .. } = running();
+        let mut transport = transport;
+        let state = saved(&transport);
+        let queues = state.active_queues.clone().expect("running queues saved");
+        assert_eq!((queues[0].next_avail, queues[0].next_used), (5, 3));
+        assert_eq!(
+            (queues[1].next_avail, queues[1].next_used),
+            (u16::MAX, u16::MAX - 1)
+        );
+        assert_eq!(queues[1].config, transport.queue_configs()[1]);
+        let before = register_dump(&mut transport);
+
+        let Fixture {
+            transport: mut restored,
+            device,
+            interrupt,
+        } = restore(&transport.mem, acked_device(), &state).unwrap();
+        {
+            let device = device.lock().unwrap();
+            let running = device.activated.as_ref().expect("device activated");
+            let running: Vec<QueueRuntimeState> =
+                running.iter().map(QueueRuntimeState::from).collect();
+            assert_eq!(running, queues);
+        }
+        assert_eq!(register_dump(&mut restored), before);
+        assert_eq!(restored.save(), state);
+        // No interrupt is injected by the restore: the status bit waits for the driver.
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_VRING);
+        assert!(interrupt.irqfd().read().is_err());
+        // A reset works on the restored device as on any other.
+        write(&mut restored, regs::STATUS, 0);
+        assert!(!device.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn restore_refuses_queues_outside_memory_or_inconsistent_with_the_registers() {
+        let Fixture { transport, .. } = running();
+        let state = saved(&transport);
+        let mem = &transport.mem;
+
+        // The rings of queue 1 now lie beyond guest memory (a smaller destination VM).
+        let mut outside = state.clone();
+        outside.queues[1].desc_table = 0x4000_0000;
+        outside.active_queues.as_mut().unwrap()[1].config.desc_table = 0x4000_0000;
+        let err = restore(mem, acked_device(), &outside).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                MmioRestoreError::Queue {
+                    index: 1,
+                    source: QueueSetupError::OutsideMemory { .. }
+                }
+            ),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("queue 1") && msg.contains("0x40000000") && msg.contains("guest memory"),
+            "{msg}"
+        );
+
+        let mut registers = state.clone();
+        registers.active_queues.as_mut().unwrap()[0].config.size = 4;
+        let err = restore(mem, acked_device(), &registers).err().unwrap();
+        assert!(
+            matches!(err, MmioRestoreError::QueueRegisters { index: 0 }),
+            "{err}"
+        );
+
+        let mut not_started = state.clone();
+        not_started.status = FEATURES_OK;
+        let err = restore(mem, acked_device(), &not_started).err().unwrap();
+        assert!(matches!(err, MmioRestoreError::NotStarted { .. }), "{err}");
+
+        let mut count = state.clone();
+        count.active_queues.as_mut().unwrap().pop();
+        let err = restore(mem, acked_device(), &count).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                MmioRestoreError::ActiveQueueCount {
+                    saved: 1,
+                    queues: 2
+                }
+            ),
+            "{err}"
+        );
+
+        // The device's accepted features are not those of the saved driver.
+        let err = restore(mem, FakeDevice::new(), &state).err().unwrap();
+        assert!(matches!(err, MmioRestoreError::Features { .. }), "{err}");
+
+        let mut layout = state.clone();
+        layout.queues[1].max_size = 16;
+        let err = restore(mem, acked_device(), &layout).err().unwrap();
+        assert!(matches!(err, MmioRestoreError::QueueLayout { .. }), "{err}");
+
+        // The device activation failing is reported too.
+        let mut refusing = acked_device();
+        refusing.fail_activate = true;
+        let err = restore(mem, refusing, &state).err().unwrap();
+        assert!(matches!(err, MmioRestoreError::Activate(_)), "{err}");
+
+        restore(mem, acked_device(), &state).unwrap();
+    }
+
+    #[test]
+    fn restore_refuses_another_or_an_unknown_device_type() {
+        let Fixture { transport, .. } = running();
+        let state = saved(&transport);
+        let mut net = acked_device();
+        net.device_type = TYPE_NET;
+        let err = restore(&transport.mem, net, &state).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                MmioRestoreError::DeviceType {
+                    saved: TYPE_BLOCK,
+                    device: TYPE_NET
+                }
+            ),
+            "{err}"
+        );
+
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains(r#""device":{"Block":"#), "{json}");
+        let unknown = json.replace(r#""device":{"Block":"#, r#""device":{"Console":"#);
+        let err = serde_json::from_str::<MmioState>(&unknown).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown variant `Console`"),
+            "{err}"
         );
     }
 

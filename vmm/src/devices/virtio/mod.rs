@@ -4,15 +4,25 @@
 //! bus (driven by vCPU exits) and hands it its queues on `DRIVER_OK`. Queue notifications reach
 //! the device through ioeventfds registered with KVM, and the device is an event-manager
 //! subscriber processed on the monitor's event-loop thread. Interrupts go out through an irqfd.
+//!
+//! **Save and restore.** [`mmio::MmioState`] holds a device's whole guest-visible state: the
+//! transport registers, the queues (their registers and, once the device runs, their indices)
+//! and the device's own state ([`VirtioDeviceState`]). The caller restores the device first
+//! (`Block` or `Net` through [`crate::persist::Persist`]), registers it with the event loop,
+//! then restores the transport around it, which hands the device its rebuilt queues.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use event_manager::MutEventSubscriber;
+use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
+use block::BlockState;
+use mmio::QueueRuntimeState;
+use virtio_net_tap::NetState;
 
 pub mod block;
 pub mod mmio;
@@ -88,6 +98,12 @@ impl VirtioInterrupt {
         self.status.store(0, Ordering::SeqCst);
     }
 
+    /// Sets the status register to saved `bits`, without injecting anything: an interrupt that
+    /// was pending at save time is in the saved interrupt controller state.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// The irqfd, for registration with KVM.
     pub fn irqfd(&self) -> &EventFd {
         &self.irqfd
@@ -125,4 +141,27 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn reset(&mut self);
     /// Makes the guest known on the host's network after it moved here (network devices).
     fn announce(&self) {}
+    /// The queues the device runs on, in queue order; empty if it is not activated.
+    fn queue_states(&self) -> Vec<QueueRuntimeState>;
+    /// The device's own state (what its `Persist::save` returns), for the transport's state.
+    fn device_state(&self) -> VirtioDeviceState;
+}
+
+/// The saved state of the device behind a transport, by device type.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    /// A virtio-blk device.
+    Block(BlockState),
+    /// A virtio-net device.
+    Net(NetState),
+}
+
+impl VirtioDeviceState {
+    /// The virtio device type (`TYPE_*`) of the saved device.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            VirtioDeviceState::Block(_) => TYPE_BLOCK,
+            VirtioDeviceState::Net(_) => TYPE_NET,
+        }
+    }
 }

@@ -11,6 +11,11 @@
 //!
 //! Events before activation are drained and ignored. After processing, the driver is
 //! interrupted only if it asked to be (`VIRTIO_RING_F_EVENT_IDX` or the no-interrupt flag).
+//!
+//! **Save and restore** ([`Persist`]): the state is [`virtio_net_tap::NetState`]. The restore
+//! opens a TAP (the saved one or another, e.g. on the destination host), sets the accepted
+//! features and so the TAP offloads before the transport activates the device, and puts back
+//! the MAC, the undelivered inbound frames and the egress gate with its held frames.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -18,13 +23,18 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_net_tap::{
-    Egress, IngressSink, MacAddr, NetDevice, NetStats, Tap, TapError, CONFIG_LEN, RX_QUEUE,
-    TX_QUEUE,
+    Egress, IngressSink, MacAddr, NetDevice, NetState, NetStats, Tap, TapError, CONFIG_LEN,
+    RX_QUEUE, TX_QUEUE,
 };
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, TYPE_NET, VIRTIO_MMIO_INT_VRING};
+use super::mmio::QueueRuntimeState;
+use super::{
+    ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, TYPE_NET,
+    VIRTIO_MMIO_INT_VRING,
+};
+use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Size of each queue.
@@ -48,6 +58,13 @@ pub enum NetError {
     /// An eventfd cannot be created.
     #[error("cannot create an eventfd for the network device: {0}")]
     EventFd(io::Error),
+}
+
+/// What restoring a network device needs besides its state.
+#[derive(Debug, Clone, Default)]
+pub struct NetRestoreArgs {
+    /// The TAP to open instead of the saved one (e.g. the destination host's).
+    pub tap_name: Option<String>,
 }
 
 /// What the device works on once the driver has set it up.
@@ -81,13 +98,7 @@ impl Net {
     pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
         let tap = Tap::open(tap_name)?;
         let mac = mac.map_or_else(MacAddr::random, MacAddr);
-        let event_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
-        let net = Self {
-            device: NetDevice::new(tap, mac)?,
-            queue_evts: [event_fd()?, event_fd()?],
-            activate_evt: event_fd()?,
-            active: None,
-        };
+        let net = Self::with_device(NetDevice::new(tap, mac)?)?;
         tracing::info!(
             tap = tap_name,
             %mac,
@@ -95,6 +106,17 @@ impl Net {
             "virtio-net: device created"
         );
         Ok(net)
+    }
+
+    /// The device model `device` behind the monitor's interface, not activated.
+    fn with_device(device: NetDevice) -> Result<Self, NetError> {
+        let event_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Self {
+            device,
+            queue_evts: [event_fd()?, event_fd()?],
+            activate_evt: event_fd()?,
+            active: None,
+        })
     }
 
     /// The guest's MAC address.
@@ -220,6 +242,31 @@ impl MutEventSubscriber for Net {
     }
 }
 
+impl Persist for Net {
+    type State = NetState;
+    type ConstructorArgs = NetRestoreArgs;
+    type Error = NetError;
+
+    fn save(&self) -> NetState {
+        self.device.save()
+    }
+
+    /// Opens `args.tap_name` (else the saved TAP) and restores the device model on it, accepted
+    /// features and TAP offloads included. The device is not activated: the transport's restore
+    /// does that with the saved queues.
+    fn restore(args: NetRestoreArgs, state: &NetState) -> Result<Self, NetError> {
+        let tap_name = args.tap_name.as_deref().unwrap_or(&state.tap_name);
+        let net = Self::with_device(NetDevice::restore(Tap::open(tap_name)?, state)?)?;
+        tracing::info!(
+            tap = tap_name,
+            mac = %state.mac,
+            acked = format_args!("{:#x}", state.acked_features),
+            "virtio-net: device restored"
+        );
+        Ok(net)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
         TYPE_NET
@@ -302,6 +349,18 @@ impl VirtioDevice for Net {
             tracing::warn!(%err, "virtio-net: cannot announce the guest on its TAP");
         }
     }
+
+    fn queue_states(&self) -> Vec<QueueRuntimeState> {
+        self.active
+            .iter()
+            .flat_map(|active| [&active.rx, &active.tx])
+            .map(QueueRuntimeState::from)
+            .collect()
+    }
+
+    fn device_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(self.save())
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +372,7 @@ mod tests {
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_net_tap::testutil::{NetNs, TapPeer};
     use virtio_net_tap::{GateMode, IngressFrame, VNET_HDR_LEN};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -329,14 +389,7 @@ mod tests {
     /// Moves the test thread into its own network namespace (so its TAP touches nothing else);
     /// false (skip) only when the host has no TUN/TAP.
     fn enter_netns() -> bool {
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            eprintln!("skipped: no /dev/net/tun on this host");
-            return false;
-        }
-        // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's network namespace.
-        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "unshare: {}", io::Error::last_os_error());
-        true
+        NetNs::enter().is_some()
     }
 
     fn frame(payload: &[u8]) -> Vec<u8> {
@@ -472,6 +525,169 @@ mod tests {
         tx_evt.write(1).unwrap();
         assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
         assert_eq!(net.lock().unwrap().acked_features(), 0);
+    }
+
+    #[test]
+    fn a_running_device_is_restored_on_another_tap_with_its_frames() {
+        use std::time::Duration;
+
+        use virtio_bindings::virtio_net::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM};
+
+        use crate::devices::virtio::mmio::testing::{bring_up, register_dump};
+        use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioState, MmioTransport};
+
+        let Some(ns) = NetNs::enter() else { return };
+        let src = TapPeer::persistent(&ns, "nsrc");
+        let dst = TapPeer::persistent(&ns, "ndst");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let new_interrupt = || {
+            Arc::new(VirtioInterrupt::new(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ))
+        };
+        let net = Net::new(&src.name, Some(MAC)).unwrap();
+        // No VIRTIO_RING_F_EVENT_IDX: MockSplitQueue puts the used ring over `used_event`.
+        let mut features =
+            1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_MRG_RXBUF;
+        let offload = 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_CSUM;
+        if net.avail_features() & offload == offload {
+            features |= offload;
+        }
+        let egress = net.egress();
+        let net = Arc::new(Mutex::new(net));
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+        let mut transport = MmioTransport::new(mem.clone(), net.clone(), new_interrupt());
+        bring_up(&mut transport, features, &[&rxq, &txq]);
+        assert!(net.lock().unwrap().is_activated());
+
+        // One frame delivered; one read from the TAP, waiting for buffers; one injected.
+        rxq.add_desc_chains(&[desc(RX_BUF, 2048, VRING_DESC_F_WRITE)], 0)
+            .unwrap();
+        net.lock().unwrap().inject_rx(frame(b"first"));
+        assert_eq!(rxq.used().idx().load(), 1);
+        let second = frame(b"second, from the TAP");
+        src.wait_link_up();
+        src.send(&second[VNET_HDR_LEN..]);
+        for _ in 0..400 {
+            let mut net = net.lock().unwrap();
+            net.process(true, false);
+            if net.device.rx_pending() {
+                break;
+            }
+            drop(net);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            net.lock().unwrap().device.rx_pending(),
+            "no frame from the TAP"
+        );
+        let third = frame(b"third, injected");
+        net.lock().unwrap().inject_rx(third.clone());
+        // A frame held in epoch 2, and a transmit chain the device has not taken yet.
+        egress.set_mode(GateMode::Held);
+        egress.set_epoch(2);
+        let held = frame(b"held in epoch 2");
+        let queued = frame(b"queued before the save");
+        mem.write_slice(&held, GuestAddress(TX_BUF)).unwrap();
+        mem.write_slice(&queued, GuestAddress(TX_BUF + 0x1000))
+            .unwrap();
+        txq.add_desc_chains(&[desc(TX_BUF, held.len() as u32, 0)], 0)
+            .unwrap();
+        net.lock().unwrap().process(false, true);
+        assert_eq!(egress.held_frames(), 1);
+        txq.add_desc_chains(&[desc(TX_BUF + 0x1000, queued.len() as u32, 0)], 1)
+            .unwrap();
+
+        let before = register_dump(&mut transport);
+        let json = serde_json::to_string(&transport.save()).unwrap();
+        let state: MmioState = serde_json::from_str(&json).unwrap();
+        let VirtioDeviceState::Net(saved) = &state.device else {
+            panic!("not a network device: {:?}", state.device);
+        };
+        assert_eq!(saved.tap_name, src.name);
+        assert_eq!(saved.acked_features, features);
+        assert_eq!(
+            &saved.rx_waiting.as_ref().expect("a waiting frame")[VNET_HDR_LEN..],
+            &second[VNET_HDR_LEN..]
+        );
+        assert_eq!(saved.rx_backlog, vec![third.clone()]);
+        assert_eq!(saved.egress.held.len(), 1);
+        assert_eq!(saved.egress.held[0].epoch, 2);
+        let queues = state.active_queues.as_ref().expect("queues saved");
+        assert_eq!(
+            (queues[RX_QUEUE].next_avail, queues[RX_QUEUE].next_used),
+            (1, 1)
+        );
+        assert_eq!(
+            (queues[TX_QUEUE].next_avail, queues[TX_QUEUE].next_used),
+            (1, 1)
+        );
+        drop(transport);
+        drop(net);
+        drop(egress);
+
+        // Restored on the destination's TAP, on the same guest memory.
+        let args = NetRestoreArgs {
+            tap_name: Some(dst.name.clone()),
+        };
+        let net = Arc::new(Mutex::new(Net::restore(args, saved).unwrap()));
+        assert_eq!(net.lock().unwrap().tap_name(), dst.name);
+        assert_eq!(net.lock().unwrap().acked_features(), features);
+        let interrupt = new_interrupt();
+        let mut restored = MmioTransport::restore(
+            MmioRestoreArgs {
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                device: net.clone(),
+            },
+            &state,
+        )
+        .unwrap();
+        assert_eq!(register_dump(&mut restored), before);
+        let mut expected = state.clone();
+        if let VirtioDeviceState::Net(net) = &mut expected.device {
+            net.tap_name = dst.name.clone();
+        }
+        assert_eq!(restored.save(), expected);
+        let egress = net.lock().unwrap().egress();
+
+        // The activation event: the waiting frames go in as buffers come, the queued transmit
+        // chain is taken, held in epoch 2 behind the frame already held.
+        assert_eq!(net.lock().unwrap().activate_evt.read().unwrap(), 1);
+        rxq.add_desc_chains(
+            &[
+                desc(RX_BUF + 0x1000, 2048, VRING_DESC_F_WRITE),
+                desc(RX_BUF + 0x2000, 2048, VRING_DESC_F_WRITE),
+            ],
+            1,
+        )
+        .unwrap();
+        net.lock().unwrap().process(true, true);
+        assert_eq!(rxq.used().idx().load(), 3);
+        for (i, (expected, at)) in [(&second, RX_BUF + 0x1000), (&third, RX_BUF + 0x2000)]
+            .into_iter()
+            .enumerate()
+        {
+            let elem = rxq.used().ring().ref_at(1 + i).unwrap().load();
+            assert_eq!(elem.id(), 1 + i as u32);
+            let mut got = vec![0u8; elem.len() as usize];
+            mem.read_slice(&mut got, GuestAddress(at)).unwrap();
+            assert_eq!(&got[VNET_HDR_LEN..], &expected[VNET_HDR_LEN..]);
+        }
+        assert_eq!(txq.used().idx().load(), 2);
+        assert_eq!(egress.held_epochs(), vec![2]);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+
+        // Epoch 2 committed: both frames leave through the destination's TAP, in order.
+        dst.wait_link_up();
+        assert_eq!(egress.release_through(2), 2);
+        let head = &held[VNET_HDR_LEN..VNET_HDR_LEN + 14];
+        assert!(dst.recv_matching(head).ends_with(b"held in epoch 2"));
+        assert!(dst.recv_matching(head).ends_with(b"queued before the save"));
+        assert!(src
+            .try_recv_matching(head, Duration::from_millis(50))
+            .is_none());
     }
 
     #[test]
