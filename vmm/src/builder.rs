@@ -16,10 +16,10 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, SerialRestoreError};
 use crate::devices::legacy::EventFdTrigger;
-use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::net::{Net, NetError};
-use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::block::{Block, BlockError, BlockRestoreArgs};
+use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioRestoreError, MmioTransport};
+use crate::devices::virtio::net::{Net, NetError, NetRestoreArgs};
+use crate::devices::virtio::{VirtioDevice, VirtioDeviceState, VirtioInterrupt};
 use crate::devices::DevicesState;
 use crate::hostcheck::{self, HostError};
 use crate::loader::{self, LoaderError};
@@ -107,6 +107,9 @@ pub enum BuildError {
     /// The snapshot's files are bad.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A virtio transport cannot be restored.
+    #[error(transparent)]
+    MmioState(#[from] MmioRestoreError),
     /// The snapshot's serial port state is bad.
     #[error(transparent)]
     SerialState(#[from] SerialRestoreError),
@@ -227,7 +230,17 @@ fn assemble(
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         vm.register_irqfd(&irqfd, irq)?;
         let interrupt = Arc::new(VirtioInterrupt::new(irqfd));
-        let transport = MmioTransport::new(mem.clone(), entry.device, interrupt);
+        let transport = match saved.and_then(|s| s.virtio.get(i)) {
+            Some(state) => {
+                let args = MmioRestoreArgs {
+                    mem: mem.clone(),
+                    interrupt,
+                    device: entry.device,
+                };
+                MmioTransport::restore(args, state)?
+            }
+            None => MmioTransport::new(mem.clone(), entry.device, interrupt),
+        };
         transport
             .register_ioevents(vm.fd(), base)
             .map_err(BuildError::RegisterIoevent)?;
@@ -381,7 +394,29 @@ pub fn restore_from_state(
             config: config.vcpus,
         });
     }
-    let virtio: Vec<VirtioEntry> = Vec::new();
+    // Host resources first: the disk images and TAPs the devices were using, or the ones
+    // given for this host.
+    let mut virtio: Vec<VirtioEntry> = Vec::new();
+    let mut nets = 0;
+    for saved in &state.devices.virtio {
+        virtio.push(match &saved.device {
+            VirtioDeviceState::Block(block) => {
+                let args = BlockRestoreArgs {
+                    path: None,
+                    read_only: None,
+                };
+                virtio_entry(Block::restore(args, block)?)
+            }
+            VirtioDeviceState::Net(net) => {
+                let tap_name = options.net.get(nets).map(|n| n.tap.clone());
+                if let (Some(tap), Some(cfg)) = (&tap_name, config.net.get_mut(nets)) {
+                    cfg.tap = tap.clone();
+                }
+                nets += 1;
+                virtio_entry(Net::restore(NetRestoreArgs { tap_name }, net)?)
+            }
+        });
+    }
     let serial_out = serial_output(&options.serial)?;
     let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
     let mem = memory()?;

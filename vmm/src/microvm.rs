@@ -92,6 +92,11 @@ impl Devices {
         DevicesState {
             serial: lock(&self.serial).save(),
             i8042: lock(&self.i8042).save(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|slot| lock(&slot.transport).save())
+                .collect(),
         }
     }
 }

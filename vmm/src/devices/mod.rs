@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use self::legacy::i8042::I8042State;
 use self::legacy::serial::SerialState;
+use self::virtio::mmio::MmioState;
 
 /// The saved state of every device of a microVM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,4 +17,6 @@ pub struct DevicesState {
     pub serial: SerialState,
     /// The i8042.
     pub i8042: I8042State,
+    /// The virtio devices with their transports, in MMIO order.
+    pub virtio: Vec<MmioState>,
 }
