@@ -1,5 +1,6 @@
 //! End-to-end tests with real Linux guests, run inside the lab: boot with 2 vCPUs, networking
-//! over a TAP, block storage across a reboot, and redis reached from the host. Each scenario is
+//! over a TAP, block storage across a reboot, redis reached from the host, a TCP connection kept
+//! through snapshot/restore and live migration. Each scenario is
 //! a script in `tests/lab/`; it fails on its first failed check and prints the guest console.
 
 use vmr_tests::run_scenario;
@@ -32,4 +33,14 @@ fn virtio_blk_data_survives_reboot() {
 #[test]
 fn redis_set_get_from_the_host() {
     scenario("redis");
+}
+
+#[test]
+fn a_tcp_connection_survives_snapshot_and_restore() {
+    scenario("snapshot");
+}
+
+#[test]
+fn a_tcp_connection_survives_live_migration() {
+    scenario("migrate");
 }

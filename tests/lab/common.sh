@@ -6,6 +6,9 @@ set -euo pipefail
 SCRATCH=$VMR_SCRATCH
 
 NS="vmr-test-$$"
+# Local (tmpfs) room for API sockets and snapshots: the scratch dir may be a 9p share, which
+# has no Unix sockets and is slow for large files.
+RUNDIR=$(mktemp -d /dev/shm/vmr-test.XXXXXX)
 HOST_IP=10.0.2.1
 GUEST_IP=10.0.2.2
 GUEST_PID=
@@ -14,6 +17,7 @@ NS_MADE=0
 log() { echo "[$(date +%T.%3N)] $*"; }
 
 cleanup() {
+    rm -rf "$RUNDIR"
     if [ -n "$GUEST_PID" ] && kill -0 "$GUEST_PID" 2>/dev/null; then
         kill -9 "$GUEST_PID" 2>/dev/null || true
     fi
@@ -32,6 +36,24 @@ make_netns() {
     ip -n "$NS" tuntap add dev tap0 mode tap vnet_hdr
     ip -n "$NS" addr add "$HOST_IP/24" dev tap0
     ip -n "$NS" link set tap0 up
+    NS_MADE=1
+}
+
+# make_bridged_netns: a namespace with a bridge br0 (HOST_IP/24) and two TAPs on it, tap0 and
+# tap1, as two hosts on one LAN: a VM moving from one TAP to the other stays reachable.
+make_bridged_netns() {
+    modprobe tun 2>/dev/null || true
+    modprobe bridge 2>/dev/null || true
+    ip netns add "$NS"
+    ip -n "$NS" link set lo up
+    ip -n "$NS" link add br0 type bridge
+    ip -n "$NS" addr add "$HOST_IP/24" dev br0
+    for tap in tap0 tap1; do
+        ip -n "$NS" tuntap add dev "$tap" mode tap vnet_hdr
+        ip -n "$NS" link set "$tap" master br0
+        ip -n "$NS" link set "$tap" up
+    done
+    ip -n "$NS" link set br0 up
     NS_MADE=1
 }
 
@@ -123,6 +145,11 @@ ctl() {
     local sock=$1
     shift
     timeout 120 "$VMR_BIN" ctl --api "$sock" "$@"
+}
+
+# vm_state SOCKET: the VM's state as the API reports it (running, paused...).
+vm_state() {
+    ctl "$1" status | sed -n 's/.*"state": *"\([a-z]*\)".*/\1/p'
 }
 
 # replies LOG: how many answers the TCP client has logged.

@@ -107,16 +107,16 @@ fn map_aligned(size: usize) -> std::io::Result<*mut u8> {
         if tail > 0 {
             libc::munmap((aligned + size) as *mut libc::c_void, tail);
         }
-        // Back it with transparent huge pages where the host allows it.
-        if libc::madvise(mem, size, libc::MADV_HUGEPAGE) != 0 {
-            tracing::debug!("MADV_HUGEPAGE refused: {}", std::io::Error::last_os_error());
-        }
     }
+    // No MADV_HUGEPAGE: with Linux's default `defrag=madvise`, a huge-page fault in a madvised
+    // range compacts memory synchronously, which stalled guests for minutes in the lab. The
+    // host's THP policy ("always" on Debian) still backs the aligned range with huge pages
+    // whenever one is free.
     Ok(mem.cast())
 }
 
-/// Maps anonymous, private guest memory of `mem_size` bytes, 2 MiB-aligned and backed by
-/// transparent huge pages where the host allows it (see `map_aligned`).
+/// Maps anonymous, private guest memory of `mem_size` bytes, 2 MiB-aligned so that the host's
+/// transparent huge pages can back it (see `map_aligned`).
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let mut regions = Vec::new();
     for (addr, size) in ram_ranges(mem_size) {
