@@ -3,19 +3,17 @@
 //! Only the pages listed in [`MemoryFileState::runs`] are written. In a full snapshot every
 //! other page is zero (a hole in the file); in a diff snapshot every other page is whatever the
 //! parent snapshot holds. A CRC32 over the written pages, in order, catches corruption.
-//! A full snapshot is restored by mapping the file copy-on-write (pages load lazily, as the
-//! guest touches them); a diff is read into the memory restored from its parent.
+//! A full snapshot is restored by reading its pages into fresh guest memory, and each diff
+//! after it on top; the file is checked before any page is used.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::mmap::MmapRegion;
-use vm_memory::{Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vstate::memory::{GuestMemoryMmap, GuestRegionMmap, PageMap, PAGE_SIZE};
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, PageMap, PAGE_SIZE};
 use crate::vstate::vm::DirtyBitmap;
 
 /// Pages copied per read or write system call.
@@ -83,17 +81,9 @@ pub enum MemoryFileError {
     /// The regions do not match guest RAM.
     #[error("the snapshot's memory regions do not match this VM's")]
     Regions,
-    /// Mapping the file failed.
-    #[error("cannot map memory file {path}: {source}")]
-    Map {
-        /// The file.
-        path: PathBuf,
-        /// The mmap error.
-        source: vm_memory::mmap::MmapRegionError,
-    },
-    /// A mapped region is not valid guest memory.
-    #[error("cannot build guest memory from {0}")]
-    Guest(PathBuf),
+    /// Guest memory for the snapshot cannot be created.
+    #[error(transparent)]
+    Memory(crate::vstate::memory::MemoryError),
 }
 
 /// One guest RAM region: where it sits in guest-physical space and in the file.
@@ -348,34 +338,13 @@ fn for_each_batch(
     Ok(())
 }
 
-/// Guest memory restored from the full snapshot's memory file: the file is checked, then mapped
-/// copy-on-write, so pages load as the guest touches them and the file is never written.
-pub fn map(path: &Path, state: &MemoryFileState) -> Result<GuestMemoryMmap, MemoryFileError> {
-    let file = open_checked(path, state)?;
-    let mut regions = Vec::with_capacity(state.regions.len());
-    let mut offset = 0u64;
-    for r in &state.regions {
-        let fd = file.try_clone().map_err(|source| MemoryFileError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mapping = MmapRegion::<AtomicBitmap>::build(
-            Some(FileOffset::new(fd, offset)),
-            r.size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_NORESERVE | libc::MAP_PRIVATE,
-        )
-        .map_err(|source| MemoryFileError::Map {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        regions.push(
-            GuestRegionMmap::new(mapping, GuestAddress(r.gpa))
-                .ok_or_else(|| MemoryFileError::Guest(path.to_path_buf()))?,
-        );
-        offset += r.size;
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryFileError::Guest(path.to_path_buf()))
+/// Guest memory restored from the full snapshot's memory file: fresh guest memory (as a booted
+/// VM gets, 2 MiB-aligned), the file checked, then its pages read in. Zero pages stay holes
+/// in the file and untouched in memory.
+pub fn load(path: &Path, state: &MemoryFileState) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let mem = create_guest_memory(state.total_size()).map_err(MemoryFileError::Memory)?;
+    apply(path, state, &mem)?;
+    Ok(mem)
 }
 
 /// Reads a diff snapshot's pages into `mem` (restored from its parent). The whole file is
@@ -402,7 +371,7 @@ pub fn apply(
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::vstate::memory::create_guest_memory;
@@ -424,7 +393,7 @@ mod tests {
         let state = write(&path, &mem, PageSelection::NonZero).unwrap();
         assert_eq!(state.pages(), 4);
         assert_eq!(state.runs.len(), 3);
-        let restored = map(&path, &state).unwrap();
+        let restored = load(&path, &state).unwrap();
         let mut buf = [0u8; 10];
         restored.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(&buf, b"first page");
@@ -435,7 +404,7 @@ mod tests {
         assert!(big.iter().all(|&b| b == 7));
         // Writes to the restored memory never reach the file.
         restored.write_slice(b"changed", GuestAddress(0)).unwrap();
-        let again = map(&path, &state).unwrap();
+        let again = load(&path, &state).unwrap();
         again.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(&buf, b"first page");
     }
@@ -458,7 +427,7 @@ mod tests {
         let diff = write(&diff_path, &mem, PageSelection::Dirty(&dirty)).unwrap();
         assert_eq!(diff.pages(), 2);
 
-        let restored = map(&dir.as_path().join("full"), &full).unwrap();
+        let restored = load(&dir.as_path().join("full"), &full).unwrap();
         apply(&diff_path, &diff, &restored).unwrap();
         for (addr, value) in [(0x2000, 0u8), (0x5000, 2), (0x9000, 3)] {
             let mut page = vec![0xffu8; 4096];
@@ -477,11 +446,11 @@ mod tests {
 
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[8], 0x3000 + 100).unwrap();
-        let err = map(&path, &state).unwrap_err();
+        let err = load(&path, &state).unwrap_err();
         assert!(matches!(err, MemoryFileError::Checksum { .. }), "{err}");
 
         file.set_len(16 << 20).unwrap();
-        let err = map(&path, &state).unwrap_err();
+        let err = load(&path, &state).unwrap_err();
         assert!(matches!(err, MemoryFileError::Length { .. }), "{err}");
         assert!(err.to_string().contains("truncated"), "{err}");
 
@@ -491,7 +460,7 @@ mod tests {
             count: 1,
         });
         file.set_len(32 << 20).unwrap();
-        let err = map(&path, &bad).unwrap_err();
+        let err = load(&path, &bad).unwrap_err();
         assert!(
             matches!(err, MemoryFileError::RunOutOfRange { .. }),
             "{err}"

@@ -3,7 +3,7 @@
 //!
 //! A full snapshot holds every non-zero page; a diff snapshot holds the pages written since its
 //! parent (KVM's dirty log OR the monitor's own bitmap) and names its parent by path and id.
-//! Restoring the newest of a chain maps the full snapshot's memory and applies each diff in
+//! Restoring the newest of a chain loads the full snapshot's memory and applies each diff in
 //! order. Everything is checked (versions, checksums, lengths, the chain's ids and regions)
 //! before any of it is used, and a snapshot is written to a temporary directory renamed into
 //! place only once complete, so a failed snapshot leaves nothing behind.
@@ -266,11 +266,11 @@ impl LoadedSnapshot {
         &self.chain.last().expect("a chain is never empty").1
     }
 
-    /// Guest memory as of the newest snapshot: the full snapshot's file mapped, the diffs
+    /// Guest memory as of the newest snapshot: the full snapshot's pages read, the diffs
     /// applied in order. Every file is checked before its pages are used.
     pub fn restore_memory(&self) -> Result<GuestMemoryMmap, SnapshotError> {
         let (base_dir, base) = &self.chain[0];
-        let mem = memory_file::map(&base_dir.join(MEMORY_FILE), &base.memory)?;
+        let mem = memory_file::load(&base_dir.join(MEMORY_FILE), &base.memory)?;
         for (dir, diff) in &self.chain[1..] {
             memory_file::apply(&dir.join(MEMORY_FILE), &diff.memory, &mem)?;
         }
