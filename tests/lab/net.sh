@@ -14,9 +14,9 @@ mkdir -p /tmp/www
 dd if=/dev/urandom of=/tmp/www/tx bs=1024 count=4096 2>/dev/null
 echo TX_MD5=\$(md5sum < /tmp/www/tx | cut -d' ' -f1)
 httpd -p 8000 -h /tmp/www
-wget -q -T 30 -O /tmp/rx http://$HOST_IP:8001/to-guest && echo RX_MD5=\$(md5sum < /tmp/rx | cut -d' ' -f1)
+wget -q -O /tmp/rx http://$HOST_IP:8001/to-guest && echo RX_MD5=\$(md5sum < /tmp/rx | cut -d' ' -f1)
 ping -c 2 -W 2 $HOST_IP >/dev/null && echo GUEST_PING=ok
-until wget -q -T 10 -O /dev/null http://$HOST_IP:8001/done; do sleep 0.2; done
+until timeout 10 wget -q -O /dev/null http://$HOST_IP:8001/done; do sleep 0.2; done
 "
 start_guest net "vmr.ip=$GUEST_IP/24 $(run64 "$guest_script")" --vcpus 2 --mem 256 \
     --net tap=tap0,mac=06:00:0a:00:02:02
@@ -29,7 +29,7 @@ wait_console '^RX_MD5=' 120
 check "4 MiB host->guest arrive intact" test "$(console_value RX_MD5)" = "$sent_md5"
 wait_console '^TX_MD5=' 10
 for i in $(seq 50); do
-    in_ns busybox wget -q -T 30 -O "$SCRATCH/from-guest" "http://$GUEST_IP:8000/tx" && break
+    in_ns timeout 30 busybox wget -q -O "$SCRATCH/from-guest" "http://$GUEST_IP:8000/tx" && break
     sleep 0.2
 done
 check "4 MiB guest->host arrive intact" \
