@@ -166,6 +166,23 @@ wait_replies() {
     fail "the TCP client logged $(replies "$log") answers, not $count, within ${limit}s"
 }
 
+# start_client: starts tcp_client.py against the guest's echo server (CLIENT_PID, CLIENT_LOG).
+start_client() {
+    CLIENT_LOG="$SCRATCH/client.log"
+    CLIENT_STOP="$SCRATCH/stop-client"
+    in_ns python3 "$(dirname "${BASH_SOURCE[0]}")/tcp_client.py" "$GUEST_IP" 7000 "$CLIENT_STOP" \
+        >"$CLIENT_LOG" 2>&1 &
+    CLIENT_PID=$!
+}
+
+# finish_client: stops the TCP client and checks it saw every answer right.
+finish_client() {
+    touch "$CLIENT_STOP"
+    wait "$CLIENT_PID" || fail "TCP client: $(tail -n 3 "$CLIENT_LOG")"
+    check "the TCP client finished cleanly" grep -q '^CLIENT OK' "$CLIENT_LOG"
+    log "$(grep '^CLIENT OK' "$CLIENT_LOG")"
+}
+
 # The guest side of tcp_client.py: a line-echo server on port 7000 answering "N <uptime>",
 # for one connection; the guest reboots (vmr exits 0) once the client hangs up.
 ECHO_GUEST_SCRIPT='

@@ -3,8 +3,6 @@
 # carries on; the destination announces the guest (RARP) so the bridge learns its new port.
 source "$(dirname "$0")/common.sh"
 make_bridged_netns
-client_log="$SCRATCH/client.log"
-stop="$SCRATCH/stop-client"
 port=7070
 
 start_vmr dest receive --listen "127.0.0.1:$port" --net tap=tap1 --api "$RUNDIR/dest.sock"
@@ -13,9 +11,8 @@ start_guest src "vmr.ip=$GUEST_IP/24 $(run64 "$ECHO_GUEST_SCRIPT")" --vcpus 2 --
     --net tap=tap0,mac=06:00:0a:00:02:02 --api "$RUNDIR/src.sock"
 SRC_PID=$GUEST_PID
 wait_console ECHO-READY 120
-in_ns python3 "$(dirname "$0")/tcp_client.py" "$GUEST_IP" 7000 "$stop" >"$client_log" 2>&1 &
-client=$!
-wait_replies "$client_log" 20 60
+start_client
+wait_replies "$CLIENT_LOG" 20 60
 
 log "migrating"
 ctl "$RUNDIR/src.sock" migrate "127.0.0.1:$port" >"$SCRATCH/migrate.json" ||
@@ -23,15 +20,12 @@ ctl "$RUNDIR/src.sock" migrate "127.0.0.1:$port" >"$SCRATCH/migrate.json" ||
 log "migration: $(tr -d '\n ' <"$SCRATCH/migrate.json")"
 GUEST_PID=$SRC_PID
 wait_guest_exit 30
-before=$(replies "$client_log")
+before=$(replies "$CLIENT_LOG")
 GUEST_PID=$DEST_PID GUEST_NAME=dest CONSOLE="$SCRATCH/dest.console"
-wait_replies "$client_log" $((before + 20)) 120
+wait_replies "$CLIENT_LOG" $((before + 20)) 120
 check "the bridge learned the guest's MAC on tap1" \
     in_ns sh -c "bridge fdb show br br0 | grep -q '06:00:0a:00:02:02 dev tap1'"
 check "API of the destination: running" test "$(vm_state "$RUNDIR/dest.sock")" = running
-touch "$stop"
-wait "$client" || fail "TCP client: $(tail -n 3 "$client_log")"
-check "the TCP client finished cleanly" grep -q '^CLIENT OK' "$client_log"
-log "$(grep '^CLIENT OK' "$client_log")"
+finish_client
 wait_guest_exit 60
 echo "SCENARIO PASS migrate"

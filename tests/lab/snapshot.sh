@@ -3,15 +3,12 @@
 # `vmr restore` in a new process; the guest's processes and clock carry on.
 source "$(dirname "$0")/common.sh"
 make_netns
-client_log="$SCRATCH/client.log"
-stop="$SCRATCH/stop-client"
 
 start_guest a "vmr.ip=$GUEST_IP/24 $(run64 "$ECHO_GUEST_SCRIPT")" --vcpus 2 --mem 256 \
     --net tap=tap0,mac=06:00:0a:00:02:02 --api "$RUNDIR/a.sock"
 wait_console ECHO-READY 120
-in_ns python3 "$(dirname "$0")/tcp_client.py" "$GUEST_IP" 7000 "$stop" >"$client_log" 2>&1 &
-client=$!
-wait_replies "$client_log" 20 60
+start_client
+wait_replies "$CLIENT_LOG" 20 60
 check "API: the VM is running" test "$(vm_state "$RUNDIR/a.sock")" = running
 check "API: pause" ctl "$RUNDIR/a.sock" pause
 check "API: the VM is paused" test "$(vm_state "$RUNDIR/a.sock")" = paused
@@ -21,7 +18,7 @@ log "snapshot: $(du -sh --apparent-size "$RUNDIR/snap/memory" | cut -f1) apparen
 # $GUEST_PID is the subshell running `ip netns exec ... vmr`: kill the monitor itself.
 pkill -9 -P "$GUEST_PID" || true
 wait "$GUEST_PID" 2>/dev/null || true
-before=$(replies "$client_log")
+before=$(replies "$CLIENT_LOG")
 log "monitor a killed after $before answers; restoring"
 
 # The kernel lets go of the killed monitor's TAP a moment after it is gone.
@@ -31,11 +28,8 @@ for i in $(seq 50); do
     kill -0 "$GUEST_PID" 2>/dev/null || ! grep -q 'TAP is in use' "$SCRATCH/b.stderr" || continue
     break
 done
-wait_replies "$client_log" $((before + 20)) 180
+wait_replies "$CLIENT_LOG" $((before + 20)) 180
 check "API of the restored VM: running" test "$(vm_state "$RUNDIR/b.sock")" = running
-touch "$stop"
-wait "$client" || fail "TCP client: $(tail -n 3 "$client_log")"
-check "the TCP client finished cleanly" grep -q '^CLIENT OK' "$client_log"
-log "$(grep '^CLIENT OK' "$client_log")"
+finish_client
 wait_guest_exit 60
 echo "SCENARIO PASS snapshot"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, Hello, Message, MessageReader, MessageWriter, PageBatchBuilder, Purpose};
 use crate::microvm::{FreezeHandle, FreezeOutcome};
-use crate::vstate::memory::{PageMap, PAGE_SIZE};
+use crate::vstate::memory::{is_zero, PageMap, PAGE_SIZE};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Default largest pause of the guest.
@@ -138,7 +138,7 @@ fn send_pages(
             continue;
         };
         slice.copy_to(&mut buf[..]);
-        if skip_zero && buf.iter().all(|&b| b == 0) {
+        if skip_zero && is_zero(&buf) {
             continue;
         }
         sent += 1;

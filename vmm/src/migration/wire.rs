@@ -25,7 +25,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::vstate::memory::PAGE_SIZE;
+use crate::vstate::memory::{is_zero, PAGE_SIZE};
 
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"VMRW";
@@ -171,7 +171,7 @@ impl PageBatch {
     /// Adds page `page`.
     pub fn push(&mut self, page: u64, contents: &[u8]) {
         debug_assert_eq!(contents.len(), PAGE_SIZE);
-        if contents.iter().all(|&b| b == 0) {
+        if is_zero(contents) {
             self.index.push(page | ZERO_PAGE);
         } else {
             self.index.push(page);

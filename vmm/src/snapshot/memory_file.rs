@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, PageMap, PAGE_SIZE};
+use crate::vstate::memory::{create_guest_memory, is_zero, GuestMemoryMmap, PageMap, PAGE_SIZE};
 use crate::vstate::vm::DirtyBitmap;
 
 /// Pages copied per read or write system call.
@@ -147,14 +147,6 @@ pub enum PageSelection<'a> {
     Dirty(&'a DirtyBitmap),
 }
 
-fn is_zero(page: &[u8]) -> bool {
-    let (head, words, tail) = {
-        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
-        unsafe { page.align_to::<u64>() }
-    };
-    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
 /// Accumulates consecutive pages and writes them at their offset.
 struct RunWriter<'a> {
     file: &'a File,
@@ -265,7 +257,7 @@ pub fn write(
     Ok(state)
 }
 
-/// Opens the memory file at `path` and checks its length, its runs and its checksum.
+/// Opens the memory file at `path` and checks its length.
 fn open_checked(path: &Path, state: &MemoryFileState) -> Result<File, MemoryFileError> {
     let file = File::open(path).map_err(|source| MemoryFileError::Open {
         path: path.to_path_buf(),
@@ -284,20 +276,6 @@ fn open_checked(path: &Path, state: &MemoryFileState) -> Result<File, MemoryFile
             path: path.to_path_buf(),
             len,
             expected: total,
-        });
-    }
-    let pages = total / PAGE_SIZE as u64;
-    let mut hasher = crc32fast::Hasher::new();
-    for_each_batch(&file, path, state, pages, |_, data| {
-        hasher.update(data);
-        Ok(())
-    })?;
-    let found = hasher.finalize();
-    if found != state.checksum {
-        return Err(MemoryFileError::Checksum {
-            path: path.to_path_buf(),
-            found,
-            expected: state.checksum,
         });
     }
     Ok(file)
@@ -347,8 +325,9 @@ pub fn load(path: &Path, state: &MemoryFileState) -> Result<GuestMemoryMmap, Mem
     Ok(mem)
 }
 
-/// Reads a diff snapshot's pages into `mem` (restored from its parent). The whole file is
-/// checked first, so a corrupt diff leaves `mem` as it was.
+/// Reads a snapshot's pages into `mem` (fresh, or restored from the parent of a diff), checking
+/// their checksum in the same pass. On an error `mem` holds part of the file: the caller drops
+/// it (a restore never runs a VM on it).
 pub fn apply(
     path: &Path,
     state: &MemoryFileState,
@@ -359,14 +338,25 @@ pub fn apply(
     }
     let file = open_checked(path, state)?;
     let map = PageMap::new(mem);
+    let mut hasher = crc32fast::Hasher::new();
     for_each_batch(&file, path, state, map.pages(), |first, data| {
+        hasher.update(data);
         for (i, page_data) in data.chunks(PAGE_SIZE).enumerate() {
             map.page(first + i as u64)
                 .expect("runs were checked against guest RAM")
                 .copy_from(page_data);
         }
         Ok(())
-    })
+    })?;
+    let found = hasher.finalize();
+    if found != state.checksum {
+        return Err(MemoryFileError::Checksum {
+            path: path.to_path_buf(),
+            found,
+            expected: state.checksum,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -374,7 +364,6 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::vstate::memory::create_guest_memory;
 
     fn temp() -> vmm_sys_util::tempdir::TempDir {
         vmm_sys_util::tempdir::TempDir::new().unwrap()

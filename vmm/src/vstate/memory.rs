@@ -150,6 +150,13 @@ pub fn release_guest_memory(mem: &GuestMemoryMmap) {
     }
 }
 
+/// Whether `page` is all zeros (compared a word at a time).
+pub fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
 /// Total bytes of guest RAM.
 pub fn total_size(mem: &GuestMemoryMmap) -> u64 {
     mem.iter().map(|r| r.len()).sum()
