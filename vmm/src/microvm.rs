@@ -382,6 +382,9 @@ impl MicroVm {
                     .request_exit(ExitReason::Error(format!("event loop: {e:?}")));
                 result = Err(RunError::EventLoop(e));
             }
+            if self.phase == VmPhase::Running {
+                lock(&self.devices.serial).raise_stalled_interrupt();
+            }
             control(self);
         }
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);

@@ -1,10 +1,11 @@
 //! The 8250 UART at COM1, console of the guest, written to stdout or a file.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState as UartState};
-use vm_superio::Serial;
+use vm_superio::{Serial, Trigger};
 
 use super::EventFdTrigger;
 use crate::devices::bus::BusDevice;
@@ -13,9 +14,30 @@ use crate::persist::Persist;
 /// Where the console goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// How long an enabled interrupt may stay pending, with the guest not touching the UART, before
+/// it is raised again.
+const STALLED_INTERRUPT: Duration = Duration::from_millis(100);
+
+/// IIR bit 0: no interrupt pending.
+const IIR_NONE: u8 = 0x01;
+/// IIR identification of "transmitter holding register empty", and its IER enable bit.
+const IIR_THR_EMPTY: u8 = 0x02;
+const IER_THR_EMPTY: u8 = 0x02;
+/// IIR identification of "received data available", and its IER enable bit.
+const IIR_RX_DATA: u8 = 0x04;
+const IER_RX_DATA: u8 = 0x01;
+
 /// COM1 on the port I/O bus; interrupts go out through an irqfd on IRQ 4.
+///
+/// A real UART's interrupt output is a level, held while an enabled condition is pending. Here it
+/// is an edge (an irqfd pulse on an edge-triggered IOAPIC pin), and KVM drops an edge that arrives
+/// while the guest has the pin masked. The guest driver then waits forever for a "transmitter
+/// empty" interrupt that never comes: console output stops, and what was buffered is lost when
+/// the tty is hung up. [`SerialDevice::raise_stalled_interrupt`] gives the level back.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, NoEvents, SerialOut>,
+    /// When the guest last read or wrote a register, or the interrupt was last raised again.
+    last_activity: Instant,
 }
 
 impl SerialDevice {
@@ -23,7 +45,28 @@ impl SerialDevice {
     pub fn new(irq: EventFdTrigger, out: SerialOut) -> Self {
         Self {
             serial: Serial::new(irq, out),
+            last_activity: Instant::now(),
         }
+    }
+
+    /// Raises the interrupt again if an enabled one has been pending, unanswered, for
+    /// [`STALLED_INTERRUPT`]. Called from the event loop while the vCPUs run.
+    pub fn raise_stalled_interrupt(&mut self) {
+        if self.last_activity.elapsed() < STALLED_INTERRUPT {
+            return;
+        }
+        let state = self.serial.state();
+        let (iir, ier) = (state.interrupt_identification, state.interrupt_enable);
+        let pending = iir & IIR_NONE == 0
+            && ((iir & IIR_THR_EMPTY != 0 && ier & IER_THR_EMPTY != 0)
+                || (iir & IIR_RX_DATA != 0 && ier & IER_RX_DATA != 0));
+        if pending {
+            tracing::debug!("serial: interrupt pending for {STALLED_INTERRUPT:?} without an answer, raising it again");
+            if let Err(e) = self.serial.interrupt_evt().trigger() {
+                tracing::warn!("serial: cannot raise the interrupt: {e}");
+            }
+        }
+        self.last_activity = Instant::now();
     }
 
     /// The interrupt EventFd, to register as an irqfd.
@@ -109,18 +152,23 @@ impl Persist for SerialDevice {
         };
         let serial = Serial::from_state(&uart, irq, NoEvents, out)
             .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
-        Ok(Self { serial })
+        Ok(Self {
+            serial,
+            last_activity: Instant::now(),
+        })
     }
 }
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.last_activity = Instant::now();
         if data.len() == 1 {
             data[0] = self.serial.read(offset as u8);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        self.last_activity = Instant::now();
         if data.len() == 1 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
                 tracing::warn!("serial write failed: {e}");
@@ -161,6 +209,40 @@ mod tests {
         assert_eq!(b[0], b'h');
         restored.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
+    }
+
+    /// Whether the interrupt was raised since the last call (drains the eventfd).
+    fn raised(dev: &SerialDevice) -> bool {
+        dev.irq_evt().read().is_ok()
+    }
+
+    #[test]
+    fn an_unanswered_interrupt_is_raised_again() {
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(std::io::sink()));
+        dev.write(1, &[IER_THR_EMPTY]);
+        assert!(raised(&dev), "enabling THRE interrupts raises one");
+        dev.raise_stalled_interrupt();
+        assert!(
+            !raised(&dev),
+            "not raised again while the guest is still busy"
+        );
+        dev.last_activity -= STALLED_INTERRUPT;
+        dev.raise_stalled_interrupt();
+        assert!(raised(&dev), "raised again once it went unanswered");
+
+        let mut iir = [0u8];
+        dev.read(2, &mut iir);
+        assert_eq!(iir[0] & IIR_THR_EMPTY, IIR_THR_EMPTY);
+        dev.last_activity -= STALLED_INTERRUPT;
+        dev.raise_stalled_interrupt();
+        assert!(!raised(&dev), "answered (IIR read): nothing to raise");
+
+        dev.write(0, b"x");
+        dev.write(1, &[0]);
+        let _ = raised(&dev);
+        dev.last_activity -= STALLED_INTERRUPT;
+        dev.raise_stalled_interrupt();
+        assert!(!raised(&dev), "pending but disabled: nothing to raise");
     }
 
     #[test]
