@@ -44,3 +44,8 @@ fn a_tcp_connection_survives_snapshot_and_restore() {
 fn a_tcp_connection_survives_live_migration() {
     scenario("migrate");
 }
+
+#[test]
+fn redis_benchmark_runs_through_a_live_migration() {
+    scenario("migrate_redis");
+}

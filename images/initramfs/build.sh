@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the vmr guest initramfs images (uncompressed newc cpio) into OUTDIR:
-#   initramfs.cpio (+ .gz)  busybox, /init, redis-server, redis-cli
-#   initramfs-min.cpio      busybox and /init only
+#   initramfs.cpio (+ .gz)  busybox, /init, vmr-dirty, redis-server, redis-cli
+#   initramfs-min.cpio      busybox, /init and vmr-dirty only
 # Called by images/build (which holds the cache lock and computes the cache key).
 # usage: images/initramfs/build.sh OUTDIR
 #        images/initramfs/build.sh --list-inputs   # host files copied in (for the cache key)
@@ -42,7 +42,10 @@ stage=$(mktemp -d "${TMPDIR:-/tmp}/vmr-initramfs.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$out"
 
-# Base tree: busybox with its applets, /init, /etc, /dev/console.
+# The benchmarks' guest workload (heartbeat and memory dirtier), static so it runs in both images.
+gcc -static -O2 -Wall -o "$stage/vmr-dirty" "$here/vmr-dirty.c" || die "cannot compile vmr-dirty.c"
+
+# Base tree: busybox with its applets, /init, vmr-dirty, /etc, /dev/console.
 make_base() { # dir
     local root=$1 applet
     mkdir -p "$root"
@@ -56,6 +59,7 @@ make_base() { # dir
         ln -sf /bin/busybox "$applet"
     done
     install -m 0755 "$here/init" init
+    install -m 0755 "$stage/vmr-dirty" bin/vmr-dirty
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'redis:x:100:100:redis:/var/lib/redis:/bin/false' \
         'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >etc/passwd
     printf '%s\n' 'root:x:0:' 'redis:x:100:' 'nogroup:x:65534:' >etc/group

@@ -206,6 +206,8 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let microvm =
         restore_microvm(&snapshot, &args.host.restore_options()).map_err(|e| e.to_string())?;
     tracing::info!(from = %args.from.display(), "VM restored");
+    microvm.announce();
+    microvm.raise_device_interrupts();
     run_microvm(microvm, args.host.api.as_deref())
 }
 
@@ -223,6 +225,7 @@ fn receive(args: ReceiveArgs) -> Result<ExitCode, String> {
         received.restore.as_secs_f64() * 1000.0
     );
     microvm.announce();
+    microvm.raise_device_interrupts();
     run_microvm(microvm, args.host.api.as_deref())
 }
 

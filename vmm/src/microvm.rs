@@ -400,6 +400,15 @@ impl MicroVm {
         }
     }
 
+    /// Raises every running virtio device's interrupt once, for one the source may have raised
+    /// as it stopped (see [`MmioTransport::raise_used_buffer_interrupt`]). Call after a
+    /// restore or a migration, before the vCPUs run.
+    pub fn raise_device_interrupts(&self) {
+        for slot in &self.devices.virtio {
+            lock(&slot.transport).raise_used_buffer_interrupt();
+        }
+    }
+
     /// Parks every vCPU. Device events wait until the monitor's thread runs its loop again.
     pub fn pause(&mut self) -> Result<(), ControlError> {
         match self.phase {

@@ -64,3 +64,18 @@ pub fn rerun_in_lab(
         Err(format!("the benchmark failed inside the lab ({status})"))
     }
 }
+
+/// Runs `cargo xtask bench WHICH --inside ARGS... --out=OUT` inside the lab, with the images and
+/// a release `vmr` built here.
+pub fn rerun_bench_in_lab(which: &str, args: Vec<String>, out: &Path) -> Result<(), String> {
+    let mut env = images()?;
+    env.insert("VMR_BIN".into(), build_vmr()?.display().to_string());
+    let mut rerun = vec![
+        "bench".to_string(),
+        which.to_string(),
+        "--inside".to_string(),
+    ];
+    rerun.extend(args);
+    rerun.push(format!("--out={}", out.display()));
+    rerun_in_lab(&rerun, out, &env)
+}

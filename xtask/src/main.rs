@@ -30,14 +30,22 @@ enum Command {
 enum Bench {
     /// Time from starting the monitor to the guest's init marker, vmr against QEMU microvm.
     Boot(bench::boot::BootArgs),
+    /// Live migration downtime and total time, idle and under a memory-dirtying load, vmr
+    /// against QEMU's own migration.
+    Migrate(bench::migrate::MigrateArgs),
+    /// Snapshot creation and restore-to-running time, vmr against QEMU (migration to a file
+    /// and `-incoming` from it).
+    Snapshot(bench::snapshot::SnapshotArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench {
-            which: Bench::Boot(args),
-        } => bench::boot::run(args),
+        Command::Bench { which } => match which {
+            Bench::Boot(args) => bench::boot::run(args),
+            Bench::Migrate(args) => bench::migrate::run(args),
+            Bench::Snapshot(args) => bench::snapshot::run(args),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

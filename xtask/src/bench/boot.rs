@@ -1,7 +1,6 @@
 //! `cargo xtask bench boot`: time from starting the monitor to the guest's init marker, vmr
 //! against QEMU's microvm machine, same kernel, initramfs, memory and vCPUs, runs alternating.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
+use super::guest::{Setup, QUIET};
 use super::proc::{kill, rss_beyond_guest_kib, wait_for_marker};
 use crate::lab;
 use crate::stats::Summary;
@@ -16,9 +16,6 @@ use crate::stats::Summary;
 /// The line the guest's /init prints first.
 const MARKER: &str = "VMR-INIT-READY";
 const TIMEOUT: Duration = Duration::from_secs(90);
-/// Extra kernel arguments for both monitors: each console byte is a VM exit (about 1 ms in the
-/// nested lab), so a verbose boot would measure the serial port rather than the monitor.
-const BENCH_CMDLINE: &str = "quiet";
 
 #[derive(Args, Clone)]
 pub struct BootArgs {
@@ -60,50 +57,17 @@ struct BootReport {
 }
 
 pub fn run(args: BootArgs) -> Result<(), String> {
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| crate::repo_root().join("target/bench"));
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let out = super::out_dir(args.out.as_deref())?;
     if args.inside || lab::can_boot_linux_here() {
         return measure(&args, &out);
     }
     eprintln!("bench boot: this host cannot boot stock Linux guests; running in the lab");
-    let mut env = lab::images()?;
-    env.insert("VMR_BIN".into(), lab::build_vmr()?.display().to_string());
     let rerun = vec![
-        "bench".into(),
-        "boot".into(),
-        "--inside".into(),
         format!("--runs={}", args.runs),
         format!("--vcpus={}", args.vcpus),
         format!("--mem={}", args.mem),
-        format!("--out={}", out.display()),
     ];
-    lab::rerun_in_lab(&rerun, &out, &env)
-}
-
-struct Setup {
-    vmr: PathBuf,
-    kernel: String,
-    initrd: String,
-    cmdline: String,
-}
-
-fn env_or_images(
-    images: &mut Option<HashMap<String, String>>,
-    key: &str,
-) -> Result<String, String> {
-    if let Ok(v) = std::env::var(key) {
-        return Ok(v);
-    }
-    if images.is_none() {
-        *images = Some(lab::images()?);
-    }
-    images
-        .as_ref()
-        .and_then(|m| m.get(key).cloned())
-        .ok_or_else(|| format!("images/build gave no {key}"))
+    lab::rerun_bench_in_lab("boot", rerun, &out)
 }
 
 fn one_run(name: &str, cmd: &mut Command) -> Result<(f64, f64), String> {
@@ -158,44 +122,10 @@ impl Samples {
 }
 
 fn measure(args: &BootArgs, out: &Path) -> Result<(), String> {
-    let mut images = None;
-    let setup = Setup {
-        vmr: match std::env::var("VMR_BIN") {
-            Ok(bin) => PathBuf::from(bin),
-            Err(_) => lab::build_vmr()?,
-        },
-        kernel: env_or_images(&mut images, "VMR_KERNEL")?,
-        initrd: env_or_images(&mut images, "VMR_INITRAMFS")?,
-        cmdline: format!("{} {BENCH_CMDLINE}", vmm::builder::BASE_CMDLINE),
-    };
-    let (mem, vcpus) = (args.mem.to_string(), args.vcpus.to_string());
-    let vmr_cmd = || {
-        let mut c = Command::new(&setup.vmr);
-        c.args(["run", "--kernel", &setup.kernel, "--initrd", &setup.initrd])
-            .args(["--vcpus", &vcpus, "--mem", &mem, "--cmdline", BENCH_CMDLINE]);
-        c
-    };
-    let qemu_cmd = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        // QEMU's leanest microvm: no option ROMs, legacy timers, ACPI (the guest kernel has
-        // none); an i8042 like vmr's, for the same reset path.
-        c.args([
-            "-M",
-            "microvm,x-option-roms=off,pit=off,pic=off,rtc=off,acpi=off",
-        ])
-        .args(["-enable-kvm", "-cpu", "host", "-device", "i8042"])
-        .args(["-smp", &vcpus, "-m", &mem])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ])
-        .args(["-kernel", &setup.kernel, "-initrd", &setup.initrd])
-        .args(["-append", &setup.cmdline]);
-        c
-    };
+    let setup = Setup::new()?;
+    let cmdline = format!("{} {QUIET}", vmm::builder::BASE_CMDLINE);
+    let vmr_cmd = || setup.vmr_run(args.vcpus, args.mem, QUIET);
+    let qemu_cmd = || setup.qemu(args.vcpus, args.mem, QUIET);
 
     let mut vmr = Samples::default();
     let mut qemu = Samples::default();
@@ -215,7 +145,7 @@ fn measure(args: &BootArgs, out: &Path) -> Result<(), String> {
     let ratio = vmr.boot_ms.median / qemu.boot_ms.median;
     println!(
         "\nboot: monitor start -> {MARKER} on the console; {} runs each, alternating; {} vCPUs, {} MiB; kernel args: {}",
-        args.runs, args.vcpus, args.mem, setup.cmdline
+        args.runs, args.vcpus, args.mem, cmdline
     );
     println!(
         "{:<8}{:>6}{:>12}{:>10}{:>10}{:>10}{:>26}",
@@ -238,17 +168,12 @@ fn measure(args: &BootArgs, out: &Path) -> Result<(), String> {
         mem_mib: args.mem,
         kernel: setup.kernel.clone(),
         initrd: setup.initrd.clone(),
-        cmdline: setup.cmdline.clone(),
+        cmdline,
         vmr,
         qemu,
         ratio,
     };
-    let json = out.join("boot.json");
-    std::fs::write(
-        &json,
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", json.display()))?;
+    let json = super::write_json(out, "boot.json", &report)?;
     println!("(JSON: {})", json.display());
     println!(
         "boot: vmr_ms={:.1} qemu_ms={:.1} ratio={:.3}",

@@ -31,7 +31,7 @@ use vm_memory::GuestAddress;
 
 use super::{
     ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_MMIO_INT_CONFIG,
+    VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
 };
 use crate::arch::layout;
 use crate::persist::Persist;
@@ -413,6 +413,20 @@ impl MmioTransport {
     /// The device behind this transport.
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
         &self.device
+    }
+
+    /// Signals a used-buffer interrupt if the device runs. After a restore or a migration: an
+    /// interrupt the source raised just before its vCPUs stopped may have reached KVM after
+    /// their interrupt controllers were saved. With `VIRTIO_RING_F_EVENT_IDX` the device would
+    /// not raise it again (the driver asked once, for buffers it has not seen yet), so the
+    /// driver would wait for ever. If nothing is new, the driver sees a spurious interrupt.
+    pub fn raise_used_buffer_interrupt(&self) {
+        if !lock(&self.device).is_activated() {
+            return;
+        }
+        if let Err(err) = self.interrupt.trigger(VIRTIO_MMIO_INT_VRING) {
+            tracing::error!(%err, "virtio-mmio: cannot raise the used-buffer interrupt");
+        }
     }
 
     /// The `Status` register.
