@@ -92,6 +92,19 @@ dump_guest() {
     cat "$CONSOLE" || true
     echo "--- stderr of vmr"
     cat "$SCRATCH/$GUEST_NAME.stderr" || true
+    dump_threads
+}
+
+# dump_threads: where each thread of every vmr still running is (name, state, kernel stack).
+dump_threads() {
+    local pid task
+    for pid in $(pgrep -x vmr); do
+        echo "--- threads of vmr (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-80))"
+        for task in /proc/"$pid"/task/*; do
+            echo "$(cat "$task/comm" 2>/dev/null) state=$(awk '{print $3}' "$task/stat" 2>/dev/null) wchan=$(cat "$task/wchan" 2>/dev/null)"
+            sed 's/^/    /' "$task/stack" 2>/dev/null | head -n 12
+        done
+    done
 }
 
 fail() {

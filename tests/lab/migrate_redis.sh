@@ -4,7 +4,7 @@ source "$(dirname "$0")/common.sh"
 make_bridged_netns
 port=7071
 
-start_vmr dest receive --listen "127.0.0.1:$port" --net tap=tap1 --api "$RUNDIR/dest.sock"
+VMR_LOG=info start_vmr dest receive --listen "127.0.0.1:$port" --net tap=tap1 --api "$RUNDIR/dest.sock"
 DEST_PID=$GUEST_PID
 start_guest src "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no --save "" --appendonly no')" \
     --vcpus 2 --mem 256 --net tap=tap0,mac=06:00:0a:00:02:03 --api "$RUNDIR/src.sock"
@@ -17,7 +17,7 @@ done
 for i in $(seq 200); do echo "SET key:$i value-$i"; done | in_ns timeout 60 redis-cli -h "$GUEST_IP" >/dev/null
 check "the data set is in" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" dbsize)" = 200
 
-in_ns timeout 300 redis-benchmark -h "$GUEST_IP" -n 4000 -c 10 -t set,get -q \
+in_ns timeout 120 redis-benchmark -h "$GUEST_IP" -n 4000 -c 10 -t set,get -q \
     >"$SCRATCH/bench.txt" 2>&1 &
 bench=$!
 sleep 3

@@ -203,21 +203,16 @@ fn assemble(
     let serial = Arc::new(Mutex::new(serial));
     pio_bus.insert(serial.clone(), layout::SERIAL_PORT, 8)?;
 
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    let i8042_evt = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
     let i8042 = match saved {
-        Some(state) => match I8042::restore(i8042_evt, &state.i8042) {
+        Some(state) => match I8042::restore(run_state.clone(), &state.i8042) {
             Ok(dev) => dev,
             Err(never) => match never {},
         },
-        None => I8042::new(i8042_evt),
+        None => I8042::new(run_state.clone()),
     };
     let i8042 = Arc::new(Mutex::new(i8042));
     pio_bus.insert(i8042.clone(), layout::I8042_PORT, 5)?;
-    event_loop.add_subscriber(Arc::new(Mutex::new(ExitHandler::new(
-        run_state.clone(),
-        reset_evt,
-    ))));
+    event_loop.add_subscriber(Arc::new(Mutex::new(ExitHandler::new(run_state.clone()))));
 
     let mut slots = Vec::new();
     let mut virtio_cmdline = Vec::new();

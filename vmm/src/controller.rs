@@ -155,6 +155,7 @@ impl Controller {
             max_downtime: params
                 .max_downtime_ms
                 .map_or(source::DEFAULT_MAX_DOWNTIME, Duration::from_millis),
+            compress: params.compress,
         };
         let shared_vm = vm.vm().clone();
         let freeze = self.freeze_handle.clone();

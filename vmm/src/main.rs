@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::api::{ApiClient, ApiServer, SnapshotType};
+use vmm::api::{ApiClient, ApiServer, MigrateParams, SnapshotType};
 use vmm::builder::{build_microvm, restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
@@ -102,6 +102,9 @@ enum CtlAction {
         /// The longest pause of the guest to aim for, in ms.
         #[arg(long)]
         max_downtime_ms: Option<u64>,
+        /// Compress the pages with zstd (for a slow link; costs CPU on both ends).
+        #[arg(long)]
+        compress: bool,
     },
     /// Metrics in the Prometheus text format.
     Metrics,
@@ -279,7 +282,12 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         CtlAction::Migrate {
             destination,
             max_downtime_ms,
-        } => to_json(&client.migrate(&destination, max_downtime_ms)),
+            compress,
+        } => to_json(&client.migrate(&MigrateParams {
+            destination,
+            max_downtime_ms,
+            compress,
+        })),
         CtlAction::Metrics => client.metrics().map_err(|e| e.to_string()),
     }?;
     println!("{out}");

@@ -214,41 +214,28 @@ impl MutEventSubscriber for Wakeup {
     }
 }
 
-/// Ends the VM when the guest resets it or a vCPU stops.
+/// Wakes the monitor's loop when the VM must end (a vCPU stopped, the guest reset it): the loop
+/// then sees the stop request.
 pub struct ExitHandler {
     run_state: Arc<VmRunState>,
-    reset_evt: EventFd,
 }
 
 impl ExitHandler {
-    /// A handler ending the VM on `reset_evt` (from the i8042) or on `run_state.exit_evt`.
-    pub fn new(run_state: Arc<VmRunState>, reset_evt: EventFd) -> Self {
-        Self {
-            run_state,
-            reset_evt,
-        }
+    /// A handler of `run_state.exit_evt`.
+    pub fn new(run_state: Arc<VmRunState>) -> Self {
+        Self { run_state }
     }
 }
 
 impl MutEventSubscriber for ExitHandler {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            tracing::info!("guest reset the machine");
-            self.run_state.request_exit(ExitReason::Reset);
-        } else {
-            let _ = self.run_state.exit_evt.read();
-        }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.run_state.exit_evt.read();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.reset_evt.as_raw_fd(),
-            self.run_state.exit_evt.as_raw_fd(),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                tracing::error!("cannot watch the exit events: {e:?}");
-            }
+        let event = Events::new_raw(self.run_state.exit_evt.as_raw_fd(), EventSet::IN);
+        if let Err(e) = ops.add(event) {
+            tracing::error!("cannot watch the exit event: {e:?}");
         }
     }
 }
@@ -357,6 +344,7 @@ impl MicroVm {
         }
         self.phase = VmPhase::Running;
         self.started = Some(Instant::now());
+        tracing::info!(vcpus = self.handles.len(), "vCPUs running");
         Ok(())
     }
 
@@ -544,11 +532,20 @@ impl MicroVm {
     }
 
     fn freeze(&mut self) -> Result<(MicroVmState, DirtyBitmap), ControlError> {
+        let t0 = Instant::now();
         if self.phase == VmPhase::Running {
             self.pause()?;
         }
+        let paused = t0.elapsed();
         let state = self.save_state()?;
+        let saved = t0.elapsed();
         let dirty = self.vm.collect_dirty_pages()?;
+        tracing::info!(
+            pause_us = paused.as_micros() as u64,
+            save_us = (saved - paused).as_micros() as u64,
+            dirty_log_us = (t0.elapsed() - saved).as_micros() as u64,
+            "VM frozen"
+        );
         Ok((state, dirty))
     }
 

@@ -20,7 +20,6 @@ use vmm::devices::legacy::EventFdTrigger;
 use vmm::vstate::memory::{create_guest_memory, PAGE_SIZE};
 use vmm::vstate::vcpu::{register_kick_handler, ExitReason, Vcpu, VcpuHandle, VmRunState};
 use vmm::vstate::vm::Vm;
-use vmm_sys_util::eventfd::EventFd;
 
 const LOAD_ADDR: u64 = 0x10_0000;
 const MEM_SIZE: u64 = 16 << 20;
@@ -91,7 +90,7 @@ struct TinyGuest {
     console: SharedBuf,
     mmio_dev: Arc<Mutex<Recorder>>,
     port80: Arc<Mutex<Recorder>>,
-    reset_evt: EventFd,
+    run_state: Arc<VmRunState>,
 }
 
 impl TinyGuest {
@@ -108,8 +107,8 @@ impl TinyGuest {
         let mut pio = Bus::new();
         let serial = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(console.clone()));
         pio.insert(Arc::new(Mutex::new(serial)), 0x3f8, 8).unwrap();
-        let reset_evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let i8042 = I8042::new(EventFdTrigger(reset_evt.try_clone().unwrap()));
+        let run_state = Arc::new(VmRunState::new().unwrap());
+        let i8042 = I8042::new(run_state.clone());
         pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5).unwrap();
         let port80 = Arc::new(Mutex::new(Recorder::default()));
         pio.insert(port80.clone(), 0x80, 1).unwrap();
@@ -130,14 +129,14 @@ impl TinyGuest {
             console,
             mmio_dev,
             port80,
-            reset_evt,
+            run_state,
         }
     }
 
     /// Starts the vCPU on its thread.
     fn start(&mut self) -> (VcpuHandle, Arc<VmRunState>) {
         register_kick_handler().unwrap();
-        let run_state = Arc::new(VmRunState::new().unwrap());
+        let run_state = self.run_state.clone();
         let handle = self.vcpu.take().unwrap().start(run_state.clone()).unwrap();
         (handle, run_state)
     }
@@ -145,26 +144,16 @@ impl TinyGuest {
     /// Waits until the vCPU stops, the guest resets, or `timeout` passes (then the vCPU is
     /// kicked out and `Stopped` returned).
     fn wait(&self, handle: VcpuHandle, run_state: &VmRunState, timeout: Duration) -> ExitReason {
-        let mut fds = [
-            libc::pollfd {
-                fd: run_state.exit_evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.reset_evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout.as_millis() as i32) };
+        let mut fds = [libc::pollfd {
+            fd: run_state.exit_evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd struct for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, timeout.as_millis() as i32) };
         assert!(n >= 0, "poll failed");
-        if fds[1].revents & libc::POLLIN != 0 {
-            run_state.request_exit(ExitReason::Reset);
-        } else {
-            run_state.request_exit(ExitReason::Stopped);
-        }
+        // Ends it if it has not ended (the first reason recorded wins).
+        run_state.request_exit(ExitReason::Stopped);
         handle.kick_and_join();
         run_state.exit_reason().unwrap()
     }
@@ -349,7 +338,7 @@ fn save_and_restore_continue_a_computation_exactly() {
         console: SharedBuf::default(),
         mmio_dev: Arc::default(),
         port80: Arc::default(),
-        reset_evt: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        run_state: Arc::new(VmRunState::new().unwrap()),
     };
     assert_eq!(restored.run(Duration::from_secs(60)), ExitReason::Halted);
     let result: u64 = restored

@@ -144,16 +144,8 @@ impl ApiClient {
     }
 
     /// `PUT /migrate`.
-    pub fn migrate(
-        &self,
-        destination: &str,
-        max_downtime_ms: Option<u64>,
-    ) -> Result<MigrationInfo, ClientError> {
-        let params = MigrateParams {
-            destination: destination.to_string(),
-            max_downtime_ms,
-        };
-        self.json("PUT", "/migrate", Some(&params), MIGRATE_TIMEOUT)
+    pub fn migrate(&self, params: &MigrateParams) -> Result<MigrationInfo, ClientError> {
+        self.json("PUT", "/migrate", Some(params), MIGRATE_TIMEOUT)
     }
 
     /// `GET /metrics`, in the Prometheus text format.

@@ -127,6 +127,9 @@ pub struct MigrateParams {
     /// The longest the VM may stay paused for the final copy; the VM chooses when absent.
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
+    /// Compress the pages with zstd (for a slow link; costs CPU on both ends).
+    #[serde(default)]
+    pub compress: bool,
 }
 
 /// The VM's answer to an [`ApiRequest`].

@@ -612,6 +612,7 @@ fn migrate_answers_migration_info_or_bad_gateway() {
         ApiRequest::Migrate(MigrateParams {
             destination: "127.0.0.1:4444".to_string(),
             max_downtime_ms: Some(50),
+            compress: false,
         })
     );
 }
@@ -917,6 +918,7 @@ fn openapi_schemas_accept_our_bodies_and_reject_others() {
     let migrate = MigrateParams {
         destination: "h:1".to_string(),
         max_downtime_ms: Some(5),
+        compress: true,
     };
     ok("MigrateParams", serde_json::to_value(&migrate).unwrap());
     ok("Error", json!({"error": "x"}));
@@ -1005,11 +1007,23 @@ fn client_drives_the_vm() {
         "{err}"
     );
 
-    let info = client.migrate("127.0.0.1:4444", Some(100)).unwrap();
+    let info = client
+        .migrate(&MigrateParams {
+            destination: "127.0.0.1:4444".into(),
+            max_downtime_ms: Some(100),
+            compress: false,
+        })
+        .unwrap();
     assert_eq!(info.destination, "127.0.0.1:4444");
     assert_eq!(info.downtime_ms, 50.0);
     assert_eq!(info.bytes_sent, 300 << 20);
-    let err = client.migrate("127.0.0.1:1", None).unwrap_err();
+    let err = client
+        .migrate(&MigrateParams {
+            destination: "127.0.0.1:1".into(),
+            max_downtime_ms: None,
+            compress: true,
+        })
+        .unwrap_err();
     assert!(
         matches!(&err, ClientError::Api { status: 502, .. }),
         "{err}"

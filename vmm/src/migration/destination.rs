@@ -150,6 +150,10 @@ fn receive_stream(
                     wire::decode_payload(&bytes).map_err(|e| ReceiveError::State(e.to_string()))?,
                 );
             }
+            Message::Sync { seq } => {
+                writer.send(&Message::Ack { seq })?;
+                writer.flush()?;
+            }
             Message::Commit { seq } => break seq,
             Message::Error(reason) => return Err(ReceiveError::Aborted(reason)),
             other => return Err(ReceiveError::Protocol(format!("{other:?}"))),

@@ -4,8 +4,8 @@
 //! 1. Hello: the destination checks it can host the VM and answers `Ack 0`.
 //! 2. Pass 0: every non-zero page (the destination's memory starts zeroed), guest running.
 //! 3. Passes 1..: the pages the guest dirtied during the previous pass, until what is left
-//!    would take less than the allowed downtime to send at the measured rate (or the passes
-//!    run out).
+//!    would take less than the allowed downtime to send at the measured rate and another pass
+//!    would not shrink it much (a smaller final copy is a shorter pause), or the passes run out.
 //! 4. Freeze (vCPUs parked, device events held), send the last dirty pages, the state and
 //!    `Commit`; the destination restores, answers `Ack`, and runs. This VM then ends.
 //!
@@ -24,6 +24,10 @@ use crate::vstate::vm::{Vm, VmError};
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(300);
 /// Passes over the dirty log before stopping the guest regardless.
 pub const MAX_PASSES: u32 = 30;
+/// Dirty pages few enough to stop the guest for, however the passes go.
+const SMALL_FINAL_COPY: usize = 64;
+/// The sequence number of the final `Commit` (pre-copy passes sync with 1..=`MAX_PASSES`).
+const COMMIT_SEQ: u64 = u64::MAX;
 /// How long the destination may take to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -75,6 +79,8 @@ pub struct MigrateOptions {
     pub destination: String,
     /// The largest pause of the guest to aim for.
     pub max_downtime: Duration,
+    /// Compress pages with zstd.
+    pub compress: bool,
 }
 
 /// What a finished migration took.
@@ -186,7 +192,10 @@ pub fn migrate(
     let mut link = Link {
         addr: options.destination.clone(),
         reader: MessageReader::new(stream.try_clone().map_err(connect_err)?),
-        writer: MessageWriter::new(stream),
+        writer: MessageWriter::with_compression(
+            stream,
+            options.compress.then_some(wire::DEFAULT_ZSTD_LEVEL),
+        ),
     };
     let mem = vm.memory();
     let map = PageMap::new(mem);
@@ -206,12 +215,18 @@ pub fn migrate(
     let mut sent = send_pages(&mut link, &map, 0..map.pages(), true)?;
     report.passes = 1;
     report.pages_sent = sent;
+    let mut previous_left = usize::MAX;
     loop {
+        // The destination has applied this pass: nothing queues up for the guest's pause, and
+        // the rate below is what the two ends achieve together.
+        let seq = u64::from(report.passes) + 1;
+        link.send(&Message::Sync { seq })?;
+        link.expect_ack(seq)?;
         let elapsed = pass_start.elapsed().max(Duration::from_millis(1));
         let rate = sent.max(1) as f64 / elapsed.as_secs_f64(); // pages per second
         let dirty = vm.collect_dirty_pages()?;
-        let left = dirty.count() as f64;
-        let estimate = Duration::from_secs_f64(left / rate);
+        let left = dirty.count();
+        let estimate = Duration::from_secs_f64(left as f64 / rate);
         tracing::info!(
             pass = report.passes,
             sent,
@@ -219,11 +234,15 @@ pub fn migrate(
             estimate_ms = estimate.as_millis() as u64,
             "migration: pre-copy pass done"
         );
-        if estimate <= options.max_downtime || report.passes >= MAX_PASSES {
+        // Passes that halve what is left are worth going on with.
+        let shrinking = left > SMALL_FINAL_COPY && left < previous_left / 2;
+        let fits = estimate <= options.max_downtime;
+        if (fits && !shrinking) || report.passes >= MAX_PASSES {
             // Sent in the final copy, with whatever the guest writes until the freeze.
             vm.return_dirty_pages(dirty);
             break;
         }
+        previous_left = left;
         pass_start = Instant::now();
         sent = match send_pages(&mut link, &map, dirty.pages(&map), false) {
             Ok(n) => n,
@@ -240,11 +259,20 @@ pub fn migrate(
     let paused = Instant::now();
     let result = (|| {
         let n = send_pages(&mut link, &map, frozen.dirty.pages(&map), false)?;
+        let pages_sent = paused.elapsed();
         let state = wire::encode_payload(&frozen.state)
             .map_err(|e| MigrationError::Protocol(format!("cannot encode the state: {e}")))?;
         link.send(&Message::State(state))?;
-        link.send(&Message::Commit { seq: 1 })?;
-        link.expect_ack(1)?;
+        link.send(&Message::Commit { seq: COMMIT_SEQ })?;
+        let committed = paused.elapsed();
+        link.expect_ack(COMMIT_SEQ)?;
+        tracing::info!(
+            final_pages = n,
+            pages_us = pages_sent.as_micros() as u64,
+            state_us = (committed - pages_sent).as_micros() as u64,
+            ack_us = (paused.elapsed() - committed).as_micros() as u64,
+            "migration: final copy done"
+        );
         Ok::<u64, MigrationError>(n)
     })();
     match result {

@@ -17,7 +17,8 @@
 //! ```
 //!
 //! A stream carries `Hello`, then any number of `Pages` and `State`, then `Commit`, answered
-//! by `Ack` (or `Error`) in the other direction. Replication sends one such epoch after the
+//! by `Ack` (or `Error`) in the other direction. `Sync` may come in between: the receiver
+//! answers `Ack` with its number once it has applied everything sent before it. Replication sends one such epoch after the
 //! other on the same stream, numbered by the sequence field.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -273,6 +274,12 @@ pub enum Message {
         /// Which.
         seq: u64,
     },
+    /// Answer with `Ack { seq }` once everything before this is applied (a barrier: the
+    /// sender learns how far behind the receiver is).
+    Sync {
+        /// Which.
+        seq: u64,
+    },
     /// `seq` is applied (`0` answers `Hello`).
     Ack {
         /// Which.
@@ -294,6 +301,7 @@ impl Message {
             Message::Ack { .. } => 5,
             Message::Error(_) => 6,
             Message::Bye => 7,
+            Message::Sync { .. } => 8,
         }
     }
 }
@@ -341,7 +349,9 @@ impl<W: Write> MessageWriter<W> {
             Message::Hello(h) => (0, encode_payload(h)?),
             Message::Pages(batch) => (0, batch.encode()),
             Message::State(state) => (0, state.clone()),
-            Message::Commit { seq } | Message::Ack { seq } => (*seq, Vec::new()),
+            Message::Commit { seq } | Message::Ack { seq } | Message::Sync { seq } => {
+                (*seq, Vec::new())
+            }
             Message::Error(reason) => (0, reason.as_bytes().to_vec()),
             Message::Bye => (0, Vec::new()),
         };
@@ -419,6 +429,7 @@ impl<R: Read> MessageReader<R> {
             5 => Message::Ack { seq },
             6 => Message::Error(String::from_utf8_lossy(&payload).into_owned()),
             7 => Message::Bye,
+            8 => Message::Sync { seq },
             other => return Err(WireError::UnknownKind(other)),
         })
     }
@@ -510,6 +521,7 @@ mod tests {
             Message::Pages(batch),
             Message::State((0..5000u32).map(|i| (i % 7) as u8).collect()),
             Message::Commit { seq: 41 },
+            Message::Sync { seq: 42 },
             Message::Ack { seq: 41 },
             Message::Error("no room here".into()),
             Message::Bye,

@@ -18,6 +18,8 @@ use crate::vstate::vm::DirtyBitmap;
 
 /// Pages copied per read or write system call.
 const BATCH_PAGES: usize = 256;
+/// Threads reading a memory file at most.
+const MAX_READERS: usize = 4;
 
 /// Why the memory file cannot be written, read or mapped.
 #[derive(Debug, thiserror::Error)]
@@ -281,39 +283,63 @@ fn open_checked(path: &Path, state: &MemoryFileState) -> Result<File, MemoryFile
     Ok(file)
 }
 
-/// Calls `f(first_page, data)` for the file's pages, a batch at a time, in run order.
-fn for_each_batch(
-    file: &File,
-    path: &Path,
-    state: &MemoryFileState,
-    pages: u64,
-    mut f: impl FnMut(u64, &[u8]) -> Result<(), MemoryFileError>,
-) -> Result<(), MemoryFileError> {
-    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-    for run in &state.runs {
-        let end = run.first.saturating_add(run.count);
-        if end > pages {
-            return Err(MemoryFileError::RunOutOfRange {
-                path: path.to_path_buf(),
-                first: run.first,
-                end,
-                pages,
-            });
-        }
-        let mut page = run.first;
-        while page < end {
-            let n = (end - page).min(BATCH_PAGES as u64) as usize;
-            let data = &mut buf[..n * PAGE_SIZE];
-            file.read_exact_at(data, page * PAGE_SIZE as u64)
-                .map_err(|source| MemoryFileError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-            f(page, data)?;
-            page += n as u64;
+/// The file's runs split into `parts` pieces of about as many pages each, in file order.
+fn split_runs(runs: &[PageRun], parts: usize) -> Vec<Vec<PageRun>> {
+    let total: u64 = runs.iter().map(|r| r.count).sum();
+    let per_part = total.div_ceil(parts.max(1) as u64).max(1);
+    let mut out = vec![Vec::new()];
+    let mut in_part = 0;
+    for run in runs {
+        let (mut first, mut count) = (run.first, run.count);
+        while count > 0 {
+            if in_part == per_part {
+                out.push(Vec::new());
+                in_part = 0;
+            }
+            let n = count.min(per_part - in_part);
+            out.last_mut()
+                .expect("never empty")
+                .push(PageRun { first, count: n });
+            (first, count, in_part) = (first + n, count - n, in_part + n);
         }
     }
-    Ok(())
+    out
+}
+
+/// Reads the pages of `runs` (found at their own offsets in `path`) straight into `map`'s
+/// memory, a batch at a time; returns the checksum of what it read, in order.
+fn read_runs(
+    path: &Path,
+    map: &PageMap<'_>,
+    runs: &[PageRun],
+) -> Result<crc32fast::Hasher, MemoryFileError> {
+    let read_err = |source| MemoryFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let mut hasher = crc32fast::Hasher::new();
+    for run in runs {
+        let (mut page, end) = (run.first, run.first + run.count);
+        while page < end {
+            let n = (end - page)
+                .min(BATCH_PAGES as u64)
+                .min(map.contiguous_from(page));
+            let slice = map
+                .pages_at(page, n)
+                .expect("runs were checked against guest RAM");
+            let guard = slice.ptr_guard_mut();
+            // SAFETY: `slice` is `n` pages of guest memory, mapped for as long as `map`'s
+            // memory lives. Nothing else reads or writes them meanwhile: the restored VM has no
+            // vCPU yet, and every reader thread gets pages of its own.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
+            file.read_exact_at(bytes, page * PAGE_SIZE as u64)
+                .map_err(read_err)?;
+            hasher.update(bytes);
+            page += n;
+        }
+    }
+    Ok(hasher)
 }
 
 /// Guest memory restored from the full snapshot's memory file: fresh guest memory (as a booted
@@ -326,8 +352,9 @@ pub fn load(path: &Path, state: &MemoryFileState) -> Result<GuestMemoryMmap, Mem
 }
 
 /// Reads a snapshot's pages into `mem` (fresh, or restored from the parent of a diff), checking
-/// their checksum in the same pass. On an error `mem` holds part of the file: the caller drops
-/// it (a restore never runs a VM on it).
+/// their checksum in the same pass; the file is read by a few threads, each into its own pages.
+/// On an error `mem` holds part of the file: the caller drops it (a restore never runs a VM on
+/// it).
 pub fn apply(
     path: &Path,
     state: &MemoryFileState,
@@ -336,18 +363,35 @@ pub fn apply(
     if regions_of(mem) != state.regions {
         return Err(MemoryFileError::Regions);
     }
-    let file = open_checked(path, state)?;
+    open_checked(path, state)?;
     let map = PageMap::new(mem);
-    let mut hasher = crc32fast::Hasher::new();
-    for_each_batch(&file, path, state, map.pages(), |first, data| {
-        hasher.update(data);
-        for (i, page_data) in data.chunks(PAGE_SIZE).enumerate() {
-            map.page(first + i as u64)
-                .expect("runs were checked against guest RAM")
-                .copy_from(page_data);
+    for run in &state.runs {
+        let end = run.first.saturating_add(run.count);
+        if end > map.pages() {
+            return Err(MemoryFileError::RunOutOfRange {
+                path: path.to_path_buf(),
+                first: run.first,
+                end,
+                pages: map.pages(),
+            });
         }
-        Ok(())
-    })?;
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_READERS));
+    let parts = split_runs(&state.runs, threads);
+    let hashers: Vec<Result<crc32fast::Hasher, MemoryFileError>> = std::thread::scope(|scope| {
+        let readers: Vec<_> = parts
+            .iter()
+            .map(|part| scope.spawn(|| read_runs(path, &map, part)))
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().expect("a snapshot reader thread panicked"))
+            .collect()
+    });
+    let mut hasher = crc32fast::Hasher::new();
+    for part in hashers {
+        hasher.combine(&part?);
+    }
     let found = hasher.finalize();
     if found != state.checksum {
         return Err(MemoryFileError::Checksum {
@@ -423,6 +467,23 @@ mod tests {
             restored.read_slice(&mut page, GuestAddress(addr)).unwrap();
             assert!(page.iter().all(|&b| b == value), "page at {addr:#x}");
         }
+    }
+
+    #[test]
+    fn runs_split_evenly_and_in_order() {
+        let run = |first, count| PageRun { first, count };
+        let runs = [run(0, 5), run(10, 2), run(20, 3)];
+        let parts = split_runs(&runs, 3);
+        assert_eq!(
+            parts,
+            vec![
+                vec![run(0, 4)],
+                vec![run(4, 1), run(10, 2), run(20, 1)],
+                vec![run(21, 2)]
+            ]
+        );
+        assert_eq!(split_runs(&runs, 1), vec![runs.to_vec()]);
+        assert_eq!(split_runs(&[], 4), vec![Vec::<PageRun>::new()]);
     }
 
     #[test]

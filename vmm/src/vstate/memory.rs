@@ -202,6 +202,12 @@ impl<'a> PageMap<'a> {
 
     /// Page `page`, if it exists.
     pub fn page(&self, page: u64) -> Option<PageSlice<'a>> {
+        self.pages_at(page, 1)
+    }
+
+    /// Pages `page..page + count`, if they exist and lie in one region (contiguous in the
+    /// monitor's memory).
+    pub fn pages_at(&self, page: u64, count: u64) -> Option<PageSlice<'a>> {
         let (first, region) = self
             .regions
             .iter()
@@ -210,8 +216,19 @@ impl<'a> PageMap<'a> {
         region
             .get_slice(
                 MemoryRegionAddress((page - first) * PAGE_SIZE as u64),
-                PAGE_SIZE,
+                usize::try_from(count).ok()?.checked_mul(PAGE_SIZE)?,
             )
             .ok()
+    }
+
+    /// How many pages from `page` on lie in the same region (0 if `page` does not exist).
+    pub fn contiguous_from(&self, page: u64) -> u64 {
+        self.regions
+            .iter()
+            .rev()
+            .find(|(first, _)| *first <= page)
+            .map_or(0, |(first, r)| {
+                (first + r.len() / PAGE_SIZE as u64).saturating_sub(page)
+            })
     }
 }

@@ -244,6 +244,12 @@ impl Console {
         })
     }
 
+    /// The last lines other than heartbeats.
+    pub fn tail(&self) -> Vec<String> {
+        let log = self.log.0.lock().unwrap_or_else(|e| e.into_inner());
+        log.tail.iter().cloned().collect()
+    }
+
     /// When every heartbeat so far arrived.
     pub fn ticks(&self) -> Vec<Instant> {
         let log = self.log.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -294,6 +300,13 @@ impl Monitor {
             console,
             errors,
         })
+    }
+
+    /// Prints the last lines of its error output (its log) on stderr.
+    pub fn print_log(&self) {
+        for line in self.errors.tail() {
+            eprintln!("    {}: {line}", self.name);
+        }
     }
 
     /// Waits up to `timeout` for the process to end by itself.

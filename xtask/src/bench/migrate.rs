@@ -50,6 +50,9 @@ pub struct MigrateArgs {
     /// `downtime-limit`).
     #[arg(long, default_value_t = 300)]
     max_downtime_ms: u64,
+    /// Print vmr's log of every migration (set `VMR_LOG=info` to have one).
+    #[arg(long)]
+    verbose: bool,
     /// Directory for the JSON results.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -68,6 +71,9 @@ impl MigrateArgs {
             format!("--dirty-rate={}", self.dirty_rate),
             format!("--max-downtime-ms={}", self.max_downtime_ms),
         ]
+        .into_iter()
+        .chain(self.verbose.then(|| "--verbose".to_string()))
+        .collect()
     }
 }
 
@@ -205,11 +211,19 @@ fn vmr_once(
 
     let start = Instant::now();
     let info = vmm::api::client::ApiClient::new(&socket)
-        .migrate(&addr, Some(args.max_downtime_ms))
+        .migrate(&vmm::api::MigrateParams {
+            destination: addr.clone(),
+            max_downtime_ms: Some(args.max_downtime_ms),
+            compress: false,
+        })
         .map_err(|e| format!("migration: {e}"))?;
     let total = start.elapsed();
     let downtime_ms = observed_downtime(&src, &dest, start)?;
     src.wait_exit(Duration::from_secs(30))?;
+    if args.verbose {
+        src.print_log();
+        dest.print_log();
+    }
     Ok(Sample {
         downtime_ms,
         reported_downtime_ms: info.downtime_ms,

@@ -6,11 +6,12 @@
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
-use vm_superio::Trigger;
 
-use super::EventFdTrigger;
+use std::sync::Arc;
+
 use crate::devices::bus::BusDevice;
 use crate::persist::Persist;
+use crate::vstate::vcpu::{ExitReason, VmRunState};
 
 /// Offset of the data port (0x60) from the device base.
 const OFFSET_DATA: u64 = 0;
@@ -74,7 +75,7 @@ pub struct I8042State {
 
 /// The i8042 on ports 0x60..=0x64.
 pub struct I8042 {
-    reset_evt: EventFdTrigger,
+    run_state: Arc<VmRunState>,
     status: u8,
     control: u8,
     output: VecDeque<u8>,
@@ -82,10 +83,10 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    /// An i8042 that signals `reset_evt` when the guest resets the machine.
-    pub fn new(reset_evt: EventFdTrigger) -> Self {
+    /// An i8042 that ends the VM (`run_state`) when the guest resets the machine.
+    pub fn new(run_state: Arc<VmRunState>) -> Self {
         Self {
-            reset_evt,
+            run_state,
             status: SB_SYSTEM_FLAG | SB_KBD_UNLOCKED,
             control: 0,
             output: VecDeque::new(),
@@ -98,10 +99,11 @@ impl I8042 {
         self.status |= SB_OUT_DATA_AVAIL;
     }
 
+    /// Ends the VM at once, on the vCPU thread that asked: it must not run on (a guest that
+    /// sees no reset soon tries the next method and ends in a triple fault).
     fn reset_machine(&self) {
-        if let Err(e) = self.reset_evt.trigger() {
-            tracing::error!("cannot signal the i8042 reset: {e}");
-        }
+        tracing::info!("guest reset the machine");
+        self.run_state.request_exit(ExitReason::Reset);
     }
 
     fn command(&mut self, cmd: u8) {
@@ -137,7 +139,7 @@ impl I8042 {
 
 impl Persist for I8042 {
     type State = I8042State;
-    type ConstructorArgs = EventFdTrigger;
+    type ConstructorArgs = Arc<VmRunState>;
     type Error = std::convert::Infallible;
 
     fn save(&self) -> I8042State {
@@ -149,9 +151,9 @@ impl Persist for I8042 {
         }
     }
 
-    fn restore(reset_evt: EventFdTrigger, state: &I8042State) -> Result<Self, Self::Error> {
+    fn restore(run_state: Arc<VmRunState>, state: &I8042State) -> Result<Self, Self::Error> {
         Ok(Self {
-            reset_evt,
+            run_state,
             status: state.status,
             control: state.control,
             output: state.output.iter().copied().collect(),
@@ -202,7 +204,7 @@ mod tests {
 
     #[test]
     fn linux_probe_sequence() {
-        let mut dev = I8042::new(EventFdTrigger::new().unwrap());
+        let mut dev = I8042::new(run_state());
         assert_eq!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
         dev.write(OFFSET_COMMAND, &[CMD_READ_CTR]);
         assert_ne!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
@@ -220,30 +222,38 @@ mod tests {
         assert_eq!(read(&mut dev, OFFSET_COMMAND) & SB_OUT_DATA_AVAIL, 0);
     }
 
+    fn run_state() -> Arc<VmRunState> {
+        Arc::new(VmRunState::new().unwrap())
+    }
+
     #[test]
     fn reset_by_command_and_by_output_port() {
-        let reset = EventFdTrigger::new().unwrap();
-        let evt = reset.0.try_clone().unwrap();
-        let mut dev = I8042::new(reset);
+        let mut dev = I8042::new(run_state());
         dev.write(OFFSET_COMMAND, &[CMD_RESET_CPU]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(dev.run_state.exit_reason(), Some(ExitReason::Reset));
+        assert!(dev.run_state.stop_requested());
+
+        let mut dev = I8042::new(run_state());
         dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(OFFSET_DATA, &[OUTPUT_PORT_DEFAULT]);
-        assert!(evt.read().is_err(), "no reset while the line stays high");
+        assert!(
+            !dev.run_state.stop_requested(),
+            "no reset while the line stays high"
+        );
         dev.write(OFFSET_COMMAND, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(OFFSET_DATA, &[0x02]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(dev.run_state.exit_reason(), Some(ExitReason::Reset));
     }
 
     #[test]
     fn state_round_trip_mid_command() {
-        let mut dev = I8042::new(EventFdTrigger::new().unwrap());
+        let mut dev = I8042::new(run_state());
         dev.write(OFFSET_COMMAND, &[CMD_SELF_TEST]);
         dev.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
         let state = dev.save();
         let json = serde_json::to_string(&state).unwrap();
         let state: I8042State = serde_json::from_str(&json).unwrap();
-        let mut restored = I8042::restore(EventFdTrigger::new().unwrap(), &state).unwrap();
+        let mut restored = I8042::restore(run_state(), &state).unwrap();
         assert_eq!(restored.save(), dev.save());
         assert_eq!(read(&mut restored, OFFSET_DATA), SELF_TEST_OK);
         restored.write(OFFSET_DATA, &[0x61]);
