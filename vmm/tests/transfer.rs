@@ -10,6 +10,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
+use common::openapi::openapi;
 use common::{assert_refused, scratch, tiny_elf, vmr, wait_for_socket, Vmr};
 
 /// What the workload guest prints at the end, computed here.
@@ -373,4 +374,65 @@ fn a_failed_migration_leaves_the_vm_running_and_can_be_retried() {
     assert!(a.wait());
     let done = *rounds(&a.console()).last().unwrap();
     assert_continued(&mut dest, done);
+}
+
+/// Every operation of the API, on a running VM, answers as `vmm/api/openapi.yaml` says: right
+/// and wrong requests alike.
+#[test]
+fn the_api_of_a_running_vm_answers_per_its_openapi_document() {
+    let (mut vm, sock) = start_workload("api");
+    let client = vmm::api::ApiClient::new(&sock);
+    let snapshot_dir = scratch("api-snapshot");
+    let _ = std::fs::remove_dir_all(&snapshot_dir);
+    let closed_port = free_port();
+    let snapshot_body = format!(r#"{{"snapshot_path": "{}"}}"#, snapshot_dir.display());
+    let migrate_body = format!(r#"{{"destination": "127.0.0.1:{closed_port}"}}"#);
+    let calls: &[(&str, &str, Option<&str>, u16)] = &[
+        ("GET", "/vm", None, 200),
+        ("GET", "/vm/resources", None, 200),
+        ("GET", "/metrics", None, 200),
+        ("PUT", "/vm/resume", None, 409),
+        ("PUT", "/vm/pause", None, 204),
+        ("PUT", "/vm/pause", None, 409),
+        ("GET", "/vm", None, 200),
+        ("PUT", "/vm/resume", None, 204),
+        ("PUT", "/snapshot/create", Some(&snapshot_body), 200),
+        ("PUT", "/snapshot/create", Some(&snapshot_body), 409),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(r#"{"snapshot_path": 7}"#),
+            400,
+        ),
+        ("PUT", "/snapshot/create", Some("{not json"), 400),
+        ("PUT", "/migrate", Some(&migrate_body), 502),
+        (
+            "PUT",
+            "/migrate",
+            Some(r#"{"destination": "nowhere"}"#),
+            400,
+        ),
+        ("GET", "/no/such/thing", None, 404),
+        ("DELETE", "/vm", None, 405),
+    ];
+    for (method, path, body, status) in calls {
+        let response = client
+            .call(
+                method,
+                path,
+                body.map(str::as_bytes),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(
+            response.status,
+            *status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        openapi().check(method, path, &response);
+    }
+    // The VM ran on through all of it, to the right result.
+    assert!(vm.wait(), "vmr failed; log:\n{}", vm.log());
+    assert!(vm.console().contains(&expected_result()));
 }

@@ -7,6 +7,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // for `openapi`, which names them through `super::`
+use vmm::api::{HttpResponse, OPENAPI_YAML};
+
+pub mod openapi;
+
 /// Runs `vmr ARGS` to completion.
 pub fn vmr(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmr"))
