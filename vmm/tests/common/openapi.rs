@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use super::{HttpResponse, OPENAPI_YAML};
 
 pub struct OpenApi {
-    doc: Value,
+    /// The parsed document.
+    pub doc: Value,
 }
 
 pub fn openapi() -> &'static OpenApi {
