@@ -72,7 +72,7 @@ start_vmr() {
     shift
     CONSOLE="$SCRATCH/$name.console"
     : >"$CONSOLE"
-    in_ns "$VMR_BIN" "$@" --serial "file:$CONSOLE" \
+    VMR_LOG=${VMR_LOG:-info} in_ns "$VMR_BIN" "$@" --serial "file:$CONSOLE" \
         </dev/null >"$SCRATCH/$name.stdout" 2>"$SCRATCH/$name.stderr" &
     GUEST_PID=$!
     GUEST_NAME=$name

@@ -4,7 +4,7 @@ source "$(dirname "$0")/common.sh"
 make_bridged_netns
 port=7071
 
-VMR_LOG=info start_vmr dest receive --listen "127.0.0.1:$port" --net tap=tap1 --api "$RUNDIR/dest.sock"
+start_vmr dest receive --listen "127.0.0.1:$port" --net tap=tap1 --api "$RUNDIR/dest.sock"
 DEST_PID=$GUEST_PID
 start_guest src "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no --save "" --appendonly no')" \
     --vcpus 2 --mem 256 --net tap=tap0,mac=06:00:0a:00:02:03 --api "$RUNDIR/src.sock"
