@@ -247,6 +247,10 @@ impl Drop for MicroVm {
     }
 }
 
+/// The longest the monitor's loop sleeps without an event: the control hook and the serial
+/// port's stalled-interrupt check run at least this often.
+const EVENT_LOOP_TICK_MS: i32 = 100;
+
 /// A microVM: its vCPUs, devices, memory and event loop.
 pub struct MicroVm {
     // Field order is drop order: the vCPUs and devices go before the VM and its memory.
@@ -354,7 +358,7 @@ impl MicroVm {
     }
 
     /// Runs the guest until it ends, calling `control` after every round of device events
-    /// (and at least once a second) on the monitor's thread, where it may pause, save or
+    /// (and at least every [`EVENT_LOOP_TICK_MS`]) on the monitor's thread, where it may pause, save or
     /// resume the VM.
     pub fn run_with(
         &mut self,
@@ -365,7 +369,7 @@ impl MicroVm {
         }
         let mut result = Ok(());
         while !self.run_state.stop_requested() {
-            if let Err(e) = self.event_loop.run_with_timeout(1000) {
+            if let Err(e) = self.event_loop.run_with_timeout(EVENT_LOOP_TICK_MS) {
                 self.run_state
                     .request_exit(ExitReason::Error(format!("event loop: {e:?}")));
                 result = Err(RunError::EventLoop(e));
@@ -395,6 +399,7 @@ impl MicroVm {
         for slot in &self.devices.virtio {
             lock(&slot.transport).raise_used_buffer_interrupt();
         }
+        lock(&self.devices.serial).raise_pending_interrupt();
     }
 
     /// Parks every vCPU. Device events wait until the monitor's thread runs its loop again.

@@ -52,16 +52,21 @@ impl SerialDevice {
     /// Raises the interrupt again if an enabled one has been pending, unanswered, for
     /// [`STALLED_INTERRUPT`]. Called from the event loop while the vCPUs run.
     pub fn raise_stalled_interrupt(&mut self) {
-        if self.last_activity.elapsed() < STALLED_INTERRUPT {
-            return;
+        if self.last_activity.elapsed() >= STALLED_INTERRUPT {
+            self.raise_pending_interrupt();
         }
+    }
+
+    /// Raises the interrupt again if an enabled one is pending: after a restore or a migration,
+    /// where the one raised before the source stopped may never have reached the guest.
+    pub fn raise_pending_interrupt(&mut self) {
         let state = self.serial.state();
         let (iir, ier) = (state.interrupt_identification, state.interrupt_enable);
         let pending = iir & IIR_NONE == 0
             && ((iir & IIR_THR_EMPTY != 0 && ier & IER_THR_EMPTY != 0)
                 || (iir & IIR_RX_DATA != 0 && ier & IER_RX_DATA != 0));
         if pending {
-            tracing::debug!("serial: interrupt pending for {STALLED_INTERRUPT:?} without an answer, raising it again");
+            tracing::debug!("serial: an enabled interrupt is pending, raising it again");
             if let Err(e) = self.serial.interrupt_evt().trigger() {
                 tracing::warn!("serial: cannot raise the interrupt: {e}");
             }
