@@ -18,6 +18,10 @@ pub const QUIET: &str = "quiet";
 pub const READY: &str = "VMR-DIRTY-READY";
 /// The heartbeat line `vmr-dirty` prints every tick.
 pub const TICK: &str = "VMR-TICK";
+/// The heartbeat period the benchmarks ask `vmr-dirty` for.
+pub const TICK_MS: u64 = 20;
+/// How long a guest may take to boot to its workload.
+pub const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// What both monitors boot.
 pub struct Setup {

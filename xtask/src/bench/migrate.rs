@@ -17,16 +17,13 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::guest::{dirty_cmdline, longest_gap, Monitor, Scratch, Setup};
-use super::qmp::Qmp;
+use super::guest::{dirty_cmdline, longest_gap, Monitor, Scratch, Setup, BOOT_TIMEOUT, TICK_MS};
+use super::qmp::{qmp_arg, Qmp};
 use crate::lab;
 use crate::stats::Summary;
 
-/// The guest's heartbeat period.
-const TICK_MS: u64 = 20;
 /// Time the workload runs before the migration starts.
 const SETTLE: Duration = Duration::from_secs(2);
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Args, Clone)]
@@ -229,10 +226,6 @@ fn vmr_once(
         reported_downtime_ms: info.downtime_ms,
         total_ms: total.as_secs_f64() * 1000.0,
     })
-}
-
-fn qmp_arg(socket: &Path) -> String {
-    format!("unix:{},server=on,wait=off", socket.display())
 }
 
 fn qemu_once(

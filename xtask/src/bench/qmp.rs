@@ -13,6 +13,11 @@ pub struct Qmp {
     writer: UnixStream,
 }
 
+/// The `-qmp` argument that has QEMU serve QMP on `socket`.
+pub fn qmp_arg(socket: &Path) -> String {
+    format!("unix:{},server=on,wait=off", socket.display())
+}
+
 impl Qmp {
     /// Connects to `socket` (retrying until QEMU has created it, at most `timeout`) and leaves
     /// capabilities negotiation mode.

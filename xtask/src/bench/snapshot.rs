@@ -15,14 +15,12 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::json;
 
-use super::guest::{dirty_cmdline, Monitor, Scratch, Setup};
-use super::qmp::Qmp;
+use super::guest::{dirty_cmdline, Monitor, Scratch, Setup, BOOT_TIMEOUT, TICK_MS};
+use super::qmp::{qmp_arg, Qmp};
 use crate::lab;
 use crate::stats::Summary;
 
-const TICK_MS: u64 = 20;
 const SETTLE: Duration = Duration::from_secs(1);
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Args, Clone)]
@@ -200,7 +198,7 @@ fn qemu_once(setup: &Setup, args: &SnapshotArgs, scratch: &Scratch) -> Result<Sa
     let file = scratch.path("qemu-snapshot");
     let qmp_socket = scratch.path("qemu.qmp");
     let _ = std::fs::remove_file(&file);
-    let qmp_arg = format!("unix:{},server=on,wait=off", qmp_socket.display());
+    let qmp_arg = qmp_arg(&qmp_socket);
     let src = Monitor::spawn(
         "qemu",
         setup
