@@ -93,6 +93,7 @@ dump_guest() {
     echo "--- stderr of vmr"
     cat "$SCRATCH/$GUEST_NAME.stderr" || true
     dump_threads
+    dump_kvm_exits
 }
 
 # dump_threads: where each thread of every vmr still running is (name, state, kernel stack).
@@ -105,6 +106,26 @@ dump_threads() {
             sed 's/^/    /' "$task/stack" 2>/dev/null | head -n 12
         done
     done
+}
+
+# dump_kvm_exits: what the guests' vCPUs did in KVM over one second (tracefs kvm events):
+# exits counted by vCPU, reason and guest RIP, then the last events.
+dump_kvm_exits() {
+    local t=/sys/kernel/tracing e
+    [ -d $t/events/kvm ] || return 0
+    {
+        echo 0 >$t/tracing_on && echo >$t/trace
+        for e in kvm_exit kvm_inj_virq kvm_apic_accept_irq kvm_msr kvm_pio kvm_mmio; do
+            [ -e $t/events/kvm/$e/enable ] && echo 1 >$t/events/kvm/$e/enable
+        done
+        echo 1 >$t/tracing_on && sleep 1 && echo 0 >$t/tracing_on
+        echo 0 >$t/events/kvm/enable
+    } || return 0
+    echo "--- KVM exits over 1 s (count, thread, reason, guest rip)"
+    grep -o '[a-z0-9]*-[0-9]* .*kvm_exit: .*reason [A-Za-z_]* rip 0x[0-9a-f]*' $t/trace |
+        sed -E 's/ +\[.*kvm_exit: vcpu [0-9]+ reason/ /' | sort | uniq -c | sort -rn | head -n 20 || true
+    echo "--- last KVM events"
+    grep -v '^#' $t/trace | tail -n 30 || true
 }
 
 fail() {

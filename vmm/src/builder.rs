@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::Kvm;
@@ -389,6 +390,7 @@ pub fn restore_from_state(
             config: config.vcpus,
         });
     }
+    let t0 = Instant::now();
     // Host resources first: the disk images and TAPs the devices were using, or the ones
     // given for this host.
     let mut virtio: Vec<VirtioEntry> = Vec::new();
@@ -413,9 +415,12 @@ pub fn restore_from_state(
         });
     }
     let serial_out = serial_output(&options.serial)?;
+    let devices_done = t0.elapsed();
     let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
     let mem = memory()?;
+    let memory_done = t0.elapsed();
     let machine = assemble(kvm, mem, true, serial_out, virtio, Some(&state.devices))?;
+    let assembled = t0.elapsed();
     machine.vm.restore_state(&state.vm)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for saved in &state.vcpus {
@@ -428,7 +433,16 @@ pub fn restore_from_state(
         vcpu.restore_state(saved)?;
         vcpus.push(vcpu);
     }
+    let vcpus_done = t0.elapsed();
     // Dirty tracking starts now, from memory equal to the saved state's.
     machine.vm.collect_dirty_pages()?;
+    tracing::info!(
+        devices_us = devices_done.as_micros() as u64,
+        kvm_memory_us = (memory_done - devices_done).as_micros() as u64,
+        assemble_us = (assembled - memory_done).as_micros() as u64,
+        vcpus_us = (vcpus_done - assembled).as_micros() as u64,
+        dirty_log_us = (t0.elapsed() - vcpus_done).as_micros() as u64,
+        "machine restored"
+    );
     Ok(machine.into_microvm(vcpus, config, last))
 }

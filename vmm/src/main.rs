@@ -209,9 +209,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     let microvm =
         restore_microvm(&snapshot, &args.host.restore_options()).map_err(|e| e.to_string())?;
     tracing::info!(from = %args.from.display(), "VM restored");
-    microvm.announce();
-    microvm.raise_device_interrupts();
-    run_microvm(microvm, args.host.api.as_deref())
+    resume_moved(microvm, args.host.api.as_deref())
 }
 
 fn receive(args: ReceiveArgs) -> Result<ExitCode, String> {
@@ -227,9 +225,17 @@ fn receive(args: ReceiveArgs) -> Result<ExitCode, String> {
         received.total.as_secs_f64() * 1000.0,
         received.restore.as_secs_f64() * 1000.0
     );
+    resume_moved(microvm, args.host.api.as_deref())
+}
+
+/// Runs a VM that was restored or received: its vCPUs first, for the shortest pause, then the
+/// announcement on the network, the interrupts the source may have raised as it stopped, and
+/// the API.
+fn resume_moved(mut microvm: MicroVm, api: Option<&Path>) -> Result<ExitCode, String> {
+    microvm.start().map_err(|e| e.to_string())?;
     microvm.announce();
     microvm.raise_device_interrupts();
-    run_microvm(microvm, args.host.api.as_deref())
+    run_microvm(microvm, api)
 }
 
 fn run_microvm(mut microvm: MicroVm, api: Option<&Path>) -> Result<ExitCode, String> {

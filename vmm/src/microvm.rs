@@ -394,7 +394,7 @@ impl MicroVm {
 
     /// Raises every running virtio device's interrupt once, for one the source may have raised
     /// as it stopped (see [`MmioTransport::raise_used_buffer_interrupt`]). Call after a
-    /// restore or a migration, before the vCPUs run.
+    /// restore or a migration.
     pub fn raise_device_interrupts(&self) {
         for slot in &self.devices.virtio {
             lock(&slot.transport).raise_used_buffer_interrupt();

@@ -41,6 +41,10 @@ pub fn build_vmr() -> Result<std::path::PathBuf, String> {
     Ok(repo_root().join("target/release/vmr"))
 }
 
+/// How long a benchmark may keep the lab, after which the lab is killed (a frozen lab, rare
+/// under emulation, would otherwise hold the benchmark for ever).
+const LAB_TIMEOUT_SECS: u32 = 3600;
+
 /// Runs this xtask again with `args` inside the lab, with `rwdir` writable there.
 pub fn rerun_in_lab(
     args: &[String],
@@ -51,6 +55,8 @@ pub fn rerun_in_lab(
     let status = Command::new(repo_root().join("images/lab"))
         .arg("--rwdir")
         .arg(rwdir)
+        .arg("--timeout")
+        .arg(LAB_TIMEOUT_SECS.to_string())
         .arg("--")
         .arg(exe)
         .args(args)
@@ -58,10 +64,12 @@ pub fn rerun_in_lab(
         .stdin(Stdio::null())
         .status()
         .map_err(|e| format!("cannot run images/lab: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the benchmark failed inside the lab ({status})"))
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(124) => Err(format!(
+            "the lab did not finish within {LAB_TIMEOUT_SECS} s: killed"
+        )),
+        _ => Err(format!("the benchmark failed inside the lab ({status})")),
     }
 }
 

@@ -160,6 +160,7 @@ fn receive_stream(
         }
     };
     let committed = Instant::now();
+    super::write_page_digest(&map, "destination");
     let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
     let microvm = restore_from_state(&state, || Ok(mem), options, None)?;
     writer.send(&Message::Ack { seq: commit })?;

@@ -259,6 +259,7 @@ pub fn migrate(
     let paused = Instant::now();
     let result = (|| {
         let n = send_pages(&mut link, &map, frozen.dirty.pages(&map), false)?;
+        super::write_page_digest(&map, "source");
         let pages_sent = paused.elapsed();
         let state = wire::encode_payload(&frozen.state)
             .map_err(|e| MigrationError::Protocol(format!("cannot encode the state: {e}")))?;

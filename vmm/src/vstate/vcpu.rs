@@ -12,6 +12,7 @@ use std::time::Duration;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -412,7 +413,11 @@ impl Vcpu {
             fd.set_lapic(lapic).map_err(state_err("KVM_SET_LAPIC"))?;
         }
         self.restore_msrs(&state.msrs)?;
-        fd.set_vcpu_events(&state.vcpu_events)
+        // KVM_GET_VCPU_EVENTS reports a pending NMI and the SIPI vector without flagging them
+        // valid; unflagged, KVM_SET_VCPU_EVENTS would drop them.
+        let mut events = state.vcpu_events;
+        events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+        fd.set_vcpu_events(&events)
             .map_err(state_err("KVM_SET_VCPU_EVENTS"))?;
         // Tells a kvmclock guest it was paused, so its watchdogs do not fire; absent without
         // kvmclock in use.
@@ -476,6 +481,32 @@ impl Vcpu {
         &self.fd
     }
 
+    /// Logs where the guest was when it triple-faulted (KVM leaves the registers as they were).
+    fn log_triple_fault(&self) {
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            tracing::error!(vcpu = self.index, "the guest triple-faulted");
+            return;
+        };
+        let events = self.fd.get_vcpu_events().ok();
+        tracing::error!(
+            vcpu = self.index,
+            rip = format_args!("{:#x}", regs.rip),
+            rsp = format_args!("{:#x}", regs.rsp),
+            rflags = format_args!("{:#x}", regs.rflags),
+            cs = format_args!("{:#x}", sregs.cs.selector),
+            cr0 = format_args!("{:#x}", sregs.cr0),
+            cr2 = format_args!("{:#x}", sregs.cr2),
+            cr3 = format_args!("{:#x}", sregs.cr3),
+            cr4 = format_args!("{:#x}", sregs.cr4),
+            efer = format_args!("{:#x}", sregs.efer),
+            idt = format_args!("{:#x}/{:#x}", sregs.idt.base, sregs.idt.limit),
+            gs = format_args!("{:#x}", sregs.gs.base),
+            tr = format_args!("{:#x}", sregs.tr.base),
+            exception = ?events.map(|e| (e.exception.injected, e.exception.nr, e.exception.error_code)),
+            "the guest triple-faulted"
+        );
+    }
+
     /// Runs the vCPU until its next exit and handles it.
     pub fn run_once(&mut self) -> Result<VcpuEmulation, VcpuError> {
         let index = self.index;
@@ -505,7 +536,10 @@ impl Vcpu {
                     VcpuEmulation::Handled
                 }
                 VcpuExit::Hlt => VcpuEmulation::Stopped(ExitReason::Halted),
-                VcpuExit::Shutdown => VcpuEmulation::Stopped(ExitReason::Shutdown),
+                VcpuExit::Shutdown => {
+                    self.log_triple_fault();
+                    VcpuEmulation::Stopped(ExitReason::Shutdown)
+                }
                 VcpuExit::FailEntry(reason, cpu) => VcpuEmulation::Stopped(ExitReason::Error(
                     format!("vCPU {index}: KVM entry failed (reason {reason:#x}, cpu {cpu})"),
                 )),

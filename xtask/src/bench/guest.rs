@@ -328,8 +328,7 @@ impl Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        super::proc::kill(&mut self.child);
     }
 }
 

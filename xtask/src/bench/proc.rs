@@ -60,8 +60,16 @@ pub fn rss_beyond_guest_kib(pid: u32) -> Result<u64, String> {
     Ok(total - largest.1)
 }
 
-/// Kills and reaps `child`.
+/// Kills and reaps `child`, waiting at most 10 s (a process stuck in the kernel is left
+/// behind with a warning rather than holding the benchmark).
 pub fn kill(child: &mut Child) {
     let _ = child.kill();
-    let _ = child.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!("warning: process {} did not end within 10 s of SIGKILL", child.id());
 }
