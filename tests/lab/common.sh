@@ -145,6 +145,19 @@ wait_console() {
     fail "no '$pattern' on the console within ${limit}s"
 }
 
+# wait_redis [SECONDS]: waits until redis in the guest answers PING (it takes a while to
+# start under emulation, longer on a one-CPU lab).
+wait_redis() {
+    local limit=${1:-90} deadline
+    deadline=$((SECONDS + limit))
+    while [ $SECONDS -lt $deadline ]; do
+        [ "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" ping 2>/dev/null)" = PONG ] && return 0
+        kill -0 "$GUEST_PID" 2>/dev/null || fail "vmr exited before redis answered"
+        sleep 0.2
+    done
+    fail "redis did not answer PING within ${limit}s"
+}
+
 # wait_guest_exit [SECONDS]: waits for vmr to end and checks it ended cleanly (status 0).
 wait_guest_exit() {
     local limit=${1:-60} i status

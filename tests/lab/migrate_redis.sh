@@ -10,10 +10,7 @@ start_guest src "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no -
     --vcpus 2 --mem 256 --net tap=tap0,mac=06:00:0a:00:02:03 --api "$RUNDIR/src.sock"
 SRC_PID=$GUEST_PID
 wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
-for i in $(seq 100); do
-    [ "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" ping 2>/dev/null)" = PONG ] && break
-    sleep 0.2
-done
+wait_redis
 for i in $(seq 200); do echo "SET key:$i value-$i"; done | in_ns timeout 60 redis-cli -h "$GUEST_IP" >/dev/null
 check "the data set is in" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" dbsize)" = 200
 

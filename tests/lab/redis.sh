@@ -7,10 +7,7 @@ make_netns
 start_guest redis "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no --save "" --appendonly no')" \
     --vcpus 2 --mem 256 --net tap=tap0
 wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
-for i in $(seq 100); do
-    [ "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" ping 2>/dev/null)" = PONG ] && break
-    sleep 0.2
-done
+wait_redis
 check "redis answers PING" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" ping)" = PONG
 check "SET from the host" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" set vmr:key hello-from-host)" = OK
 check "GET returns it" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" get vmr:key)" = hello-from-host

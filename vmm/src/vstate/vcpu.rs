@@ -481,7 +481,8 @@ impl Vcpu {
         &self.fd
     }
 
-    /// Logs where the guest was when it triple-faulted (KVM leaves the registers as they were).
+    /// Logs where the guest was when it triple-faulted: the registers as KVM left them (as they
+    /// were on Intel; already reset on AMD, where only the last exception still tells).
     fn log_triple_fault(&self) {
         let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
             tracing::error!(vcpu = self.index, "the guest triple-faulted");

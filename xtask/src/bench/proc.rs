@@ -71,5 +71,8 @@ pub fn kill(child: &mut Child) {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    eprintln!("warning: process {} did not end within 10 s of SIGKILL", child.id());
+    eprintln!(
+        "warning: process {} did not end within 10 s of SIGKILL",
+        child.id()
+    );
 }
