@@ -373,8 +373,10 @@ pub fn restore_microvm(
 }
 
 /// Builds a microVM from a saved state and its guest memory (from `memory`, called once the
-/// host resources are open), with dirty tracking on from the start; `last` names the snapshot
-/// the memory equals, if any.
+/// host resources are open); `last` names the snapshot the memory equals, if any. With a
+/// `last`, KVM's dirty log is on from the start, so the next snapshot can be a diff on it;
+/// without (a migrated VM), it stays off until a snapshot or migration turns it on: with it
+/// KVM maps guest RAM in 4 KiB pages write-protected, which slows the guest's restart.
 pub fn restore_from_state(
     state: &MicroVmState,
     memory: impl FnOnce() -> Result<GuestMemoryMmap, BuildError>,
@@ -419,7 +421,15 @@ pub fn restore_from_state(
     let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
     let mem = memory()?;
     let memory_done = t0.elapsed();
-    let machine = assemble(kvm, mem, true, serial_out, virtio, Some(&state.devices))?;
+    let track_dirty = last.is_some();
+    let machine = assemble(
+        kvm,
+        mem,
+        track_dirty,
+        serial_out,
+        virtio,
+        Some(&state.devices),
+    )?;
     let assembled = t0.elapsed();
     machine.vm.restore_state(&state.vm)?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -434,8 +444,10 @@ pub fn restore_from_state(
         vcpus.push(vcpu);
     }
     let vcpus_done = t0.elapsed();
-    // Dirty tracking starts now, from memory equal to the saved state's.
-    machine.vm.collect_dirty_pages()?;
+    if track_dirty {
+        // Dirty tracking starts now, from memory equal to the saved state's.
+        machine.vm.collect_dirty_pages()?;
+    }
     tracing::info!(
         devices_us = devices_done.as_micros() as u64,
         kvm_memory_us = (memory_done - devices_done).as_micros() as u64,

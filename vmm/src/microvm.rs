@@ -521,6 +521,10 @@ impl MicroVm {
             match outcome {
                 FreezeOutcome::Moved => {
                     tracing::info!("the VM moved to another host: ending here");
+                    // The guest restarts elsewhere, maybe on this host's CPUs: this thread's
+                    // teardown (joining the vCPUs, giving guest RAM back) yields to it.
+                    // SAFETY: setpriority on the calling thread only changes its nice value.
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
                     self.run_state.request_exit(ExitReason::Migrated);
                     return;
                 }
