@@ -357,9 +357,9 @@ impl MicroVm {
         self.run_with(|_| {})
     }
 
-    /// Runs the guest until it ends, calling `control` after every round of device events
-    /// (and at least every [`EVENT_LOOP_TICK_MS`]) on the monitor's thread, where it may pause, save or
-    /// resume the VM.
+    /// Runs the guest until it ends, calling `control` after every round of device events (and
+    /// at least every [`EVENT_LOOP_TICK_MS`]) on the monitor's thread, where it may pause, save
+    /// or resume the VM.
     pub fn run_with(
         &mut self,
         mut control: impl FnMut(&mut MicroVm),

@@ -5,6 +5,8 @@ pub mod destination;
 pub mod source;
 pub mod wire;
 
+use std::fmt::Write as _;
+
 use crate::vstate::memory::{PageMap, PAGE_SIZE};
 
 /// Environment variable naming a file prefix: when set, each side of a migration writes the
@@ -24,7 +26,7 @@ pub(crate) fn write_page_digest(map: &PageMap<'_>, side: &str) {
     for page in 0..map.pages() {
         if let Some(slice) = map.page(page) {
             slice.copy_to(&mut buf[..]);
-            out.push_str(&format!("{page:x} {:08x}\n", crc32fast::hash(&buf)));
+            let _ = writeln!(out, "{page:x} {:08x}", crc32fast::hash(&buf));
         }
     }
     if let Err(e) = std::fs::write(&path, out) {

@@ -18,8 +18,8 @@
 //!
 //! A stream carries `Hello`, then any number of `Pages` and `State`, then `Commit`, answered
 //! by `Ack` (or `Error`) in the other direction. `Sync` may come in between: the receiver
-//! answers `Ack` with its number once it has applied everything sent before it. Replication sends one such epoch after the
-//! other on the same stream, numbered by the sequence field.
+//! answers `Ack` with its number once it has applied everything sent before it. Replication
+//! sends one such epoch after the other on the same stream, numbered by the sequence field.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 

@@ -208,11 +208,7 @@ impl<'a> PageMap<'a> {
     /// Pages `page..page + count`, if they exist and lie in one region (contiguous in the
     /// monitor's memory).
     pub fn pages_at(&self, page: u64, count: u64) -> Option<PageSlice<'a>> {
-        let (first, region) = self
-            .regions
-            .iter()
-            .rev()
-            .find(|(first, _)| *first <= page)?;
+        let (first, region) = self.locate(page)?;
         region
             .get_slice(
                 MemoryRegionAddress((page - first) * PAGE_SIZE as u64),
@@ -223,12 +219,17 @@ impl<'a> PageMap<'a> {
 
     /// How many pages from `page` on lie in the same region (0 if `page` does not exist).
     pub fn contiguous_from(&self, page: u64) -> u64 {
+        self.locate(page).map_or(0, |(first, r)| {
+            (first + r.len() / PAGE_SIZE as u64).saturating_sub(page)
+        })
+    }
+
+    /// The region `page` would lie in, with the number of its first page.
+    fn locate(&self, page: u64) -> Option<(u64, &'a GuestRegionMmap)> {
         self.regions
             .iter()
             .rev()
             .find(|(first, _)| *first <= page)
-            .map_or(0, |(first, r)| {
-                (first + r.len() / PAGE_SIZE as u64).saturating_sub(page)
-            })
+            .map(|&(first, region)| (first, region))
     }
 }

@@ -64,12 +64,12 @@ pub fn rss_beyond_guest_kib(pid: u32) -> Result<u64, String> {
 /// behind with a warning rather than holding the benchmark).
 pub fn kill(child: &mut Child) {
     let _ = child.kill();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         if !matches!(child.try_wait(), Ok(None)) {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!(
         "warning: process {} did not end within 10 s of SIGKILL",

@@ -4,10 +4,9 @@
 //! keyboard behind it: keyboard commands are acknowledged and nothing else happens.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-
-use std::sync::Arc;
 
 use crate::devices::bus::BusDevice;
 use crate::persist::Persist;
