@@ -114,6 +114,14 @@ pub enum BuildError {
     /// The snapshot's serial port state is bad.
     #[error(transparent)]
     SerialState(#[from] SerialRestoreError),
+    /// The snapshot's vCPU states are not in vCPU order.
+    #[error("the snapshot holds the state of vCPU {saved} where vCPU {position}'s belongs")]
+    SnapshotVcpuOrder {
+        /// The vCPU whose state belongs there.
+        position: u8,
+        /// The vCPU whose state is there.
+        saved: u8,
+    },
     /// The snapshot has a different number of vCPU states than its configuration says.
     #[error("the snapshot holds {saved} vCPU states for a VM of {config} vCPUs")]
     SnapshotVcpus {
@@ -177,19 +185,62 @@ fn open_kvm(vcpus: u8, allow_pvm: bool) -> Result<Kvm, BuildError> {
     Ok(kvm)
 }
 
-/// Creates the VM (irqchip, PIT) with `mem` and puts the legacy devices (new, or restored
-/// from `saved`) and the virtio devices on their buses.
+/// Creates the VM with `mem` and its irqchip and PIT.
+fn create_vm(kvm: &Kvm, mem: GuestMemoryMmap, dirty_logging: bool) -> Result<Vm, BuildError> {
+    let mut vm = Vm::new(kvm, mem, dirty_logging)?;
+    vm.setup_irqchip()?;
+    Ok(vm)
+}
+
+/// A VM made before its state is known: `/dev/kvm` opened and checked, the VM with its guest
+/// memory, irqchip and PIT, and its vCPUs, none of them configured, each with its thread. A
+/// migration's destination prepares one as it accepts the migration, so that the switch-over
+/// only restores state ([`restore_from_state`]); a restore from a snapshot prepares one once
+/// the snapshot's host resources are open.
+pub struct PreparedVm {
+    kvm: Kvm,
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+}
+
+impl PreparedVm {
+    /// Creates a VM of `vcpus` vCPUs over `mem`, with KVM's dirty log on from the start if
+    /// `dirty_logging`.
+    pub fn new(
+        vcpus: u8,
+        mem: GuestMemoryMmap,
+        dirty_logging: bool,
+        allow_pvm: bool,
+    ) -> Result<Self, BuildError> {
+        let kvm = open_kvm(vcpus, allow_pvm)?;
+        let vm = create_vm(&kvm, mem, dirty_logging)?;
+        let vcpus = (0..vcpus)
+            .map(|index| {
+                // Buses come with the devices, at restore.
+                let mut vcpu = Vcpu::new(&vm, index, Bus::new(), Bus::new())?;
+                vcpu.spawn_thread()?;
+                Ok(vcpu)
+            })
+            .collect::<Result<_, VcpuError>>()?;
+        Ok(Self { kvm, vm, vcpus })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.vm.memory()
+    }
+}
+
+/// Puts the legacy devices (new, or restored from `saved`) and the virtio devices of `vm` on
+/// their buses.
 fn assemble(
     kvm: Kvm,
-    mem: GuestMemoryMmap,
-    dirty_logging: bool,
+    vm: Vm,
     serial_out: SerialOut,
     virtio: Vec<VirtioEntry>,
     saved: Option<&DevicesState>,
 ) -> Result<Machine, BuildError> {
-    let mut vm = Vm::new(&kvm, mem.clone(), dirty_logging)?;
-    vm.setup_irqchip()?;
-
+    let mem = vm.memory().clone();
     let run_state = Arc::new(VmRunState::new().map_err(BuildError::EventFd)?);
     let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
     let mut pio_bus = Bus::new();
@@ -305,7 +356,8 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     let serial_out = serial_output(&config.serial)?;
 
     let kvm = open_kvm(config.vcpus, config.allow_pvm)?;
-    let machine = assemble(kvm, mem.clone(), false, serial_out, virtio, None)?;
+    let vm = create_vm(&kvm, mem.clone(), false)?;
+    let machine = assemble(kvm, vm, serial_out, virtio, None)?;
 
     let mut cmdline = String::from(BASE_CMDLINE);
     for arg in &machine.virtio_cmdline {
@@ -364,22 +416,25 @@ pub fn restore_microvm(
         id: newest.meta.id,
         path: dir.clone(),
     };
+    let vcpus = newest.microvm.config.vcpus;
     restore_from_state(
         &newest.microvm,
-        || Ok(snapshot.restore_memory()?),
+        // KVM's dirty log is on from the start, so the next snapshot can be a diff on this one.
+        || PreparedVm::new(vcpus, snapshot.restore_memory()?, true, options.allow_pvm),
         options,
         Some(last),
     )
 }
 
-/// Builds a microVM from a saved state and its guest memory (from `memory`, called once the
-/// host resources are open); `last` names the snapshot the memory equals, if any. With a
-/// `last`, KVM's dirty log is on from the start, so the next snapshot can be a diff on it;
-/// without (a migrated VM), it stays off until a snapshot or migration turns it on: with it
-/// KVM maps guest RAM in 4 KiB pages write-protected, which slows the guest's restart.
+/// Builds a microVM from a saved state into the VM `prepare` makes (called once the host
+/// resources are open, with guest memory holding the saved pages); `last` names the snapshot
+/// the memory equals, if any. A VM prepared with KVM's dirty log on (a snapshot's restore)
+/// tracks writes from here on, so that the next snapshot can be a diff; one without (a
+/// migrated VM) runs faster - KVM maps its RAM in huge, writable pages - until a snapshot or
+/// migration turns the log on.
 pub fn restore_from_state(
     state: &MicroVmState,
-    memory: impl FnOnce() -> Result<GuestMemoryMmap, BuildError>,
+    prepare: impl FnOnce() -> Result<PreparedVm, BuildError>,
     options: &RestoreOptions,
     last: Option<ParentRef>,
 ) -> Result<MicroVm, BuildError> {
@@ -418,30 +473,29 @@ pub fn restore_from_state(
     }
     let serial_out = serial_output(&options.serial)?;
     let devices_done = t0.elapsed();
-    let kvm = open_kvm(config.vcpus, options.allow_pvm)?;
-    let mem = memory()?;
-    let memory_done = t0.elapsed();
-    let track_dirty = last.is_some();
-    let machine = assemble(
-        kvm,
-        mem,
-        track_dirty,
-        serial_out,
-        virtio,
-        Some(&state.devices),
-    )?;
+    let PreparedVm { kvm, vm, vcpus } = prepare()?;
+    if vcpus.len() != state.vcpus.len() {
+        return Err(BuildError::SnapshotVcpus {
+            saved: state.vcpus.len(),
+            config: vcpus.len() as u8,
+        });
+    }
+    let track_dirty = vm.dirty_logging();
+    let prepared = t0.elapsed();
+    let machine = assemble(kvm, vm, serial_out, virtio, Some(&state.devices))?;
     let assembled = t0.elapsed();
     machine.vm.restore_state(&state.vm)?;
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for saved in &state.vcpus {
-        let vcpu = Vcpu::new(
-            &machine.vm,
-            saved.index,
-            machine.pio_bus.clone(),
-            machine.mmio_bus.clone(),
-        )?;
+    let mut restored = Vec::with_capacity(vcpus.len());
+    for (mut vcpu, saved) in vcpus.into_iter().zip(&state.vcpus) {
+        if vcpu.index() != saved.index {
+            return Err(BuildError::SnapshotVcpuOrder {
+                position: vcpu.index(),
+                saved: saved.index,
+            });
+        }
+        vcpu.attach_buses(machine.pio_bus.clone(), machine.mmio_bus.clone());
         vcpu.restore_state(saved)?;
-        vcpus.push(vcpu);
+        restored.push(vcpu);
     }
     let vcpus_done = t0.elapsed();
     if track_dirty {
@@ -450,11 +504,11 @@ pub fn restore_from_state(
     }
     tracing::info!(
         devices_us = devices_done.as_micros() as u64,
-        kvm_memory_us = (memory_done - devices_done).as_micros() as u64,
-        assemble_us = (assembled - memory_done).as_micros() as u64,
+        prepare_us = (prepared - devices_done).as_micros() as u64,
+        assemble_us = (assembled - prepared).as_micros() as u64,
         vcpus_us = (vcpus_done - assembled).as_micros() as u64,
         dirty_log_us = (t0.elapsed() - vcpus_done).as_micros() as u64,
         "machine restored"
     );
-    Ok(machine.into_microvm(vcpus, config, last))
+    Ok(machine.into_microvm(restored, config, last))
 }

@@ -1,5 +1,6 @@
 //! `vmr`: run a Linux microVM.
 
+use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use vmm::api::{ApiClient, ApiServer, MigrateParams, SnapshotType};
 use vmm::builder::{build_microvm, restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
-use vmm::microvm::MicroVm;
+use vmm::microvm::{MicroVm, VmPhase};
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
@@ -228,11 +229,13 @@ fn receive(args: ReceiveArgs) -> Result<ExitCode, String> {
     resume_moved(microvm, args.host.api.as_deref())
 }
 
-/// Runs a VM that was restored or received: its vCPUs first, for the shortest pause, then the
-/// announcement on the network, the interrupts the source may have raised as it stopped, and
-/// the API.
+/// Runs a VM that was restored or received: its vCPUs first (a received VM's already run),
+/// for the shortest pause, then the announcement on the network, the interrupts the source may
+/// have raised as it stopped, and the API.
 fn resume_moved(mut microvm: MicroVm, api: Option<&Path>) -> Result<ExitCode, String> {
-    microvm.start().map_err(|e| e.to_string())?;
+    if microvm.phase() == VmPhase::Created {
+        microvm.start().map_err(|e| e.to_string())?;
+    }
     microvm.announce();
     microvm.raise_device_interrupts();
     run_microvm(microvm, api)
@@ -316,6 +319,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log file gets plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

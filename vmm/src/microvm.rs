@@ -133,6 +133,8 @@ pub struct SnapshotReport {
 /// the paused machine and the pages written since the last collection. The VM stays frozen -
 /// vCPUs parked, device events not processed - until `outcome` is answered.
 pub struct Frozen {
+    /// When the vCPUs were asked to stop: the guest's downtime runs from here.
+    pub since: Instant,
     /// Everything but memory.
     pub state: MicroVmState,
     /// Pages written since the last collection of the dirty log.
@@ -496,11 +498,13 @@ impl MicroVm {
         let _ = freezes.wake.read();
         while let Ok(reply) = freezes.requests.try_recv() {
             let was_running = self.phase == VmPhase::Running;
+            let since = Instant::now();
             let frozen = self.freeze();
             let (outcome_tx, outcome_rx) = channel();
             let sent = match frozen {
                 Ok((state, dirty)) => reply
                     .send(Ok(Frozen {
+                        since,
                         state,
                         dirty,
                         outcome: outcome_tx,
@@ -521,10 +525,6 @@ impl MicroVm {
             match outcome {
                 FreezeOutcome::Moved => {
                     tracing::info!("the VM moved to another host: ending here");
-                    // The guest restarts elsewhere, maybe on this host's CPUs: this thread's
-                    // teardown (joining the vCPUs, giving guest RAM back) yields to it.
-                    // SAFETY: setpriority on the calling thread only changes its nice value.
-                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
                     self.run_state.request_exit(ExitReason::Migrated);
                     return;
                 }

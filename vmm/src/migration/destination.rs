@@ -7,8 +7,8 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Message, MessageReader, MessageWriter, Purpose, PROTOCOL_VERSION};
-use crate::builder::{restore_from_state, BuildError, RestoreOptions};
-use crate::microvm::MicroVm;
+use crate::builder::{restore_from_state, BuildError, PreparedVm, RestoreOptions};
+use crate::microvm::{MicroVm, RunError};
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
 
@@ -39,6 +39,9 @@ pub enum ReceiveError {
     /// Guest memory cannot be created.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The VM cannot be created here.
+    #[error("cannot create the VM here: {0}")]
+    Prepare(BuildError),
     /// A page lies outside guest memory.
     #[error("page {0} is outside guest memory")]
     PageOutOfRange(u64),
@@ -48,6 +51,9 @@ pub enum ReceiveError {
     /// The machine cannot be restored from the state.
     #[error("cannot restore the VM: {0}")]
     Restore(#[from] BuildError),
+    /// The restored VM's vCPUs cannot be started.
+    #[error("cannot start the received VM: {0}")]
+    Start(RunError),
 }
 
 /// What a received migration took.
@@ -61,8 +67,8 @@ pub struct Received {
     pub restore: Duration,
 }
 
-/// Accepts migrations on `listener` until one completes; returns the restored VM, ready to
-/// run (the source has ended).
+/// Accepts migrations on `listener` until one completes; returns the restored VM, its vCPUs
+/// running (the source has ended).
 pub fn receive(
     listener: &TcpListener,
     options: &RestoreOptions,
@@ -119,8 +125,15 @@ fn receive_stream(
             hello.page_size, hello.mem_bytes
         )));
     }
+    if hello.vcpus == 0 {
+        return Err(ReceiveError::Unfit("a VM of no vCPUs".into()));
+    }
+    // The VM is made now, while the guest still runs at the source: the switch-over then
+    // only restores state into it.
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
-    let map = PageMap::new(&mem);
+    let prepared = PreparedVm::new(hello.vcpus, mem, false, options.allow_pvm)
+        .map_err(ReceiveError::Prepare)?;
+    let map = PageMap::new(prepared.memory());
     reader.set_max_pages(map.pages());
     writer.send(&Message::Ack { seq: 0 })?;
     writer.flush()?;
@@ -162,9 +175,15 @@ fn receive_stream(
     let committed = Instant::now();
     super::write_page_digest(&map, "destination");
     let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
-    let microvm = restore_from_state(&state, || Ok(mem), options, None)?;
+    let mut microvm = restore_from_state(&state, || Ok(prepared), options, None)?;
     writer.send(&Message::Ack { seq: commit })?;
     writer.flush()?;
+    // The source has stopped for good: the guest runs here from now, before anything else.
+    microvm.start().map_err(ReceiveError::Start)?;
+    tracing::info!(
+        restore_us = committed.elapsed().as_micros() as u64,
+        "migration committed and acknowledged, the guest runs here"
+    );
     Ok((
         microvm,
         Received {

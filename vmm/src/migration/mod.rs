@@ -33,3 +33,22 @@ pub(crate) fn write_page_digest(map: &PageMap<'_>, side: &str) {
         tracing::warn!("cannot write the page digest to {path:?}: {e}");
     }
 }
+
+/// Moves every thread of this process to `SCHED_IDLE`: from here on it runs only on CPU time
+/// nothing else wants.
+pub(crate) fn yield_cpu() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse().ok())
+    {
+        // SAFETY: changes the scheduling policy of one of this process's threads; `param` is a
+        // valid sched_param for SCHED_IDLE (priority 0).
+        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::debug!(tid, "cannot move a thread to SCHED_IDLE");
+        }
+    }
+}

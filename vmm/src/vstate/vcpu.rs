@@ -269,6 +269,57 @@ pub struct Vcpu {
     has_lapic: bool,
     pio_bus: Bus,
     mmio_bus: Bus,
+    /// The thread to run on, if started ahead ([`Vcpu::spawn_thread`]).
+    thread: Option<VcpuThread>,
+}
+
+/// A vCPU's thread, waiting for its vCPU: dropped instead, it ends.
+struct VcpuThread {
+    index: u8,
+    launch: Sender<(Vcpu, Arc<VmRunState>)>,
+    thread: JoinHandle<()>,
+    requests: Sender<VcpuRequest>,
+    responses: Receiver<VcpuResponse>,
+}
+
+impl VcpuThread {
+    fn spawn(index: u8) -> Result<Self, VcpuError> {
+        let (launch_tx, launch_rx) = channel::<(Vcpu, Arc<VmRunState>)>();
+        let (request_tx, request_rx) = channel();
+        let (response_tx, response_rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                if let Ok((vcpu, run_state)) = launch_rx.recv() {
+                    vcpu.thread_main(&run_state, &request_rx, &response_tx);
+                }
+            })
+            .map_err(|source| VcpuError::SpawnThread { index, source })?;
+        Ok(Self {
+            index,
+            launch: launch_tx,
+            thread,
+            requests: request_tx,
+            responses: response_rx,
+        })
+    }
+
+    /// Runs `vcpu` (of this thread's index) here.
+    fn launch(self, vcpu: Vcpu, run_state: Arc<VmRunState>) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        self.launch
+            .send((vcpu, run_state))
+            .map_err(|_| VcpuError::NoAnswer {
+                index,
+                request: "start",
+            })?;
+        Ok(VcpuHandle {
+            index,
+            thread: self.thread,
+            requests: self.requests,
+            responses: self.responses,
+        })
+    }
 }
 
 impl Vcpu {
@@ -284,7 +335,15 @@ impl Vcpu {
             has_lapic: vm.has_irqchip(),
             pio_bus,
             mmio_bus,
+            thread: None,
         })
+    }
+
+    /// Dispatches this vCPU's exits to `pio_bus` and `mmio_bus` (for a vCPU created before
+    /// its devices, see [`crate::builder::PreparedVm`]).
+    pub fn attach_buses(&mut self, pio_bus: Bus, mmio_bus: Bus) {
+        self.pio_bus = pio_bus;
+        self.mmio_bus = mmio_bus;
     }
 
     /// Sets CPUID (per-vCPU APIC ID and topology) and the boot MSRs.
@@ -565,20 +624,21 @@ impl Vcpu {
     /// Starts the vCPU on its own thread; it runs until `run_state` asks it to stop or the
     /// guest ends, which it reports through `run_state`, and obeys requests sent through the
     /// returned handle (pause, resume, save).
-    pub fn start(self, run_state: Arc<VmRunState>) -> Result<VcpuHandle, VcpuError> {
-        let index = self.index;
-        let (request_tx, request_rx) = channel();
-        let (response_tx, response_rx) = channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.thread_main(&run_state, &request_rx, &response_tx))
-            .map_err(|source| VcpuError::SpawnThread { index, source })?;
-        Ok(VcpuHandle {
-            index,
-            thread,
-            requests: request_tx,
-            responses: response_rx,
-        })
+    pub fn start(mut self, run_state: Arc<VmRunState>) -> Result<VcpuHandle, VcpuError> {
+        let thread = match self.thread.take() {
+            Some(thread) => thread,
+            None => VcpuThread::spawn(self.index)?,
+        };
+        thread.launch(self, run_state)
+    }
+
+    /// Starts the thread [`Vcpu::start`] will run this vCPU on, now: starting it then costs a
+    /// wake-up rather than a new thread (a restored VM's, while the guest is stopped).
+    pub fn spawn_thread(&mut self) -> Result<(), VcpuError> {
+        if self.thread.is_none() {
+            self.thread = Some(VcpuThread::spawn(self.index)?);
+        }
+        Ok(())
     }
 
     fn thread_main(

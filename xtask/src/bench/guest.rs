@@ -170,7 +170,9 @@ impl Console {
                     return;
                 }
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                if text.contains(TICK) {
+                // A heartbeat counts once its line is whole: a line the source left unfinished
+                // as it stopped is only read when its output ends, long after.
+                if text.contains(TICK) && line.ends_with(b"\n") {
                     log.ticks.push(now);
                 } else {
                     if text.contains(READY) && log.ready.is_none() {
