@@ -337,17 +337,20 @@ impl MicroVm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), RunError> {
+        self.run_state.hold_start();
         for vcpu in self.vcpus.drain(..) {
             match vcpu.start(self.run_state.clone()) {
                 Ok(handle) => self.handles.push(handle),
                 Err(e) => {
                     self.run_state
                         .request_exit(ExitReason::Error(e.to_string()));
+                    self.run_state.release_start();
                     self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
                     return Err(e.into());
                 }
             }
         }
+        self.run_state.release_start();
         self.phase = VmPhase::Running;
         self.started = Some(Instant::now());
         tracing::info!(vcpus = self.handles.len(), "vCPUs running");

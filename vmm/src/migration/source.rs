@@ -15,9 +15,11 @@
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-use super::wire::{self, Hello, Message, MessageReader, MessageWriter, PageBatchBuilder, Purpose};
+use super::wire::{
+    self, Hello, Message, MessageReader, MessageWriter, PageBatch, Purpose, BATCH_PAGES,
+};
 use crate::microvm::{FreezeHandle, FreezeOutcome};
-use crate::vstate::memory::{is_zero, PageMap, PAGE_SIZE};
+use crate::vstate::memory::{PageMap, PAGE_SIZE};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Default largest pause of the guest.
@@ -118,6 +120,10 @@ impl Link {
         self.writer.send(msg).map_err(|e| self.wire_err(e))
     }
 
+    fn send_pages(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
+        self.writer.send_pages(batch).map_err(|e| self.wire_err(e))
+    }
+
     /// Waits for `Ack seq`.
     fn expect_ack(&mut self, seq: u64) -> Result<(), MigrationError> {
         self.writer.flush().map_err(|e| self.wire_err(e))?;
@@ -129,31 +135,32 @@ impl Link {
     }
 }
 
-/// Sends the pages listed by `pages` in batches; returns how many.
+/// Sends the pages listed by `pages` in batches (all-zero ones not at all if `skip_zero`);
+/// returns how many.
 fn send_pages(
     link: &mut Link,
     map: &PageMap<'_>,
     pages: impl Iterator<Item = u64>,
     skip_zero: bool,
 ) -> Result<u64, MigrationError> {
-    let mut builder = PageBatchBuilder::new();
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut batch = PageBatch::with_capacity(BATCH_PAGES);
     let mut sent = 0;
     for page in pages {
         let Some(slice) = map.page(page) else {
             continue;
         };
-        slice.copy_to(&mut buf[..]);
-        if skip_zero && is_zero(&buf) {
-            continue;
-        }
-        sent += 1;
-        if let Some(batch) = builder.push(page, &buf) {
-            link.send(&Message::Pages(batch))?;
+        batch.push_with(page, skip_zero, |buf| {
+            slice.copy_to(buf);
+        });
+        if batch.len() >= BATCH_PAGES {
+            link.send_pages(&batch)?;
+            sent += batch.len() as u64;
+            batch.clear();
         }
     }
-    if let Some(batch) = builder.finish() {
-        link.send(&Message::Pages(batch))?;
+    if !batch.is_empty() {
+        link.send_pages(&batch)?;
+        sent += batch.len() as u64;
     }
     Ok(sent)
 }
@@ -268,6 +275,7 @@ pub fn migrate(
         link.send(&Message::Commit { seq: COMMIT_SEQ })?;
         let committed = paused.elapsed();
         link.expect_ack(COMMIT_SEQ)?;
+        let acked = paused.elapsed();
         // The guest runs at the destination now, maybe on this host's CPUs: what is left here
         // (the report, the teardown of this VM) yields to it.
         super::yield_cpu();
@@ -276,14 +284,14 @@ pub fn migrate(
             freeze_us = saved.as_micros() as u64,
             pages_us = (pages_sent - saved).as_micros() as u64,
             state_us = (committed - pages_sent).as_micros() as u64,
-            ack_us = (paused.elapsed() - committed).as_micros() as u64,
+            ack_us = (acked - committed).as_micros() as u64,
             "migration: final copy done"
         );
-        Ok::<u64, MigrationError>(n)
+        Ok::<_, MigrationError>((n, acked))
     })();
     match result {
-        Ok(n) => {
-            report.downtime = paused.elapsed();
+        Ok((n, downtime)) => {
+            report.downtime = downtime;
             report.final_pages = n;
             report.pages_sent += n;
             report.bytes_sent = link.writer.bytes_sent();

@@ -36,13 +36,15 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 32;
 /// Default largest payload accepted (checked before anything is allocated).
 pub const DEFAULT_MAX_PAYLOAD: u32 = 64 << 20;
-/// Pages per batch a [`PageBatchBuilder`] fills before handing it out (2 MiB).
+/// Pages a sender puts in one batch (2 MiB).
 pub const BATCH_PAGES: usize = 512;
 /// Default zstd level: fast; guest memory compresses well even so.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 /// Bit of a page index in a batch marking an all-zero page (no data follows).
 const ZERO_PAGE: u64 = 1 << 63;
 const FLAG_ZSTD: u8 = 1;
+/// The message kind of `Pages`.
+const PAGES_KIND: u8 = 2;
 
 /// Why a frame or message cannot be sent or received.
 #[derive(Debug, thiserror::Error)]
@@ -150,15 +152,34 @@ impl Hello {
 }
 
 /// Guest pages: (page number, contents), an all-zero page carried by its number only.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct PageBatch {
     /// Page numbers, [`ZERO_PAGE`] set for a zero page.
     index: Vec<u64>,
-    /// The non-zero pages, in order.
+    /// The non-zero pages, in order, from `data_start` on (a received batch keeps its whole
+    /// payload rather than copy the pages out of it).
     data: Vec<u8>,
+    data_start: usize,
 }
 
+impl PartialEq for PageBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.pages_data() == other.pages_data()
+    }
+}
+
+impl Eq for PageBatch {}
+
 impl PageBatch {
+    /// An empty batch with room for `pages` pages.
+    pub fn with_capacity(pages: usize) -> Self {
+        Self {
+            index: Vec::with_capacity(pages),
+            data: Vec::with_capacity(pages * PAGE_SIZE),
+            data_start: 0,
+        }
+    }
+
     /// Pages in the batch.
     pub fn len(&self) -> usize {
         self.index.len()
@@ -169,20 +190,42 @@ impl PageBatch {
         self.index.is_empty()
     }
 
+    /// Empties the batch, keeping its room.
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.data.clear();
+        self.data_start = 0;
+    }
+
     /// Adds page `page`.
     pub fn push(&mut self, page: u64, contents: &[u8]) {
-        debug_assert_eq!(contents.len(), PAGE_SIZE);
-        if is_zero(contents) {
-            self.index.push(page | ZERO_PAGE);
-        } else {
+        self.push_with(page, false, |buf| buf.copy_from_slice(contents));
+    }
+
+    /// Adds page `page`, its contents written by `fill` straight into the batch; an all-zero
+    /// page goes by its number only, or not at all if `skip_zero`. Whether it was added.
+    pub fn push_with(&mut self, page: u64, skip_zero: bool, fill: impl FnOnce(&mut [u8])) -> bool {
+        let start = self.data.len();
+        self.data.resize(start + PAGE_SIZE, 0);
+        fill(&mut self.data[start..]);
+        if !is_zero(&self.data[start..]) {
             self.index.push(page);
-            self.data.extend_from_slice(contents);
+            return true;
         }
+        self.data.truncate(start);
+        if !skip_zero {
+            self.index.push(page | ZERO_PAGE);
+        }
+        !skip_zero
+    }
+
+    fn pages_data(&self) -> &[u8] {
+        &self.data[self.data_start..]
     }
 
     /// (page, contents; `None` for a zero page), in order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
-        let mut pages = self.data.chunks_exact(PAGE_SIZE);
+        let mut pages = self.pages_data().chunks_exact(PAGE_SIZE);
         self.index.iter().map(move |&i| {
             if i & ZERO_PAGE != 0 {
                 (i & !ZERO_PAGE, None)
@@ -192,18 +235,26 @@ impl PageBatch {
         })
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.index.len() * 8 + self.data.len());
-        out.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
+    /// The payload in two parts, sent one after the other: the count and index, then the
+    /// pages (not copied).
+    fn encode_parts(&self) -> (Vec<u8>, &[u8]) {
+        let mut head = Vec::with_capacity(4 + self.index.len() * 8);
+        head.extend_from_slice(&(self.index.len() as u32).to_le_bytes());
         for i in &self.index {
-            out.extend_from_slice(&i.to_le_bytes());
+            head.extend_from_slice(&i.to_le_bytes());
         }
-        out.extend_from_slice(&self.data);
-        out
+        (head, self.pages_data())
     }
 
-    /// Decodes a batch, checking every page number against `max_pages`.
-    pub fn decode(payload: &[u8], max_pages: u64) -> Result<Self, WireError> {
+    #[cfg(test)]
+    fn encode(&self) -> Vec<u8> {
+        let (head, pages) = self.encode_parts();
+        [&head[..], pages].concat()
+    }
+
+    /// Decodes a batch from its payload (kept, pages and all), checking every page number
+    /// against `max_pages`.
+    pub fn decode(payload: Vec<u8>, max_pages: u64) -> Result<Self, WireError> {
         let bad = |what: &str| WireError::Payload(format!("page batch: {what}"));
         let count = payload
             .get(..4)
@@ -227,36 +278,15 @@ impl PageBatch {
                 });
             }
         }
-        let data = payload[index_end..].to_vec();
         let full = index.iter().filter(|&&i| i & ZERO_PAGE == 0).count();
-        if data.len() != full * PAGE_SIZE {
+        if payload.len() - index_end != full * PAGE_SIZE {
             return Err(bad("data does not match the index"));
         }
-        Ok(Self { index, data })
-    }
-}
-
-/// Collects pages into batches of [`BATCH_PAGES`].
-#[derive(Debug, Default)]
-pub struct PageBatchBuilder {
-    batch: PageBatch,
-}
-
-impl PageBatchBuilder {
-    /// An empty builder.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a page; returns a full batch to send.
-    pub fn push(&mut self, page: u64, contents: &[u8]) -> Option<PageBatch> {
-        self.batch.push(page, contents);
-        (self.batch.len() >= BATCH_PAGES).then(|| std::mem::take(&mut self.batch))
-    }
-
-    /// The last, partial batch, if any.
-    pub fn finish(self) -> Option<PageBatch> {
-        (!self.batch.is_empty()).then_some(self.batch)
+        Ok(Self {
+            index,
+            data: payload,
+            data_start: index_end,
+        })
     }
 }
 
@@ -295,7 +325,7 @@ impl Message {
     fn kind(&self) -> u8 {
         match self {
             Message::Hello(_) => 1,
-            Message::Pages(_) => 2,
+            Message::Pages(_) => PAGES_KIND,
             Message::State(_) => 3,
             Message::Commit { .. } => 4,
             Message::Ack { .. } => 5,
@@ -345,29 +375,37 @@ impl<W: Write> MessageWriter<W> {
 
     /// Sends `msg` (buffered: [`MessageWriter::flush`] pushes it out).
     pub fn send(&mut self, msg: &Message) -> Result<(), WireError> {
-        let (seq, payload) = match msg {
-            Message::Hello(h) => (0, encode_payload(h)?),
-            Message::Pages(batch) => (0, batch.encode()),
-            Message::State(state) => (0, state.clone()),
+        let kind = msg.kind();
+        match msg {
+            Message::Hello(h) => self.send_frame(kind, 0, &[&encode_payload(h)?[..]]),
+            Message::Pages(batch) => self.send_pages(batch),
+            Message::State(state) => self.send_frame(kind, 0, &[&state[..]]),
             Message::Commit { seq } | Message::Ack { seq } | Message::Sync { seq } => {
-                (*seq, Vec::new())
+                self.send_frame(kind, *seq, &[])
             }
-            Message::Error(reason) => (0, reason.as_bytes().to_vec()),
-            Message::Bye => (0, Vec::new()),
-        };
-        self.send_frame(msg.kind(), seq, &payload)
+            Message::Error(reason) => self.send_frame(kind, 0, &[reason.as_bytes()]),
+            Message::Bye => self.send_frame(kind, 0, &[]),
+        }
     }
 
-    fn send_frame(&mut self, kind: u8, seq: u64, payload: &[u8]) -> Result<(), WireError> {
+    /// Sends a `Pages` message of `batch`, which the caller keeps (to fill again).
+    pub fn send_pages(&mut self, batch: &PageBatch) -> Result<(), WireError> {
+        let (head, pages) = batch.encode_parts();
+        self.send_frame(PAGES_KIND, 0, &[&head, pages])
+    }
+
+    /// Sends one frame whose payload is `parts`, one after the other.
+    fn send_frame(&mut self, kind: u8, seq: u64, parts: &[&[u8]]) -> Result<(), WireError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut crc = crc32fast::Hasher::new();
+        parts.iter().for_each(|p| crc.update(p));
         let compressed = match &mut self.compressor {
-            Some(c) if payload.len() >= 256 => {
-                c.compress(payload).ok().filter(|z| z.len() < payload.len())
-            }
+            Some(c) if len >= 256 => c.compress(&parts.concat()).ok().filter(|z| z.len() < len),
             _ => None,
         };
-        let (flags, body) = match &compressed {
-            Some(z) => (FLAG_ZSTD, z.as_slice()),
-            None => (0, payload),
+        let (flags, wire_len) = match &compressed {
+            Some(z) => (FLAG_ZSTD, z.len()),
+            None => (0, len),
         };
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
@@ -375,14 +413,21 @@ impl<W: Write> MessageWriter<W> {
         h[6] = kind;
         h[7] = flags;
         h[8..16].copy_from_slice(&seq.to_le_bytes());
-        h[16..20].copy_from_slice(&(body.len() as u32).to_le_bytes());
-        h[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        h[24..28].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        h[16..20].copy_from_slice(&(wire_len as u32).to_le_bytes());
+        h[20..24].copy_from_slice(&(len as u32).to_le_bytes());
+        h[24..28].copy_from_slice(&crc.finalize().to_le_bytes());
         let crc = crc32fast::hash(&h[..28]);
         h[28..32].copy_from_slice(&crc.to_le_bytes());
         self.out.write_all(&h)?;
-        self.out.write_all(body)?;
-        self.bytes_sent += (HEADER_LEN + body.len()) as u64;
+        match &compressed {
+            Some(z) => self.out.write_all(z)?,
+            None => {
+                for part in parts {
+                    self.out.write_all(part)?;
+                }
+            }
+        }
+        self.bytes_sent += (HEADER_LEN + wire_len) as u64;
         Ok(())
     }
 
@@ -391,6 +436,9 @@ impl<W: Write> MessageWriter<W> {
         self.out.flush().map_err(Into::into)
     }
 }
+
+/// The buffer of a [`MessageReader`].
+const READ_BUFFER: usize = 64 << 10;
 
 /// Receives messages from a stream.
 pub struct MessageReader<R: Read> {
@@ -407,7 +455,9 @@ impl<R: Read> MessageReader<R> {
     /// A reader accepting payloads up to [`DEFAULT_MAX_PAYLOAD`].
     pub fn new(input: R) -> Self {
         Self {
-            input: BufReader::with_capacity(1 << 20, input),
+            // Headers come out of the buffer; a payload bigger than it is read straight
+            // into its own buffer.
+            input: BufReader::with_capacity(READ_BUFFER, input),
             max_payload: DEFAULT_MAX_PAYLOAD,
             max_pages: u64::MAX,
         }
@@ -423,7 +473,7 @@ impl<R: Read> MessageReader<R> {
         let (kind, seq, payload) = self.recv_frame()?;
         Ok(match kind {
             1 => Message::Hello(decode_payload(&payload)?),
-            2 => Message::Pages(PageBatch::decode(&payload, self.max_pages)?),
+            PAGES_KIND => Message::Pages(PageBatch::decode(payload, self.max_pages)?),
             3 => Message::State(payload),
             4 => Message::Commit { seq },
             5 => Message::Ack { seq },
@@ -558,7 +608,7 @@ mod tests {
         let mut b = PageBatch::default();
         b.push(5, &[0u8; PAGE_SIZE]);
         assert_eq!(b.encode().len(), 4 + 8);
-        let back = PageBatch::decode(&b.encode(), 10).unwrap();
+        let back = PageBatch::decode(b.encode(), 10).unwrap();
         assert_eq!(back.iter().collect::<Vec<_>>(), vec![(5, None)]);
     }
 
@@ -627,7 +677,7 @@ mod tests {
         let mut b = PageBatch::default();
         b.push(100, &page(3));
         assert!(matches!(
-            PageBatch::decode(&b.encode(), 100),
+            PageBatch::decode(b.encode(), 100),
             Err(WireError::PageOutOfRange {
                 page: 100,
                 pages: 100
@@ -635,26 +685,24 @@ mod tests {
         ));
         let mut payload = b.encode();
         payload.truncate(payload.len() - 1);
-        assert!(PageBatch::decode(&payload, 1000).is_err());
+        assert!(PageBatch::decode(payload, 1000).is_err());
     }
 
     #[test]
-    fn builder_hands_out_full_batches_then_the_rest() {
-        let mut builder = PageBatchBuilder::new();
-        let mut batches = Vec::new();
-        for p in 0..(BATCH_PAGES as u64 * 2 + 3) {
-            if let Some(b) = builder.push(p, &page(p as u8)) {
-                batches.push(b);
-            }
-        }
-        batches.extend(builder.finish());
-        let sizes: Vec<usize> = batches.iter().map(PageBatch::len).collect();
-        assert_eq!(sizes, vec![BATCH_PAGES, BATCH_PAGES, 3]);
-        let pages: Vec<u64> = batches
+    fn pages_are_filled_in_place_and_zero_pages_skipped_on_request() {
+        let mut b = PageBatch::with_capacity(4);
+        assert!(b.push_with(1, true, |buf| buf.copy_from_slice(&page(9))));
+        assert!(!b.push_with(2, true, |_| {}));
+        assert!(b.push_with(3, false, |_| {}));
+        let sent = PageBatch::decode(b.encode(), 10).unwrap();
+        assert_eq!(sent, b);
+        let pages: Vec<_> = sent
             .iter()
-            .flat_map(|b| b.iter().map(|(p, _)| p))
+            .map(|(p, d)| (p, d.map(<[u8]>::to_vec)))
             .collect();
-        assert_eq!(pages, (0..(BATCH_PAGES as u64 * 2 + 3)).collect::<Vec<_>>());
+        assert_eq!(pages, vec![(1, Some(page(9))), (3, None)]);
+        b.clear();
+        assert!(b.is_empty() && b.encode().len() == 4);
     }
 
     #[test]

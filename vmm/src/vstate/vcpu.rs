@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -198,6 +198,9 @@ pub struct VmRunState {
     exit_reason: Mutex<Option<ExitReason>>,
     /// Signalled when the VM must stop (a vCPU stopped, the guest reset).
     pub exit_evt: EventFd,
+    /// Whether vCPU threads wait before their first run (see [`VmRunState::hold_start`]).
+    start_held: Mutex<bool>,
+    start_released: Condvar,
 }
 
 impl VmRunState {
@@ -207,7 +210,32 @@ impl VmRunState {
             stop: AtomicBool::new(false),
             exit_reason: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            start_held: Mutex::new(false),
+            start_released: Condvar::new(),
         })
+    }
+
+    /// Makes vCPU threads launched from now on wait before they first run, until
+    /// [`VmRunState::release_start`]: started one after the other, the first would run the
+    /// guest alone, maybe spinning on a lock another vCPU (restored mid-way) holds.
+    pub fn hold_start(&self) {
+        *self.start_held.lock().expect("start gate poisoned") = true;
+    }
+
+    /// Lets every held vCPU thread run.
+    pub fn release_start(&self) {
+        *self.start_held.lock().expect("start gate poisoned") = false;
+        self.start_released.notify_all();
+    }
+
+    /// Waits while the start is held.
+    fn wait_start(&self) {
+        let held = self.start_held.lock().expect("start gate poisoned");
+        drop(
+            self.start_released
+                .wait_while(held, |held| *held)
+                .expect("start gate poisoned"),
+        );
     }
 
     /// Records why the VM ends (the first reason wins) and wakes the monitor.
@@ -649,6 +677,7 @@ impl Vcpu {
     ) {
         let index = self.index;
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
+        run_state.wait_start();
         let mut paused = false;
         loop {
             let request = if paused {

@@ -135,6 +135,8 @@ fn base64(data: &[u8]) -> String {
 #[derive(Default)]
 struct Log {
     ready: Option<Instant>,
+    /// The first line, whatever it was.
+    first: Option<(Instant, String)>,
     ticks: Vec<Instant>,
     /// Lines (other than ticks) containing a marker asked for with [`Console::wait_line`].
     seen: Vec<(Instant, String)>,
@@ -170,6 +172,9 @@ impl Console {
                     return;
                 }
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                if log.first.is_none() {
+                    log.first = Some((now, text.clone()));
+                }
                 // A heartbeat counts once its line is whole: a line the source left unfinished
                 // as it stopped is only read when its output ends, long after.
                 if text.contains(TICK) && line.ends_with(b"\n") {
@@ -250,6 +255,15 @@ impl Console {
             let later: Vec<&Instant> = log.ticks.iter().filter(|t| **t > after).collect();
             (later.len() >= n).then(|| *later[0])
         })
+    }
+
+    /// When the first line arrived, if it finished a heartbeat another console began: a
+    /// migration that stopped the guest in the middle of a heartbeat line has the destination
+    /// print the rest of it (this console's first line is then a tail of the heartbeat).
+    pub fn finished_heartbeat(&self) -> Option<Instant> {
+        let log = self.log.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, text) = log.first.as_ref()?;
+        (text.len() < TICK.len() && TICK.ends_with(text.as_str())).then_some(*at)
     }
 
     /// The last lines other than heartbeats.

@@ -4,7 +4,8 @@
 //!
 //! Downtime is what the guest's heartbeat shows: `vmr-dirty` prints a line every
 //! [`TICK_MS`], each timed on arrival from the source's and then the destination's console, and
-//! the downtime is the longest gap between two heartbeats less one tick. It is the same
+//! the downtime is the longest gap between two heartbeats less one tick (a heartbeat line the
+//! source began and the destination finished counts when it is whole). It is the same
 //! measure for both monitors, taken outside both; each monitor's own figure is reported beside
 //! it (vmr: from pausing to the destination's acknowledgement; QEMU: `query-migrate`'s
 //! `downtime`).
@@ -177,6 +178,7 @@ fn observed_downtime(src: &Monitor, dest: &Monitor, start: Instant) -> Result<f6
     let end = Instant::now();
     let mut ticks = src.console.ticks();
     ticks.extend(dest.console.ticks());
+    ticks.extend(dest.console.finished_heartbeat());
     let gap = longest_gap(&ticks, start - Duration::from_millis(5 * TICK_MS), end);
     Ok((gap.as_secs_f64() * 1000.0 - TICK_MS as f64).max(0.0))
 }
