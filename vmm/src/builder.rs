@@ -16,7 +16,6 @@ use crate::config::{ConfigError, NetConfig, SerialConfig, VmConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, SerialRestoreError};
-use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::{Block, BlockError, BlockRestoreArgs};
 use crate::devices::virtio::mmio::{MmioRestoreArgs, MmioRestoreError, MmioTransport};
 use crate::devices::virtio::net::{Net, NetError, NetRestoreArgs};
@@ -29,7 +28,7 @@ use crate::persist::Persist;
 use crate::snapshot::{LoadedSnapshot, MicroVmState, ParentRef, SnapshotError};
 use crate::vstate::memory::{self, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VmRunState};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{ClockRestore, Vm, VmError};
 
 /// Arguments the monitor always passes to the kernel, before the user's.
 pub const BASE_CMDLINE: &str =
@@ -246,8 +245,7 @@ fn assemble(
     let mut pio_bus = Bus::new();
     let mut mmio_bus = Bus::new();
 
-    let serial_irq = EventFdTrigger::new().map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq.0, layout::SERIAL_IRQ)?;
+    let serial_irq = vm.irq_line(layout::SERIAL_IRQ);
     let serial = match saved {
         Some(state) => SerialDevice::restore((serial_irq, serial_out), &state.serial)?,
         None => SerialDevice::new(serial_irq, serial_out),
@@ -423,6 +421,7 @@ pub fn restore_microvm(
         || PreparedVm::new(vcpus, snapshot.restore_memory()?, true, options.allow_pvm),
         options,
         Some(last),
+        ClockRestore::AsSaved,
     )
 }
 
@@ -431,12 +430,14 @@ pub fn restore_microvm(
 /// the memory equals, if any. A VM prepared with KVM's dirty log on (a snapshot's restore)
 /// tracks writes from here on, so that the next snapshot can be a diff; one without (a
 /// migrated VM) runs faster - KVM maps its RAM in huge, writable pages - until a snapshot or
-/// migration turns the log on.
+/// migration turns the log on. `clock` says whether the guest's clocks catch up with the time
+/// since the save.
 pub fn restore_from_state(
     state: &MicroVmState,
     prepare: impl FnOnce() -> Result<PreparedVm, BuildError>,
     options: &RestoreOptions,
     last: Option<ParentRef>,
+    clock: ClockRestore,
 ) -> Result<MicroVm, BuildError> {
     let mut config = state.config.clone();
     config.serial = options.serial.clone();
@@ -484,7 +485,8 @@ pub fn restore_from_state(
     let prepared = t0.elapsed();
     let machine = assemble(kvm, vm, serial_out, virtio, Some(&state.devices))?;
     let assembled = t0.elapsed();
-    machine.vm.restore_state(&state.vm)?;
+    let advance = state.vm.clock_advance(clock);
+    machine.vm.restore_state(&state.vm, advance)?;
     let mut restored = Vec::with_capacity(vcpus.len());
     for (mut vcpu, saved) in vcpus.into_iter().zip(&state.vcpus) {
         if vcpu.index() != saved.index {
@@ -494,7 +496,7 @@ pub fn restore_from_state(
             });
         }
         vcpu.attach_buses(machine.pio_bus.clone(), machine.mmio_bus.clone());
-        vcpu.restore_state(saved)?;
+        vcpu.restore_state(saved, advance)?;
         restored.push(vcpu);
     }
     let vcpus_done = t0.elapsed();
@@ -508,6 +510,7 @@ pub fn restore_from_state(
         assemble_us = (assembled - prepared).as_micros() as u64,
         vcpus_us = (vcpus_done - assembled).as_micros() as u64,
         dirty_log_us = (t0.elapsed() - vcpus_done).as_micros() as u64,
+        clock_advance_us = advance.as_micros() as u64,
         "machine restored"
     );
     Ok(machine.into_microvm(restored, config, last))

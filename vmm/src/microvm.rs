@@ -337,24 +337,40 @@ impl MicroVm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), RunError> {
+        self.launch_vcpus()?;
+        self.release_vcpus();
+        Ok(())
+    }
+
+    /// Hands every vCPU to its thread, where it waits until [`MicroVm::release_vcpus`] (or
+    /// [`MicroVm::abandon_vcpus`]): all then start together, at the cost of one wake-up.
+    pub fn launch_vcpus(&mut self) -> Result<(), RunError> {
         self.run_state.hold_start();
-        for vcpu in self.vcpus.drain(..) {
+        for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start(self.run_state.clone()) {
                 Ok(handle) => self.handles.push(handle),
                 Err(e) => {
-                    self.run_state
-                        .request_exit(ExitReason::Error(e.to_string()));
-                    self.run_state.release_start();
-                    self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
+                    self.abandon_vcpus(ExitReason::Error(e.to_string()));
                     return Err(e.into());
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Lets the launched vCPUs run.
+    pub fn release_vcpus(&mut self) {
         self.run_state.release_start();
         self.phase = VmPhase::Running;
         self.started = Some(Instant::now());
         tracing::info!(vcpus = self.handles.len(), "vCPUs running");
-        Ok(())
+    }
+
+    /// Ends the launched vCPU threads without the guest having run.
+    pub fn abandon_vcpus(&mut self, reason: ExitReason) {
+        self.run_state.request_exit(reason);
+        self.run_state.release_start();
+        self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
     }
 
     /// Runs the guest until it ends; returns why it ended.

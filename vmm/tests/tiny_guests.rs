@@ -105,7 +105,10 @@ impl TinyGuest {
 
         let console = SharedBuf::default();
         let mut pio = Bus::new();
-        let serial = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(console.clone()));
+        let serial = SerialDevice::<EventFdTrigger>::new(
+            EventFdTrigger::new().unwrap(),
+            Box::new(console.clone()),
+        );
         pio.insert(Arc::new(Mutex::new(serial)), 0x3f8, 8).unwrap();
         let run_state = Arc::new(VmRunState::new().unwrap());
         let i8042 = I8042::new(run_state.clone());
@@ -328,7 +331,7 @@ fn save_and_restore_continue_a_computation_exactly() {
     mem.write_slice(&memory, GuestAddress(0)).unwrap();
     let vm = Vm::new(&kvm, mem, false).unwrap();
     let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new()).unwrap();
-    vcpu.restore_state(&state).unwrap();
+    vcpu.restore_state(&state, Duration::ZERO).unwrap();
     let restored_regs = vcpu.fd().get_regs().unwrap();
     assert_eq!(restored_regs.rcx, steps_left);
     assert_eq!(restored_regs.rip, state.regs.rip);

@@ -11,6 +11,8 @@ use crate::builder::{restore_from_state, BuildError, PreparedVm, RestoreOptions}
 use crate::microvm::{MicroVm, RunError};
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
+use crate::vstate::vcpu::ExitReason;
+use crate::vstate::vm::ClockRestore;
 
 /// An all-zero page.
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -175,11 +177,24 @@ fn receive_stream(
     let committed = Instant::now();
     super::write_page_digest(&map, "destination");
     let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
-    let mut microvm = restore_from_state(&state, || Ok(prepared), options, None)?;
-    writer.send(&Message::Ack { seq: commit })?;
-    writer.flush()?;
-    // The source has stopped for good: the guest runs here from now, before anything else.
-    microvm.start().map_err(ReceiveError::Start)?;
+    let mut microvm = restore_from_state(
+        &state,
+        || Ok(prepared),
+        options,
+        None,
+        ClockRestore::CatchUp,
+    )?;
+    // The vCPU threads take the vCPUs now and wait: after the Ack (the source has stopped for
+    // good) the guest runs here at once, before anything else.
+    microvm.launch_vcpus().map_err(ReceiveError::Start)?;
+    let acked = writer
+        .send(&Message::Ack { seq: commit })
+        .and_then(|()| writer.flush());
+    if let Err(e) = acked {
+        microvm.abandon_vcpus(ExitReason::Error(format!("the Ack was not sent: {e}")));
+        return Err(e.into());
+    }
+    microvm.release_vcpus();
     tracing::info!(
         restore_us = committed.elapsed().as_micros() as u64,
         "migration committed and acknowledged, the guest runs here"

@@ -6,6 +6,7 @@ pub mod source;
 pub mod wire;
 
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use crate::vstate::memory::{PageMap, PAGE_SIZE};
 
@@ -34,9 +35,25 @@ pub(crate) fn write_page_digest(map: &PageMap<'_>, side: &str) {
     }
 }
 
-/// Moves every thread of this process to `SCHED_IDLE`: from here on it runs only on CPU time
-/// nothing else wants.
-pub(crate) fn yield_cpu() {
+/// Moves every thread of this process to `SCHED_IDLE` for `grace`, then back to the normal
+/// policy: meanwhile it runs only on CPU time nothing else wants (a guest that just moved to
+/// a destination on the same host starts first), and afterwards it is not starved by a busy
+/// one (its API answer and its exit stay prompt).
+pub(crate) fn yield_cpu_for(grace: Duration) {
+    // The thread that ends the yield is made before it: threads inherit their maker's policy.
+    let restore = std::thread::Builder::new()
+        .name("cpu-yield".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            set_policy(libc::SCHED_OTHER);
+        });
+    if restore.is_ok() {
+        set_policy(libc::SCHED_IDLE);
+    }
+}
+
+/// Sets the scheduling policy of every thread of this process.
+fn set_policy(policy: libc::c_int) {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return;
     };
@@ -46,9 +63,9 @@ pub(crate) fn yield_cpu() {
         .filter_map(|t| t.file_name().to_str()?.parse().ok())
     {
         // SAFETY: changes the scheduling policy of one of this process's threads; `param` is a
-        // valid sched_param for SCHED_IDLE (priority 0).
-        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } != 0 {
-            tracing::debug!(tid, "cannot move a thread to SCHED_IDLE");
+        // valid sched_param for SCHED_IDLE and SCHED_OTHER (priority 0).
+        if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+            tracing::debug!(tid, policy, "cannot change a thread's scheduling policy");
         }
     }
 }

@@ -32,6 +32,9 @@ const SMALL_FINAL_COPY: usize = 64;
 const COMMIT_SEQ: u64 = u64::MAX;
 /// How long the destination may take to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the source stays out of the way of the moved guest after the `Ack` (see
+/// [`super::yield_cpu_for`]): long enough for the destination to start it.
+const SWITCH_OVER_GRACE: Duration = Duration::from_millis(300);
 
 /// Why a migration failed (the VM keeps running here).
 #[derive(Debug, thiserror::Error)]
@@ -241,8 +244,9 @@ pub fn migrate(
             estimate_ms = estimate.as_millis() as u64,
             "migration: pre-copy pass done"
         );
-        // Passes that halve what is left are worth going on with.
-        let shrinking = left > SMALL_FINAL_COPY && left < previous_left / 2;
+        // Passes that cut what is left by a quarter or more are worth going on with: every
+        // page copied now is one less to copy with the guest stopped.
+        let shrinking = left > SMALL_FINAL_COPY && left < previous_left / 4 * 3;
         let fits = estimate <= options.max_downtime;
         if (fits && !shrinking) || report.passes >= MAX_PASSES {
             // Sent in the final copy, with whatever the guest writes until the freeze.
@@ -277,8 +281,8 @@ pub fn migrate(
         link.expect_ack(COMMIT_SEQ)?;
         let acked = paused.elapsed();
         // The guest runs at the destination now, maybe on this host's CPUs: what is left here
-        // (the report, the teardown of this VM) yields to it.
-        super::yield_cpu();
+        // (the report, the teardown of this VM) lets it start first.
+        super::yield_cpu_for(SWITCH_OVER_GRACE);
         tracing::info!(
             final_pages = n,
             freeze_us = saved.as_micros() as u64,

@@ -472,8 +472,12 @@ impl Vcpu {
         Ok(saved)
     }
 
-    /// Restores a saved state (DESIGN.md §5 order) into this freshly created vCPU.
-    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+    /// Restores a saved state (DESIGN.md §5 order) into this freshly created vCPU, its TSC
+    /// moved on by `advance` (as the VM's kvmclock, [`VmState::clock_advance`]), so that a
+    /// TSC-deadline timer that fell due meanwhile fires at once.
+    ///
+    /// [`VmState::clock_advance`]: super::vm::VmState::clock_advance
+    pub fn restore_state(&self, state: &VcpuState, advance: Duration) -> Result<(), VcpuError> {
         let fd = &self.fd;
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::StateList("CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(state_err("KVM_SET_CPUID2"))?;
@@ -499,7 +503,17 @@ impl Vcpu {
         if let Some(lapic) = &state.lapic {
             fd.set_lapic(lapic).map_err(state_err("KVM_SET_LAPIC"))?;
         }
-        self.restore_msrs(&state.msrs)?;
+        if advance.is_zero() {
+            self.restore_msrs(&state.msrs)?;
+        } else {
+            let khz = state.tsc_khz.or_else(|| fd.get_tsc_khz().ok()).unwrap_or(0);
+            let cycles = (advance.as_nanos() * u128::from(khz) / 1_000_000) as u64;
+            let mut msrs = state.msrs.clone();
+            for msr in msrs.iter_mut().filter(|m| m.index == msr::MSR_IA32_TSC) {
+                msr.data = msr.data.wrapping_add(cycles);
+            }
+            self.restore_msrs(&msrs)?;
+        }
         // KVM_GET_VCPU_EVENTS reports a pending NMI and the SIPI vector without flagging them
         // valid; unflagged, KVM_SET_VCPU_EVENTS would drop them.
         let mut events = state.vcpu_events;

@@ -1,16 +1,20 @@
 //! The KVM VM: its file descriptor, guest memory slots with dirty logging, the in-kernel
 //! irqchip and PIT.
 
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{GuestMemoryMmap, PageMap, PAGE_SIZE};
+use crate::devices::legacy::IrqLineTrigger;
 
 /// Address of the 3-page TSS region KVM needs on Intel hosts (below the IOAPIC, in the gap).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -106,6 +110,48 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
 }
 
+/// How far [`ClockRestore::CatchUp`] moves a guest's clocks at most: a migration's state is
+/// seconds old at the destination; more means the two hosts' clocks disagree.
+const MAX_CLOCK_CATCH_UP: Duration = Duration::from_secs(10);
+
+/// How a restored guest's clocks (kvmclock and the TSC) go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockRestore {
+    /// From where they were saved: for the guest, the time the state spent saved does not
+    /// exist (a snapshot may be restored days later; its clock is not made to jump).
+    AsSaved,
+    /// Forward by the real time that passed since the save, so that the guest's clock stays
+    /// right and its timers that fell due meanwhile fire at once (a migration: the state is
+    /// milliseconds old; both hosts' clocks are assumed in step).
+    CatchUp,
+}
+
+impl VmState {
+    /// How far the guest's clocks move at restore: for [`ClockRestore::CatchUp`], the real time
+    /// since KVM read the clock (`KVM_CLOCK_REALTIME`, which KVM gives when the host's clock
+    /// runs on a stable TSC); zero otherwise, or when that time is unknown, negative or longer
+    /// than [`MAX_CLOCK_CATCH_UP`] (hosts' clocks apart).
+    pub fn clock_advance(&self, policy: ClockRestore) -> Duration {
+        if policy == ClockRestore::AsSaved || self.clock.flags & KVM_CLOCK_REALTIME == 0 {
+            return Duration::ZERO;
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        match now.checked_sub(Duration::from_nanos(self.clock.realtime)) {
+            Some(elapsed) if elapsed <= MAX_CLOCK_CATCH_UP => elapsed,
+            elapsed => {
+                tracing::warn!(
+                    ?elapsed,
+                    "the saved clock is not from the last seconds of this host's time: the \
+                     guest's clocks go on from where they were saved"
+                );
+                Duration::ZERO
+            }
+        }
+    }
+}
+
 /// The in-kernel interrupt controllers, in restore order.
 const IRQCHIPS: [u32; 3] = [
     KVM_IRQCHIP_PIC_MASTER,
@@ -175,7 +221,7 @@ impl DirtyBitmap {
 
 /// A KVM VM with its guest memory.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     dirty_logging: std::sync::atomic::AtomicBool,
     irqchip: bool,
@@ -190,7 +236,7 @@ impl Vm {
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap, dirty_logging: bool) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let vm = Vm {
-            fd,
+            fd: Arc::new(fd),
             memory,
             dirty_logging: dirty_logging.into(),
             irqchip: false,
@@ -242,6 +288,11 @@ impl Vm {
     /// Whether the in-kernel irqchip (and so per-vCPU LAPICs) exists.
     pub fn has_irqchip(&self) -> bool {
         self.irqchip
+    }
+
+    /// A trigger that pulses interrupt line `gsi` straight into the in-kernel irqchip.
+    pub fn irq_line(&self, gsi: u32) -> IrqLineTrigger {
+        IrqLineTrigger::new(self.fd.clone(), gsi)
     }
 
     /// Routes writes to `evt` into interrupt line `gsi`.
@@ -340,8 +391,9 @@ impl Vm {
 
     /// Restores the VM-wide state saved by [`Vm::save_state`], in the order KVM needs: PIT,
     /// clock, PIC master, PIC slave, IOAPIC. Runs after [`Vm::setup_irqchip`] and before any
-    /// vCPU runs.
-    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+    /// vCPU runs. The kvmclock goes on from its saved value plus `advance` (see
+    /// [`VmState::clock_advance`]).
+    pub fn restore_state(&self, state: &VmState, advance: Duration) -> Result<(), VmError> {
         let saved_irqchip = state.pit.is_some() && state.irqchips.len() == IRQCHIPS.len();
         if saved_irqchip != self.irqchip {
             return Err(VmError::IrqchipMismatch {
@@ -352,10 +404,10 @@ impl Vm {
         if let Some(pit) = &state.pit {
             self.fd.set_pit2(pit).map_err(VmError::SetPit)?;
         }
-        // The guest's clock goes on from where it was saved (no KVM_CLOCK_REALTIME: time spent
-        // in the snapshot is not replayed as a jump); TSC_STABLE is only ever reported by KVM.
+        // The advance is computed here rather than left to KVM_CLOCK_REALTIME, so the vCPUs'
+        // TSCs move by the very same amount; TSC_STABLE is only ever reported by KVM.
         let clock = kvm_clock_data {
-            clock: state.clock.clock,
+            clock: state.clock.clock + advance.as_nanos() as u64,
             flags: 0,
             ..Default::default()
         };
@@ -379,5 +431,51 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state whose clock KVM read `age` ago (in the future for a negative one), with the
+    /// real time given or not.
+    fn read_ago(age_ms: i64, with_realtime: bool) -> VmState {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        VmState {
+            pit: None,
+            clock: kvm_clock_data {
+                clock: 1_000_000_000,
+                flags: if with_realtime { KVM_CLOCK_REALTIME } else { 0 },
+                realtime: (now - age_ms * 1_000_000) as u64,
+                ..Default::default()
+            },
+            irqchips: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn clocks_catch_up_only_with_a_recent_real_time_and_when_asked() {
+        let state = read_ago(50, true);
+        let advance = state.clock_advance(ClockRestore::CatchUp);
+        assert!(
+            advance >= Duration::from_millis(50) && advance < Duration::from_secs(5),
+            "{advance:?}"
+        );
+        assert_eq!(state.clock_advance(ClockRestore::AsSaved), Duration::ZERO);
+        for (state, what) in [
+            (read_ago(50, false), "no real time from KVM"),
+            (read_ago(-5_000, true), "read in the future"),
+            (read_ago(60_000, true), "a minute old"),
+        ] {
+            assert_eq!(
+                state.clock_advance(ClockRestore::CatchUp),
+                Duration::ZERO,
+                "{what}"
+            );
+        }
     }
 }

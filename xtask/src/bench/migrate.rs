@@ -79,6 +79,9 @@ impl MigrateArgs {
 struct Sample {
     /// Longest heartbeat gap less one tick.
     downtime_ms: f64,
+    /// The heartbeat gap across the move (last at the source to first at the destination)
+    /// less one tick.
+    switch_over_ms: f64,
     /// The monitor's own downtime figure.
     reported_downtime_ms: f64,
     /// From asking for the migration to its end as the source sees it.
@@ -89,6 +92,7 @@ struct Sample {
 struct MonitorResult {
     failed_runs: usize,
     downtime_ms: Summary,
+    switch_over_ms: Summary,
     reported_downtime_ms: Summary,
     total_ms: Summary,
     samples_downtime_ms: Vec<f64>,
@@ -105,8 +109,9 @@ impl Samples {
         match run {
             Ok(s) => {
                 eprintln!(
-                    "{label}: downtime {:7.1} ms (monitor says {:7.1}), total {:8.1} ms",
-                    s.downtime_ms, s.reported_downtime_ms, s.total_ms
+                    "{label}: downtime {:7.1} ms (switch-over {:7.1}, monitor says {:7.1}), \
+                     total {:8.1} ms",
+                    s.downtime_ms, s.switch_over_ms, s.reported_downtime_ms, s.total_ms
                 );
                 self.ok.push(s);
             }
@@ -125,6 +130,7 @@ impl Samples {
         Some(MonitorResult {
             failed_runs: self.failed,
             downtime_ms: of(|s| s.downtime_ms),
+            switch_over_ms: of(|s| s.switch_over_ms),
             reported_downtime_ms: of(|s| s.reported_downtime_ms),
             total_ms: of(|s| s.total_ms),
             samples_downtime_ms: self.ok.iter().map(|s| s.downtime_ms).collect(),
@@ -171,16 +177,28 @@ fn free_port() -> Result<u16, String> {
 
 /// The guest-side downtime of a migration that started at `start`, from the heartbeats of the
 /// source and the destination; waits for the destination's first few.
-fn observed_downtime(src: &Monitor, dest: &Monitor, start: Instant) -> Result<f64, String> {
+/// What the guest's heartbeats show of a migration that started at `start`: the longest gap
+/// and the gap across the move, each less one tick, in ms.
+fn observed_downtime(src: &Monitor, dest: &Monitor, start: Instant) -> Result<(f64, f64), String> {
     dest.console
         .wait_ticks_after(start, 5, Duration::from_secs(30))
         .map_err(|e| format!("the guest does not run on the destination: {e}"))?;
     let end = Instant::now();
-    let mut ticks = src.console.ticks();
-    ticks.extend(dest.console.ticks());
-    ticks.extend(dest.console.finished_heartbeat());
-    let gap = longest_gap(&ticks, start - Duration::from_millis(5 * TICK_MS), end);
-    Ok((gap.as_secs_f64() * 1000.0 - TICK_MS as f64).max(0.0))
+    let from = start - Duration::from_millis(5 * TICK_MS);
+    let at_source = src.console.ticks();
+    let mut at_dest = dest.console.ticks();
+    at_dest.extend(dest.console.finished_heartbeat());
+    let switch_over = match (at_source.iter().max(), at_dest.iter().min()) {
+        (Some(last), Some(first)) if first > last => *first - *last,
+        _ => return Err("no heartbeat on one side of the move".into()),
+    };
+    let mut ticks = at_source;
+    ticks.extend(at_dest);
+    let less_a_tick = |gap: Duration| (gap.as_secs_f64() * 1000.0 - TICK_MS as f64).max(0.0);
+    Ok((
+        less_a_tick(longest_gap(&ticks, from, end)),
+        less_a_tick(switch_over),
+    ))
 }
 
 fn vmr_once(
@@ -217,7 +235,7 @@ fn vmr_once(
         })
         .map_err(|e| format!("migration: {e}"))?;
     let total = start.elapsed();
-    let downtime_ms = observed_downtime(&src, &dest, start)?;
+    let (downtime_ms, switch_over_ms) = observed_downtime(&src, &dest, start)?;
     src.wait_exit(Duration::from_secs(30))?;
     if args.verbose {
         src.print_log();
@@ -225,6 +243,7 @@ fn vmr_once(
     }
     Ok(Sample {
         downtime_ms,
+        switch_over_ms,
         reported_downtime_ms: info.downtime_ms,
         total_ms: total.as_secs_f64() * 1000.0,
     })
@@ -266,9 +285,10 @@ fn qemu_once(
     qmp.execute("migrate", json!({ "uri": format!("tcp:{addr}") }))?;
     let info = qmp.wait_migration(MIGRATION_TIMEOUT)?;
     let total = start.elapsed();
-    let downtime_ms = observed_downtime(&src, &dest, start)?;
+    let (downtime_ms, switch_over_ms) = observed_downtime(&src, &dest, start)?;
     Ok(Sample {
         downtime_ms,
+        switch_over_ms,
         reported_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         total_ms: total.as_secs_f64() * 1000.0,
     })
@@ -315,10 +335,22 @@ fn measure(args: &MigrateArgs, out: &Path) -> Result<(), String> {
          both asked for at most {} ms of downtime; {} runs each, alternating",
         args.mem, args.vcpus, args.working_set, args.dirty_rate, args.max_downtime_ms, args.runs
     );
-    println!("downtime: longest gap between the guest's {TICK_MS} ms heartbeats, less one tick; monitor's own figure beside it");
     println!(
-        "{:<10}{:<8}{:>6}{:>14}{:>10}{:>16}{:>14}{:>10}",
-        "workload", "monitor", "runs", "downtime ms", "p90 ms", "monitor says", "total ms", "ratio"
+        "downtime: longest gap between the guest's {TICK_MS} ms heartbeats, less one tick; \
+         switch-over: the gap across the move (last heartbeat at the source to first at the \
+         destination), less one tick; the monitor's own figure beside them"
+    );
+    println!(
+        "{:<10}{:<8}{:>6}{:>14}{:>10}{:>14}{:>16}{:>14}{:>10}",
+        "workload",
+        "monitor",
+        "runs",
+        "downtime ms",
+        "p90 ms",
+        "switch-over",
+        "monitor says",
+        "total ms",
+        "ratio"
     );
     for w in &results {
         for (name, r) in [("vmr", &w.vmr), ("qemu", &w.qemu)] {
@@ -328,12 +360,13 @@ fn measure(args: &MigrateArgs, out: &Path) -> Result<(), String> {
                 String::new()
             };
             println!(
-                "{:<10}{:<8}{:>6}{:>14.1}{:>10.1}{:>16.1}{:>14.1}{:>10}",
+                "{:<10}{:<8}{:>6}{:>14.1}{:>10.1}{:>14.1}{:>16.1}{:>14.1}{:>10}",
                 w.workload,
                 name,
                 r.downtime_ms.runs,
                 r.downtime_ms.median,
                 r.downtime_ms.p90,
+                r.switch_over_ms.median,
                 r.reported_downtime_ms.median,
                 r.total_ms.median,
                 ratio

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
 
-use super::EventFdTrigger;
+use super::IrqLineTrigger;
 use crate::devices::bus::BusDevice;
 use crate::persist::Persist;
 
@@ -27,22 +27,22 @@ const IER_THR_EMPTY: u8 = 0x02;
 const IIR_RX_DATA: u8 = 0x04;
 const IER_RX_DATA: u8 = 0x01;
 
-/// COM1 on the port I/O bus; interrupts go out through an irqfd on IRQ 4.
+/// COM1 on the port I/O bus; interrupts go out through `T`, pulses on IRQ 4.
 ///
 /// A real UART's interrupt output is a level, held while an enabled condition is pending. Here it
-/// is an edge (an irqfd pulse on an edge-triggered IOAPIC pin), and KVM drops an edge that arrives
+/// is an edge (a pulse on an edge-triggered IOAPIC pin), and KVM drops an edge that arrives
 /// while the guest has the pin masked. The guest driver then waits forever for a "transmitter
 /// empty" interrupt that never comes: console output stops, and what was buffered is lost when
 /// the tty is hung up. [`SerialDevice::raise_stalled_interrupt`] gives the level back.
-pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, NoEvents, SerialOut>,
+pub struct SerialDevice<T: Trigger<E = std::io::Error> = IrqLineTrigger> {
+    serial: Serial<T, NoEvents, SerialOut>,
     /// When the guest last read or wrote a register, or the interrupt was last raised again.
     last_activity: Instant,
 }
 
-impl SerialDevice {
+impl<T: Trigger<E = std::io::Error>> SerialDevice<T> {
     /// A UART writing to `out`, interrupting through `irq`.
-    pub fn new(irq: EventFdTrigger, out: SerialOut) -> Self {
+    pub fn new(irq: T, out: SerialOut) -> Self {
         Self {
             serial: Serial::new(irq, out),
             last_activity: Instant::now(),
@@ -72,11 +72,6 @@ impl SerialDevice {
             }
         }
         self.last_activity = Instant::now();
-    }
-
-    /// The interrupt EventFd, to register as an irqfd.
-    pub fn irq_evt(&self) -> &vmm_sys_util::eventfd::EventFd {
-        &self.serial.interrupt_evt().0
     }
 
     /// Feeds console input to the guest.
@@ -118,9 +113,9 @@ pub struct SerialState {
 #[error("cannot restore the serial port: {0}")]
 pub struct SerialRestoreError(String);
 
-impl Persist for SerialDevice {
+impl<T: Trigger<E = std::io::Error>> Persist for SerialDevice<T> {
     type State = SerialState;
-    type ConstructorArgs = (EventFdTrigger, SerialOut);
+    type ConstructorArgs = (T, SerialOut);
     type Error = SerialRestoreError;
 
     fn save(&self) -> SerialState {
@@ -139,10 +134,7 @@ impl Persist for SerialDevice {
         }
     }
 
-    fn restore(
-        (irq, out): (EventFdTrigger, SerialOut),
-        s: &SerialState,
-    ) -> Result<Self, SerialRestoreError> {
+    fn restore((irq, out): (T, SerialOut), s: &SerialState) -> Result<Self, SerialRestoreError> {
         let uart = UartState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -164,7 +156,7 @@ impl Persist for SerialDevice {
     }
 }
 
-impl BusDevice for SerialDevice {
+impl<T: Trigger<E = std::io::Error> + Send> BusDevice for SerialDevice<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.last_activity = Instant::now();
         if data.len() == 1 {
@@ -182,7 +174,7 @@ impl BusDevice for SerialDevice {
     }
 }
 
-impl Drop for SerialDevice {
+impl<T: Trigger<E = std::io::Error>> Drop for SerialDevice<T> {
     fn drop(&mut self) {
         let _ = self.serial.writer_mut().flush();
     }
@@ -191,6 +183,9 @@ impl Drop for SerialDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::legacy::EventFdTrigger;
+
+    type SerialDevice = super::SerialDevice<EventFdTrigger>;
 
     #[test]
     fn state_round_trip_keeps_registers_and_input() {
@@ -218,7 +213,7 @@ mod tests {
 
     /// Whether the interrupt was raised since the last call (drains the eventfd).
     fn raised(dev: &SerialDevice) -> bool {
-        dev.irq_evt().read().is_ok()
+        dev.serial.interrupt_evt().0.read().is_ok()
     }
 
     #[test]
