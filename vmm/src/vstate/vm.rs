@@ -438,7 +438,7 @@ impl Vm {
 mod tests {
     use super::*;
 
-    /// A state whose clock KVM read `age` ago (in the future for a negative one), with the
+    /// A state whose clock KVM read `age_ms` ago (in the future for a negative one), with the
     /// real time given or not.
     fn read_ago(age_ms: i64, with_realtime: bool) -> VmState {
         let now = SystemTime::now()
