@@ -1,6 +1,7 @@
 //! vCPUs: configuration for Linux boot, the run loop that dispatches port and MMIO exits to the
 //! device buses, and the thread each vCPU runs on.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -503,17 +504,19 @@ impl Vcpu {
         if let Some(lapic) = &state.lapic {
             fd.set_lapic(lapic).map_err(state_err("KVM_SET_LAPIC"))?;
         }
-        if advance.is_zero() {
-            self.restore_msrs(&state.msrs)?;
-        } else {
+        let mut msrs = Cow::Borrowed(&state.msrs[..]);
+        if !advance.is_zero() {
             let khz = state.tsc_khz.or_else(|| fd.get_tsc_khz().ok()).unwrap_or(0);
             let cycles = (advance.as_nanos() * u128::from(khz) / 1_000_000) as u64;
-            let mut msrs = state.msrs.clone();
-            for msr in msrs.iter_mut().filter(|m| m.index == msr::MSR_IA32_TSC) {
+            for msr in msrs
+                .to_mut()
+                .iter_mut()
+                .filter(|m| m.index == msr::MSR_IA32_TSC)
+            {
                 msr.data = msr.data.wrapping_add(cycles);
             }
-            self.restore_msrs(&msrs)?;
         }
+        self.restore_msrs(&msrs)?;
         // KVM_GET_VCPU_EVENTS reports a pending NMI and the SIPI vector without flagging them
         // valid; unflagged, KVM_SET_VCPU_EVENTS would drop them.
         let mut events = state.vcpu_events;
