@@ -2,13 +2,13 @@
 //! structures and vCPUs, in that order, so that every input is checked before KVM is touched.
 
 use std::fs::File;
-use std::io::{LineWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::SubscriberOps;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{boot, layout, mptable, regs};
@@ -133,14 +133,12 @@ pub enum BuildError {
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOut, BuildError> {
     Ok(match config {
-        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(path) => {
-            Box::new(LineWriter::new(File::create(path).map_err(|source| {
-                BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?))
+            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
+                path: path.clone(),
+                source,
+            })?)
         }
         SerialConfig::None => Box::new(std::io::sink()) as Box<dyn Write + Send>,
     })
@@ -174,14 +172,18 @@ struct Machine {
 }
 
 /// Opens `/dev/kvm` and checks the vCPU count.
-fn open_kvm(vcpus: u8, allow_pvm: bool) -> Result<Kvm, BuildError> {
+fn open_kvm(allow_pvm: bool) -> Result<Kvm, BuildError> {
     hostcheck::check_linux_guest_support(allow_pvm)?;
-    let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
+    Kvm::new().map_err(BuildError::OpenKvm)
+}
+
+/// Refuses more vCPUs than KVM supports.
+fn check_vcpus(kvm: &Kvm, vcpus: u8) -> Result<(), BuildError> {
     let max = kvm.get_max_vcpus();
     if usize::from(vcpus) > max {
         return Err(BuildError::TooManyVcpus { asked: vcpus, max });
     }
-    Ok(kvm)
+    Ok(())
 }
 
 /// Creates the VM with `mem` and its irqchip and PIT.
@@ -189,6 +191,25 @@ fn create_vm(kvm: &Kvm, mem: GuestMemoryMmap, dirty_logging: bool) -> Result<Vm,
     let mut vm = Vm::new(kvm, mem, dirty_logging)?;
     vm.setup_irqchip()?;
     Ok(vm)
+}
+
+/// A KVM VM created before anything is known of what it will run: `/dev/kvm` opened and
+/// checked, `KVM_CREATE_VM` done. A migration's destination makes one while it waits, as
+/// QEMU's `-incoming` does: creating a VM has KVM announce it (a uevent), and on a busy host
+/// the handling of that (udev: traced in the lab at half a second of its only CPU) would
+/// otherwise compete with the guest still running at the source.
+pub struct EmptyVm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl EmptyVm {
+    /// Creates the VM.
+    pub fn new(allow_pvm: bool) -> Result<Self, BuildError> {
+        let kvm = open_kvm(allow_pvm)?;
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        Ok(Self { kvm, fd })
+    }
 }
 
 /// A VM made before its state is known: `/dev/kvm` opened and checked, the VM with its guest
@@ -211,8 +232,20 @@ impl PreparedVm {
         dirty_logging: bool,
         allow_pvm: bool,
     ) -> Result<Self, BuildError> {
-        let kvm = open_kvm(vcpus, allow_pvm)?;
-        let vm = create_vm(&kvm, mem, dirty_logging)?;
+        Self::in_vm(EmptyVm::new(allow_pvm)?, vcpus, mem, dirty_logging)
+    }
+
+    /// As [`PreparedVm::new`], in the VM `empty` created beforehand.
+    pub fn in_vm(
+        empty: EmptyVm,
+        vcpus: u8,
+        mem: GuestMemoryMmap,
+        dirty_logging: bool,
+    ) -> Result<Self, BuildError> {
+        let EmptyVm { kvm, fd } = empty;
+        check_vcpus(&kvm, vcpus)?;
+        let mut vm = Vm::with_fd(fd, mem, dirty_logging)?;
+        vm.setup_irqchip()?;
         let vcpus = (0..vcpus)
             .map(|index| {
                 // Buses come with the devices, at restore.
@@ -353,7 +386,8 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     }
     let serial_out = serial_output(&config.serial)?;
 
-    let kvm = open_kvm(config.vcpus, config.allow_pvm)?;
+    let kvm = open_kvm(config.allow_pvm)?;
+    check_vcpus(&kvm, config.vcpus)?;
     let vm = create_vm(&kvm, mem.clone(), false)?;
     let machine = assemble(kvm, vm, serial_out, virtio, None)?;
 

@@ -12,5 +12,6 @@ pub mod loader;
 pub mod microvm;
 pub mod migration;
 pub mod persist;
+pub mod prefault;
 pub mod snapshot;
 pub mod vstate;

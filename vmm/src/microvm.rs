@@ -395,9 +395,12 @@ impl MicroVm {
                     .request_exit(ExitReason::Error(format!("event loop: {e:?}")));
                 result = Err(RunError::EventLoop(e));
             }
+            let mut serial = lock(&self.devices.serial);
+            serial.flush_output();
             if self.phase == VmPhase::Running {
-                lock(&self.devices.serial).raise_stalled_interrupt();
+                serial.raise_stalled_interrupt();
             }
+            drop(serial);
             control(self);
         }
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
@@ -458,11 +461,7 @@ impl MicroVm {
             return Err(ControlError::NotPaused);
         }
         let devices = self.devices.save();
-        let vcpus = self
-            .handles
-            .iter()
-            .map(VcpuHandle::save_state)
-            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = VcpuHandle::save_all(&self.handles)?;
         Ok(MicroVmState {
             config: self.config.clone(),
             vm: self.vm.save_state()?,

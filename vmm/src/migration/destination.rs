@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Message, MessageReader, MessageWriter, Purpose, PROTOCOL_VERSION};
-use crate::builder::{restore_from_state, BuildError, PreparedVm, RestoreOptions};
+use crate::builder::{restore_from_state, BuildError, EmptyVm, PreparedVm, RestoreOptions};
 use crate::microvm::{MicroVm, RunError};
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
@@ -76,9 +76,13 @@ pub fn receive(
     options: &RestoreOptions,
 ) -> Result<(MicroVm, Received), ReceiveError> {
     loop {
+        // Made while waiting, out of the migration's way; the code that will restore the
+        // machine brought into memory too, out of the switch-over's.
+        let empty = EmptyVm::new(options.allow_pvm).map_err(ReceiveError::Prepare)?;
+        crate::prefault::own_code();
         let (stream, peer) = listener.accept().map_err(ReceiveError::Accept)?;
         tracing::info!(%peer, "incoming migration");
-        match receive_one(stream, options) {
+        match receive_one(stream, options, empty) {
             Ok(done) => return Ok(done),
             Err(e) => tracing::warn!(%peer, "incoming migration failed, waiting for another: {e}"),
         }
@@ -88,6 +92,7 @@ pub fn receive(
 fn receive_one(
     stream: TcpStream,
     options: &RestoreOptions,
+    empty: EmptyVm,
 ) -> Result<(MicroVm, Received), ReceiveError> {
     let t0 = Instant::now();
     stream
@@ -96,7 +101,7 @@ fn receive_one(
     let _ = stream.set_nodelay(true);
     let mut writer = MessageWriter::new(stream.try_clone().map_err(ReceiveError::Accept)?);
     let mut reader = MessageReader::new(stream);
-    let result = receive_stream(&mut reader, &mut writer, options, t0);
+    let result = receive_stream(&mut reader, &mut writer, options, empty, t0);
     if let Err(e) = &result {
         // Tell the source why, if the link still works.
         let _ = writer.send(&Message::Error(e.to_string()));
@@ -109,6 +114,7 @@ fn receive_stream(
     reader: &mut MessageReader<TcpStream>,
     writer: &mut MessageWriter<TcpStream>,
     options: &RestoreOptions,
+    empty: EmptyVm,
     t0: Instant,
 ) -> Result<(MicroVm, Received), ReceiveError> {
     let hello = match reader.recv()? {
@@ -130,11 +136,11 @@ fn receive_stream(
     if hello.vcpus == 0 {
         return Err(ReceiveError::Unfit("a VM of no vCPUs".into()));
     }
-    // The VM is made now, while the guest still runs at the source: the switch-over then
+    // The VM is built now, while the guest still runs at the source: the switch-over then
     // only restores state into it.
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
-    let prepared = PreparedVm::new(hello.vcpus, mem, false, options.allow_pvm)
-        .map_err(ReceiveError::Prepare)?;
+    let prepared =
+        PreparedVm::in_vm(empty, hello.vcpus, mem, false).map_err(ReceiveError::Prepare)?;
     let map = PageMap::new(prepared.memory());
     reader.set_max_pages(map.pages());
     writer.send(&Message::Ack { seq: 0 })?;
@@ -194,9 +200,10 @@ fn receive_stream(
         microvm.abandon_vcpus(ExitReason::Error(format!("the Ack was not sent: {e}")));
         return Err(e.into());
     }
+    let restore = committed.elapsed();
     microvm.release_vcpus();
     tracing::info!(
-        restore_us = committed.elapsed().as_micros() as u64,
+        restore_us = restore.as_micros() as u64,
         "migration committed and acknowledged, the guest runs here"
     );
     Ok((
@@ -204,7 +211,7 @@ fn receive_stream(
         Received {
             pages,
             total: t0.elapsed(),
-            restore: committed.elapsed(),
+            restore,
         },
     ))
 }

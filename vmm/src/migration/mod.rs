@@ -6,6 +6,7 @@ pub mod source;
 pub mod wire;
 
 use std::fmt::Write as _;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::vstate::memory::{PageMap, PAGE_SIZE};
@@ -35,33 +36,62 @@ pub(crate) fn write_page_digest(map: &PageMap<'_>, side: &str) {
     }
 }
 
-/// Moves every thread of this process to `SCHED_IDLE` for `grace`, then back to the normal
-/// policy: meanwhile it runs only on CPU time nothing else wants (a guest that just moved to
-/// a destination on the same host starts first), and afterwards it is not starved by a busy
-/// one (its API answer and its exit stay prompt).
-pub(crate) fn yield_cpu_for(grace: Duration) {
-    // The thread that ends the yield is made before it: threads inherit their maker's policy.
-    let restore = std::thread::Builder::new()
-        .name("cpu-yield".into())
-        .spawn(move || {
-            std::thread::sleep(grace);
-            set_policy(libc::SCHED_OTHER);
-        });
-    if restore.is_ok() {
-        set_policy(libc::SCHED_IDLE);
+/// Keeps the source of a migration out of the way of the moved guest, which may share this
+/// host's CPUs: once the destination acknowledged, every thread of the process runs at
+/// `SCHED_IDLE` (only on CPU time nothing else wants) for a grace period, then goes back to
+/// normal, so that a busy guest does not starve the answer to the API and the exit. The thread
+/// that ends the grace is made ahead, out of the pause.
+pub(crate) struct CpuYield {
+    /// Tells the thread made in [`CpuYield::prepare`] how long to wait before it ends the
+    /// yield; `None` if it could not be made (then nothing yields).
+    restore: Option<mpsc::Sender<Duration>>,
+}
+
+impl CpuYield {
+    /// Makes the thread that will end the yield, while this one still runs at the normal
+    /// policy (threads inherit their maker's).
+    pub(crate) fn prepare() -> Self {
+        let (tx, rx) = mpsc::channel::<Duration>();
+        let spawned = std::thread::Builder::new()
+            .name("cpu-yield".into())
+            .spawn(move || {
+                // Disconnected without a word: the migration did not get that far.
+                if let Ok(grace) = rx.recv() {
+                    std::thread::sleep(grace);
+                    set_policy(process_threads(), libc::SCHED_OTHER);
+                }
+            });
+        Self {
+            restore: spawned.is_ok().then_some(tx),
+        }
+    }
+
+    /// The guest moved: every thread gives way for `grace`, then goes back to normal.
+    pub(crate) fn moved(&mut self, grace: Duration) {
+        if let Some(restore) = self.restore.take() {
+            set_policy(process_threads(), libc::SCHED_IDLE);
+            if restore.send(grace).is_err() {
+                set_policy(process_threads(), libc::SCHED_OTHER);
+            }
+        }
     }
 }
 
-/// Sets the scheduling policy of every thread of this process.
-fn set_policy(policy: libc::c_int) {
+/// The thread ids of this process.
+fn process_threads() -> Vec<libc::pid_t> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return;
+        return Vec::new();
     };
-    let param = libc::sched_param { sched_priority: 0 };
-    for tid in tasks
+    tasks
         .flatten()
         .filter_map(|t| t.file_name().to_str()?.parse().ok())
-    {
+        .collect()
+}
+
+/// Sets the scheduling policy of the threads `tids`.
+fn set_policy(tids: impl IntoIterator<Item = libc::pid_t>, policy: libc::c_int) {
+    let param = libc::sched_param { sched_priority: 0 };
+    for tid in tids {
         // SAFETY: changes the scheduling policy of one of this process's threads; `param` is a
         // valid sched_param for SCHED_IDLE and SCHED_OTHER (priority 0).
         if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {

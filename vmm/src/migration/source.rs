@@ -33,7 +33,7 @@ const COMMIT_SEQ: u64 = u64::MAX;
 /// How long the destination may take to answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the source stays out of the way of the moved guest after the `Ack` (see
-/// [`super::yield_cpu_for`]): long enough for the destination to start it.
+/// [`super::CpuYield`]): long enough for the destination to start it.
 const SWITCH_OVER_GRACE: Duration = Duration::from_millis(300);
 
 /// Why a migration failed (the VM keeps running here).
@@ -217,6 +217,8 @@ pub fn migrate(
     )))?;
     link.expect_ack(0)?;
 
+    // The freeze runs code this process has not run yet: in memory before the guest waits on it.
+    crate::prefault::own_code();
     let mut report = MigrationReport::default();
     // Pass 0: everything, while the guest runs; the log from here on says what changed.
     vm.set_dirty_logging(true)?;
@@ -266,6 +268,7 @@ pub fn migrate(
         report.pages_sent += sent;
     }
 
+    let mut cpu_yield = super::CpuYield::prepare();
     let frozen = freeze.freeze().map_err(MigrationError::Freeze)?;
     let paused = frozen.since;
     let result = (|| {
@@ -282,7 +285,7 @@ pub fn migrate(
         let acked = paused.elapsed();
         // The guest runs at the destination now, maybe on this host's CPUs: what is left here
         // (the report, the teardown of this VM) lets it start first.
-        super::yield_cpu_for(SWITCH_OVER_GRACE);
+        cpu_yield.moved(SWITCH_OVER_GRACE);
         tracing::info!(
             final_pages = n,
             freeze_us = saved.as_micros() as u64,

@@ -824,34 +824,54 @@ impl VcpuHandle {
     /// Pauses every vCPU of `handles` at once: all are asked, then all answers awaited, so
     /// the pause takes as long as the slowest vCPU rather than the sum.
     pub fn pause_all(handles: &[VcpuHandle]) -> Result<(), VcpuError> {
-        Self::all(handles, || VcpuRequest::Pause, "pause")
+        Self::all(handles, || VcpuRequest::Pause, "pause").map(drop)
     }
 
     /// Resumes every vCPU of `handles`.
     pub fn resume_all(handles: &[VcpuHandle]) -> Result<(), VcpuError> {
-        Self::all(handles, || VcpuRequest::Resume, "resume")
+        Self::all(handles, || VcpuRequest::Resume, "resume").map(drop)
     }
 
+    /// The states of every (paused) vCPU of `handles`, in their order, saved by all at once.
+    pub fn save_all(handles: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::all(handles, || VcpuRequest::SaveState, "save")?
+            .into_iter()
+            .zip(handles)
+            .map(|(answer, handle)| handle.state_from(answer))
+            .collect()
+    }
+
+    /// Sends `request` to every vCPU, then collects every answer.
     fn all(
         handles: &[VcpuHandle],
         request: fn() -> VcpuRequest,
         name: &'static str,
-    ) -> Result<(), VcpuError> {
+    ) -> Result<Vec<VcpuResponse>, VcpuError> {
         let sent: Vec<Result<(), VcpuError>> =
             handles.iter().map(|h| h.send(request(), name)).collect();
+        let mut answers = Vec::with_capacity(handles.len());
         let mut result = Ok(());
         for (handle, sent) in handles.iter().zip(sent) {
-            let answered = sent.and_then(|()| handle.answer(name).map(drop));
-            if result.is_ok() {
-                result = answered;
+            match sent.and_then(|()| handle.answer(name)) {
+                Ok(answer) => answers.push(answer),
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
             }
         }
-        result
+        result.map(|()| answers)
     }
 
     /// The state of a paused vCPU.
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
-        match self.request(VcpuRequest::SaveState, "save")? {
+        let answer = self.request(VcpuRequest::SaveState, "save")?;
+        self.state_from(answer)
+    }
+
+    fn state_from(&self, answer: VcpuResponse) -> Result<VcpuState, VcpuError> {
+        match answer {
             VcpuResponse::State(state) => state.map(|s| *s),
             VcpuResponse::Paused | VcpuResponse::Resumed => Err(VcpuError::NoAnswer {
                 index: self.index,

@@ -235,6 +235,15 @@ impl Vm {
     /// with KVM dirty logging when `dirty_logging` is set.
     pub fn new(kvm: &Kvm, memory: GuestMemoryMmap, dirty_logging: bool) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        Self::with_fd(fd, memory, dirty_logging)
+    }
+
+    /// As [`Vm::new`], in the VM `fd` created beforehand (and not given memory yet).
+    pub fn with_fd(
+        fd: VmFd,
+        memory: GuestMemoryMmap,
+        dirty_logging: bool,
+    ) -> Result<Self, VmError> {
         let vm = Vm {
             fd: Arc::new(fd),
             memory,
