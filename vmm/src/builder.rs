@@ -171,7 +171,7 @@ struct Machine {
     virtio_cmdline: Vec<String>,
 }
 
-/// Opens `/dev/kvm` and checks the vCPU count.
+/// Opens `/dev/kvm`, on a host checked to run the guest.
 fn open_kvm(allow_pvm: bool) -> Result<Kvm, BuildError> {
     hostcheck::check_linux_guest_support(allow_pvm)?;
     Kvm::new().map_err(BuildError::OpenKvm)
