@@ -192,7 +192,9 @@ fn receive_stream(
     )?;
     // The vCPU threads take the vCPUs now and wait: after the Ack (the source has stopped for
     // good) the guest runs here at once, before anything else.
+    let restored = committed.elapsed();
     microvm.launch_vcpus().map_err(ReceiveError::Start)?;
+    let launched = committed.elapsed();
     let acked = writer
         .send(&Message::Ack { seq: commit })
         .and_then(|()| writer.flush());
@@ -203,7 +205,9 @@ fn receive_stream(
     let restore = committed.elapsed();
     microvm.release_vcpus();
     tracing::info!(
-        restore_us = restore.as_micros() as u64,
+        restore_us = restored.as_micros() as u64,
+        launch_us = (launched - restored).as_micros() as u64,
+        ack_us = (restore - launched).as_micros() as u64,
         "migration committed and acknowledged, the guest runs here"
     );
     Ok((
