@@ -202,12 +202,12 @@ fn receive_stream(
         microvm.abandon_vcpus(ExitReason::Error(format!("the Ack was not sent: {e}")));
         return Err(e.into());
     }
-    let restore = committed.elapsed();
+    let acked_after = committed.elapsed();
     microvm.release_vcpus();
     tracing::info!(
         restore_us = restored.as_micros() as u64,
         launch_us = (launched - restored).as_micros() as u64,
-        ack_us = (restore - launched).as_micros() as u64,
+        ack_us = (acked_after - launched).as_micros() as u64,
         "migration committed and acknowledged, the guest runs here"
     );
     Ok((
@@ -215,7 +215,7 @@ fn receive_stream(
         Received {
             pages,
             total: t0.elapsed(),
-            restore,
+            restore: acked_after,
         },
     ))
 }
