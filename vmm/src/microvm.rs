@@ -395,12 +395,9 @@ impl MicroVm {
                     .request_exit(ExitReason::Error(format!("event loop: {e:?}")));
                 result = Err(RunError::EventLoop(e));
             }
-            let mut serial = lock(&self.devices.serial);
-            serial.flush_output();
             if self.phase == VmPhase::Running {
-                serial.raise_stalled_interrupt();
+                lock(&self.devices.serial).raise_stalled_interrupt();
             }
-            drop(serial);
             control(self);
         }
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);

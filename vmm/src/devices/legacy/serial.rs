@@ -14,52 +14,6 @@ use crate::persist::Persist;
 /// Where the console goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
-/// Output held back this long is written out even without a line end.
-const OUTPUT_BUFFER: usize = 4096;
-
-/// The console output as the UART model sees it, which writes and flushes it a byte at a
-/// time: here it is held until a line is complete (or the guest stops transmitting, see
-/// [`SerialDevice::flush_output`]) and then written out whole, in one write (one wake-up of
-/// whoever reads it; a wake-up per byte, on a busy host, may preempt the vCPU in the middle of
-/// the guest's console lock).
-struct ConsoleOut {
-    out: SerialOut,
-    pending: Vec<u8>,
-}
-
-impl ConsoleOut {
-    fn new(out: SerialOut) -> Self {
-        Self {
-            out,
-            pending: Vec::with_capacity(OUTPUT_BUFFER),
-        }
-    }
-
-    /// Writes out what is held.
-    fn write_pending(&mut self) -> std::io::Result<()> {
-        if !self.pending.is_empty() {
-            let written = self.out.write_all(&self.pending);
-            self.pending.clear();
-            written?;
-        }
-        self.out.flush()
-    }
-}
-
-impl Write for ConsoleOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        if buf.contains(&b'\n') || self.pending.len() >= OUTPUT_BUFFER {
-            self.write_pending()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// How long an enabled interrupt may stay pending, with the guest not touching the UART, before
 /// it is raised again.
 const STALLED_INTERRUPT: Duration = Duration::from_millis(100);
@@ -72,8 +26,6 @@ const IER_THR_EMPTY: u8 = 0x02;
 /// IIR identification of "received data available", and its IER enable bit.
 const IIR_RX_DATA: u8 = 0x04;
 const IER_RX_DATA: u8 = 0x01;
-/// Register offset of the interrupt enable register (with DLAB clear).
-const IER_OFFSET: u64 = 1;
 
 /// COM1 on the port I/O bus; interrupts go out through `T`, pulses on IRQ 4.
 ///
@@ -83,7 +35,7 @@ const IER_OFFSET: u64 = 1;
 /// empty" interrupt that never comes: console output stops, and what was buffered is lost when
 /// the tty is hung up. [`SerialDevice::raise_stalled_interrupt`] gives the level back.
 pub struct SerialDevice<T: Trigger<E = std::io::Error> = IrqLineTrigger> {
-    serial: Serial<T, NoEvents, ConsoleOut>,
+    serial: Serial<T, NoEvents, SerialOut>,
     /// When the guest last read or wrote a register, or the interrupt was last raised again.
     last_activity: Instant,
 }
@@ -92,15 +44,8 @@ impl<T: Trigger<E = std::io::Error>> SerialDevice<T> {
     /// A UART writing to `out`, interrupting through `irq`.
     pub fn new(irq: T, out: SerialOut) -> Self {
         Self {
-            serial: Serial::new(irq, ConsoleOut::new(out)),
+            serial: Serial::new(irq, out),
             last_activity: Instant::now(),
-        }
-    }
-
-    /// Hands what the guest wrote so far, a partial line too, to the host.
-    pub fn flush_output(&mut self) {
-        if let Err(e) = self.serial.writer_mut().write_pending() {
-            tracing::warn!("serial: cannot write the console out: {e}");
         }
     }
 
@@ -202,7 +147,7 @@ impl<T: Trigger<E = std::io::Error>> Persist for SerialDevice<T> {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let serial = Serial::from_state(&uart, irq, NoEvents, ConsoleOut::new(out))
+        let serial = Serial::from_state(&uart, irq, NoEvents, out)
             .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
         Ok(Self {
             serial,
@@ -225,19 +170,13 @@ impl<T: Trigger<E = std::io::Error> + Send> BusDevice for SerialDevice<T> {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
                 tracing::warn!("serial write failed: {e}");
             }
-            // A driver turns the "transmitter empty" interrupt off when it has nothing more
-            // to send, and a polling console write ends by restoring it: the guest is done
-            // writing for now.
-            if offset == IER_OFFSET {
-                self.flush_output();
-            }
         }
     }
 }
 
 impl<T: Trigger<E = std::io::Error>> Drop for SerialDevice<T> {
     fn drop(&mut self) {
-        self.flush_output();
+        let _ = self.serial.writer_mut().flush();
     }
 }
 
@@ -304,52 +243,6 @@ mod tests {
         dev.last_activity -= STALLED_INTERRUPT;
         dev.raise_stalled_interrupt();
         assert!(!raised(&dev), "pending but disabled: nothing to raise");
-    }
-
-    /// A console that records every write it gets.
-    #[derive(Clone, Default)]
-    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-    impl Write for Recorder {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().push(buf.to_vec());
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn the_console_goes_out_a_line_at_a_time() {
-        let console = Recorder::default();
-        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(console.clone()));
-        let writes = || console.0.lock().unwrap().clone();
-        for b in b"VMR-TICK\r\nVMR" {
-            dev.write(0, &[*b]);
-        }
-        assert_eq!(
-            writes(),
-            vec![b"VMR-TICK\r\n".to_vec()],
-            "one write per line"
-        );
-        dev.write(1, &[0]);
-        assert_eq!(
-            writes()[1..],
-            [b"VMR".to_vec()],
-            "out when the guest stops sending"
-        );
-        dev.write(0, b"#");
-        dev.flush_output();
-        assert_eq!(
-            writes()[2..],
-            [b"#".to_vec()],
-            "out when the monitor flushes"
-        );
-        dev.write(0, b">");
-        drop(dev);
-        assert_eq!(writes()[3..], [b">".to_vec()], "out when the device goes");
     }
 
     #[test]
