@@ -173,33 +173,11 @@ struct Machine {
     virtio_cmdline: Vec<String>,
 }
 
-/// Opens `/dev/kvm`, on a host checked to run the guest.
-fn open_kvm(allow_pvm: bool) -> Result<Kvm, BuildError> {
-    hostcheck::check_linux_guest_support(allow_pvm)?;
-    Kvm::new().map_err(BuildError::OpenKvm)
-}
-
-/// Refuses more vCPUs than KVM supports.
-fn check_vcpus(kvm: &Kvm, vcpus: u8) -> Result<(), BuildError> {
-    let max = kvm.get_max_vcpus();
-    if usize::from(vcpus) > max {
-        return Err(BuildError::TooManyVcpus { asked: vcpus, max });
-    }
-    Ok(())
-}
-
-/// Creates the VM with `mem` and its irqchip and PIT.
-fn create_vm(kvm: &Kvm, mem: GuestMemoryMmap, dirty_logging: bool) -> Result<Vm, BuildError> {
-    let mut vm = Vm::new(kvm, mem, dirty_logging)?;
-    vm.setup_irqchip()?;
-    Ok(vm)
-}
-
-/// A KVM VM created before anything is known of what it will run: `/dev/kvm` opened and
-/// checked, `KVM_CREATE_VM` done. A migration's destination makes one while it waits, as
-/// QEMU's `-incoming` does: creating a VM has KVM announce it (a uevent), and on a busy host
-/// the handling of that (udev: traced in the lab at half a second of its only CPU) would
-/// otherwise compete with the guest still running at the source.
+/// A KVM VM created before anything is known of what it will run: `/dev/kvm` opened on a
+/// host checked to run the guest, `KVM_CREATE_VM` done. A migration's destination makes one
+/// while it waits, as QEMU's `-incoming` does: creating a VM has KVM announce it (a uevent),
+/// and on a busy host the handling of that (udev: traced in the lab at half a second of its
+/// only CPU) would otherwise compete with the guest still running at the source.
 pub struct EmptyVm {
     kvm: Kvm,
     fd: VmFd,
@@ -208,9 +186,27 @@ pub struct EmptyVm {
 impl EmptyVm {
     /// Creates the VM.
     pub fn new(allow_pvm: bool) -> Result<Self, BuildError> {
-        let kvm = open_kvm(allow_pvm)?;
+        hostcheck::check_linux_guest_support(allow_pvm)?;
+        let kvm = Kvm::new().map_err(BuildError::OpenKvm)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         Ok(Self { kvm, fd })
+    }
+
+    /// Gives the VM `mem` (KVM's dirty log on if `dirty_logging`), its irqchip and PIT, for
+    /// `vcpus` vCPUs (refused if more than KVM supports).
+    fn fill(
+        self,
+        vcpus: u8,
+        mem: GuestMemoryMmap,
+        dirty_logging: bool,
+    ) -> Result<(Kvm, Vm), BuildError> {
+        let max = self.kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(BuildError::TooManyVcpus { asked: vcpus, max });
+        }
+        let mut vm = Vm::with_fd(self.fd, mem, dirty_logging)?;
+        vm.setup_irqchip()?;
+        Ok((self.kvm, vm))
     }
 }
 
@@ -244,10 +240,7 @@ impl PreparedVm {
         mem: GuestMemoryMmap,
         dirty_logging: bool,
     ) -> Result<Self, BuildError> {
-        let EmptyVm { kvm, fd } = empty;
-        check_vcpus(&kvm, vcpus)?;
-        let mut vm = Vm::with_fd(fd, mem, dirty_logging)?;
-        vm.setup_irqchip()?;
+        let (kvm, vm) = empty.fill(vcpus, mem, dirty_logging)?;
         let vcpus = (0..vcpus)
             .map(|index| {
                 // Buses come with the devices, at restore.
@@ -388,9 +381,7 @@ pub fn build_microvm(config: &VmConfig) -> Result<MicroVm, BuildError> {
     }
     let serial_out = serial_output(&config.serial)?;
 
-    let kvm = open_kvm(config.allow_pvm)?;
-    check_vcpus(&kvm, config.vcpus)?;
-    let vm = create_vm(&kvm, mem.clone(), false)?;
+    let (kvm, vm) = EmptyVm::new(config.allow_pvm)?.fill(config.vcpus, mem.clone(), false)?;
     let machine = assemble(kvm, vm, serial_out, virtio, None)?;
 
     let mut cmdline = String::from(BASE_CMDLINE);

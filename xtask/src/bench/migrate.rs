@@ -175,10 +175,9 @@ fn free_port() -> Result<u16, String> {
     Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-/// The guest-side downtime of a migration that started at `start`, from the heartbeats of the
-/// source and the destination; waits for the destination's first few.
-/// What the guest's heartbeats show of a migration that started at `start`: the longest gap
-/// and the gap across the move, each less one tick, in ms.
+/// What the guest's heartbeats (the source's, then the destination's, whose first few it waits
+/// for) show of a migration that started at `start`: the longest gap and the gap across the
+/// move, each less one tick, in ms.
 fn observed_downtime(src: &Monitor, dest: &Monitor, start: Instant) -> Result<(f64, f64), String> {
     dest.console
         .wait_ticks_after(start, 5, Duration::from_secs(30))
