@@ -72,6 +72,10 @@ impl CpuYield {
             // This thread first, in one call: the Ack woke it, and it would otherwise keep
             // the CPU from the destination for as long as the rest takes (traced: 3.6 ms).
             set_policy([0], libc::SCHED_IDLE);
+            // A thread that makes itself SCHED_IDLE keeps the CPU until the next tick (its
+            // priority does not change): give it up now.
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
             set_policy(process_threads(), libc::SCHED_IDLE);
             if restore.send(grace).is_err() {
                 set_policy(process_threads(), libc::SCHED_OTHER);

@@ -309,6 +309,7 @@ struct VcpuThread {
     thread: JoinHandle<()>,
     requests: Sender<VcpuRequest>,
     responses: Receiver<VcpuResponse>,
+    parked: Arc<AtomicBool>,
 }
 
 impl VcpuThread {
@@ -316,11 +317,13 @@ impl VcpuThread {
         let (launch_tx, launch_rx) = channel::<(Vcpu, Arc<VmRunState>)>();
         let (request_tx, request_rx) = channel();
         let (response_tx, response_rx) = channel();
+        let parked = Arc::new(AtomicBool::new(false));
+        let thread_parked = parked.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 if let Ok((vcpu, run_state)) = launch_rx.recv() {
-                    vcpu.thread_main(&run_state, &request_rx, &response_tx);
+                    vcpu.thread_main(&run_state, &request_rx, &response_tx, &thread_parked);
                 }
             })
             .map_err(|source| VcpuError::SpawnThread { index, source })?;
@@ -330,6 +333,7 @@ impl VcpuThread {
             thread,
             requests: request_tx,
             responses: response_rx,
+            parked,
         })
     }
 
@@ -347,6 +351,7 @@ impl VcpuThread {
             thread: self.thread,
             requests: self.requests,
             responses: self.responses,
+            parked: self.parked,
         })
     }
 }
@@ -691,6 +696,7 @@ impl Vcpu {
         run_state: &VmRunState,
         requests: &Receiver<VcpuRequest>,
         responses: &Sender<VcpuResponse>,
+        parked: &AtomicBool,
     ) {
         let index = self.index;
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
@@ -711,11 +717,13 @@ impl Vcpu {
                                 run_state.request_exit(ExitReason::Error(e.to_string()));
                             }
                             paused = true;
+                            parked.store(true, Ordering::SeqCst);
                         }
                         VcpuResponse::Paused
                     }
                     VcpuRequest::Resume => {
                         paused = false;
+                        parked.store(false, Ordering::SeqCst);
                         VcpuResponse::Resumed
                     }
                     VcpuRequest::SaveState => VcpuResponse::State(if paused {
@@ -770,6 +778,8 @@ pub struct VcpuHandle {
     thread: JoinHandle<()>,
     requests: Sender<VcpuRequest>,
     responses: Receiver<VcpuResponse>,
+    /// The vCPU is paused, its thread waiting for requests: none needs a kick.
+    parked: Arc<AtomicBool>,
 }
 
 impl VcpuHandle {
@@ -787,12 +797,15 @@ impl VcpuHandle {
         }
     }
 
-    /// Sends `request` and kicks the vCPU out of the guest to see it.
+    /// Sends `request` and, unless the vCPU is parked waiting for it, kicks the vCPU out of
+    /// the guest to see it (a signal costs a parked thread a needless wake-up, in the pause).
     fn send(&self, request: VcpuRequest, name: &'static str) -> Result<(), VcpuError> {
         self.requests
             .send(request)
             .map_err(|_| self.no_answer(name))?;
-        self.kick();
+        if !self.parked.load(Ordering::SeqCst) {
+            self.kick();
+        }
         Ok(())
     }
 
