@@ -701,8 +701,8 @@ impl Vcpu {
         let index = self.index;
         KVM_RUN.with(|run| run.set(self.fd.get_kvm_run() as *mut kvm_run));
         run_state.wait_start();
-        let mut paused = false;
         loop {
+            let paused = parked.load(Ordering::SeqCst);
             let request = if paused {
                 Some(requests.recv().unwrap_or(VcpuRequest::Exit))
             } else {
@@ -716,13 +716,11 @@ impl Vcpu {
                             if let Err(e) = self.complete_pending_exit() {
                                 run_state.request_exit(ExitReason::Error(e.to_string()));
                             }
-                            paused = true;
                             parked.store(true, Ordering::SeqCst);
                         }
                         VcpuResponse::Paused
                     }
                     VcpuRequest::Resume => {
-                        paused = false;
                         parked.store(false, Ordering::SeqCst);
                         VcpuResponse::Resumed
                     }
