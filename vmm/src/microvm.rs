@@ -252,6 +252,8 @@ impl Drop for MicroVm {
 /// The longest the monitor's loop sleeps without an event: the control hook and the serial
 /// port's stalled-interrupt check run at least this often.
 const EVENT_LOOP_TICK_MS: i32 = 100;
+/// How long a restored guest runs before its vCPUs give KVM the MSRs their restore held back.
+const HELD_BACK_MSR_DELAY: Duration = Duration::from_secs(1);
 
 /// A microVM: its vCPUs, devices, memory and event loop.
 pub struct MicroVm {
@@ -267,6 +269,8 @@ pub struct MicroVm {
     phase: VmPhase,
     started: Option<Instant>,
     last_snapshot: Option<ParentRef>,
+    /// The vCPUs hold restored MSRs back from KVM until the guest has run a while.
+    msrs_held_back: bool,
 }
 
 impl MicroVm {
@@ -295,6 +299,7 @@ impl MicroVm {
             phase: VmPhase::Created,
             started: None,
             last_snapshot,
+            msrs_held_back: false,
         }
     }
 
@@ -346,6 +351,7 @@ impl MicroVm {
     /// [`MicroVm::abandon_vcpus`]): all then start together, at the cost of one wake-up.
     pub fn launch_vcpus(&mut self) -> Result<(), RunError> {
         self.run_state.hold_start();
+        self.msrs_held_back = self.vcpus.iter().any(Vcpu::holds_back_msrs);
         for vcpu in std::mem::take(&mut self.vcpus) {
             match vcpu.start(self.run_state.clone()) {
                 Ok(handle) => self.handles.push(handle),
@@ -399,10 +405,25 @@ impl MicroVm {
                 lock(&self.devices.serial).raise_stalled_interrupt();
             }
             control(self);
+            self.release_held_back_msrs();
         }
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
         result?;
         Ok(self.run_state.exit_reason().unwrap_or(ExitReason::Stopped))
+    }
+
+    /// Once the guest has run for [`HELD_BACK_MSR_DELAY`], has the vCPUs give KVM the MSRs
+    /// their restore held back (see `Vcpu::hold_back_msrs`).
+    fn release_held_back_msrs(&mut self) {
+        if self.msrs_held_back
+            && self
+                .started
+                .is_some_and(|t| t.elapsed() >= HELD_BACK_MSR_DELAY)
+        {
+            self.msrs_held_back = false;
+            self.run_state.release_held_back_msrs();
+            self.handles.iter().for_each(VcpuHandle::nudge);
+        }
     }
 
     /// Announces the guest on the host network (after it moved here): every network device

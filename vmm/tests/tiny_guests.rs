@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::arch::regs;
+use vmm::arch::{msr, regs};
 use vmm::devices::bus::{Bus, BusDevice};
 use vmm::devices::legacy::i8042::I8042;
 use vmm::devices::legacy::serial::SerialDevice;
@@ -330,7 +330,7 @@ fn save_and_restore_continue_a_computation_exactly() {
     let mem = create_guest_memory(MEM_SIZE).unwrap();
     mem.write_slice(&memory, GuestAddress(0)).unwrap();
     let vm = Vm::new(&kvm, mem, false).unwrap();
-    let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new()).unwrap();
+    let mut vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new()).unwrap();
     vcpu.restore_state(&state, Duration::ZERO).unwrap();
     let restored_regs = vcpu.fd().get_regs().unwrap();
     assert_eq!(restored_regs.rcx, steps_left);
@@ -353,4 +353,54 @@ fn save_and_restore_continue_a_computation_exactly() {
     let expected = expected.join().unwrap();
     assert_eq!(original, expected);
     assert_eq!(result, expected);
+}
+
+/// The value of `index` as KVM holds it for `vcpu`.
+fn kvm_msr(vcpu: &Vcpu, index: u32) -> u64 {
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(vcpu.fd().get_msrs(&mut msrs).unwrap(), 1);
+    msrs.as_slice()[0].data
+}
+
+#[test]
+fn enabled_async_page_faults_reach_kvm_only_once_the_guest_ran() {
+    // A guest that enabled KVM's asynchronous page faults: delivered as an interrupt, its
+    // per-vCPU data at 0x2000.
+    let enabled = 0x2000 | msr::KVM_ASYNC_PF_ENABLED | 1 << 3;
+    let new_vcpu = || {
+        let kvm = Kvm::new().unwrap();
+        let mut vm = Vm::new(&kvm, create_guest_memory(MEM_SIZE).unwrap(), false).unwrap();
+        vm.setup_irqchip().unwrap();
+        let vcpu = Vcpu::new(&vm, 0, Bus::new(), Bus::new()).unwrap();
+        vcpu.configure_cpu(&kvm, 1).unwrap();
+        (vm, vcpu)
+    };
+    let (_vm, vcpu) = new_vcpu();
+    let mut state = vcpu.save_state().unwrap();
+    let saved = state
+        .msrs
+        .iter_mut()
+        .find(|m| m.index == msr::MSR_KVM_ASYNC_PF_EN)
+        .expect("KVM lists MSR_KVM_ASYNC_PF_EN as saveable");
+    saved.data = enabled;
+
+    let (_vm, mut restored) = new_vcpu();
+    restored.restore_state(&state, Duration::ZERO).unwrap();
+    // KVM has them off (its "wake all" interrupt dropped), a save still reports them on...
+    assert!(restored.holds_back_msrs());
+    assert_eq!(kvm_msr(&restored, msr::MSR_KVM_ASYNC_PF_EN), 0);
+    let again = restored.save_state().unwrap();
+    let reported = again
+        .msrs
+        .iter()
+        .find(|m| m.index == msr::MSR_KVM_ASYNC_PF_EN);
+    assert_eq!(reported.map(|m| m.data), Some(enabled));
+    // ...and KVM gets them when the vCPU is told to.
+    restored.apply_held_back_msrs().unwrap();
+    assert!(!restored.holds_back_msrs());
+    assert_eq!(kvm_msr(&restored, msr::MSR_KVM_ASYNC_PF_EN), enabled);
 }

@@ -12,6 +12,11 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// The time-stamp counter.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// KVM's paravirtual asynchronous page faults: where the guest takes them, and whether at all
+/// (bit 0).
+pub const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+/// [`MSR_KVM_ASYNC_PF_EN`]'s enable bit.
+pub const KVM_ASYNC_PF_ENABLED: u64 = 1;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 0x1;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;

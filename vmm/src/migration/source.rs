@@ -217,8 +217,10 @@ pub fn migrate(
     )))?;
     link.expect_ack(0)?;
 
-    // The freeze runs code this process has not run yet: in memory before the guest waits on it.
+    // The freeze runs code this process has not run yet: in memory before the guest waits on it;
+    // the thread that ends the yield after the switch-over made now, not near the pause.
     crate::prefault::own_code();
+    let mut cpu_yield = super::CpuYield::prepare();
     let mut report = MigrationReport::default();
     // Pass 0: everything, while the guest runs; the log from here on says what changed.
     vm.set_dirty_logging(true)?;
@@ -268,7 +270,6 @@ pub fn migrate(
         report.pages_sent += sent;
     }
 
-    let mut cpu_yield = super::CpuYield::prepare();
     let frozen = freeze.freeze().map_err(MigrationError::Freeze)?;
     let paused = frozen.since;
     let result = (|| {

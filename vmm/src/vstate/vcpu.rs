@@ -202,6 +202,8 @@ pub struct VmRunState {
     /// Whether vCPU threads wait before their first run (see [`VmRunState::hold_start`]).
     start_held: Mutex<bool>,
     start_released: Condvar,
+    /// See [`VmRunState::release_held_back_msrs`].
+    held_back_due: AtomicBool,
 }
 
 impl VmRunState {
@@ -213,6 +215,7 @@ impl VmRunState {
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             start_held: Mutex::new(false),
             start_released: Condvar::new(),
+            held_back_due: AtomicBool::new(false),
         })
     }
 
@@ -249,6 +252,16 @@ impl VmRunState {
         if let Err(e) = self.exit_evt.write(1) {
             tracing::error!("cannot signal the VM exit: {e}");
         }
+    }
+
+    /// Has every vCPU give KVM the MSRs it held back at its restore, on its next way into the
+    /// guest (the caller kicks the running ones).
+    pub fn release_held_back_msrs(&self) {
+        self.held_back_due.store(true, Ordering::SeqCst);
+    }
+
+    fn held_back_msrs_due(&self) -> bool {
+        self.held_back_due.load(Ordering::SeqCst)
     }
 
     /// Whether the vCPUs have been asked to stop.
@@ -300,6 +313,9 @@ pub struct Vcpu {
     mmio_bus: Bus,
     /// The thread to run on, if started ahead ([`Vcpu::spawn_thread`]).
     thread: Option<VcpuThread>,
+    /// Restored MSRs KVM holds at another value until the guest has run a while (see
+    /// [`Vcpu::hold_back_msrs`]); what a save reports for them.
+    held_back: Vec<kvm_msr_entry>,
 }
 
 /// A vCPU's thread, waiting for its vCPU: dropped instead, it ends.
@@ -370,6 +386,7 @@ impl Vcpu {
             pio_bus,
             mmio_bus,
             thread: None,
+            held_back: Vec::new(),
         })
     }
 
@@ -434,7 +451,12 @@ impl Vcpu {
             .map_err(state_err("KVM_GET_CPUID2"))?
             .as_slice()
             .to_vec();
-        let msrs = self.save_msrs()?;
+        let mut msrs = self.save_msrs()?;
+        for held in &self.held_back {
+            if let Some(msr) = msrs.iter_mut().find(|m| m.index == held.index) {
+                msr.data = held.data;
+            }
+        }
         let vcpu_events = fd
             .get_vcpu_events()
             .map_err(state_err("KVM_GET_VCPU_EVENTS"))?;
@@ -483,7 +505,7 @@ impl Vcpu {
     /// TSC-deadline timer that fell due meanwhile fires at once.
     ///
     /// [`VmState::clock_advance`]: super::vm::VmState::clock_advance
-    pub fn restore_state(&self, state: &VcpuState, advance: Duration) -> Result<(), VcpuError> {
+    pub fn restore_state(&mut self, state: &VcpuState, advance: Duration) -> Result<(), VcpuError> {
         let fd = &self.fd;
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::StateList("CPUID"))?;
         fd.set_cpuid2(&cpuid).map_err(state_err("KVM_SET_CPUID2"))?;
@@ -522,6 +544,7 @@ impl Vcpu {
             }
         }
         self.restore_msrs(&msrs)?;
+        self.held_back = self.hold_back_msrs(&msrs)?;
         // KVM_GET_VCPU_EVENTS reports a pending NMI and the SIPI vector without flagging them
         // valid; unflagged, KVM_SET_VCPU_EVENTS would drop them.
         let mut events = state.vcpu_events;
@@ -561,6 +584,41 @@ impl Vcpu {
             pending = &pending[set + 1..];
         }
         Ok(())
+    }
+
+    /// Turns asynchronous page faults, just restored (so KVM accepted the value), off again
+    /// until [`Vcpu::apply_held_back_msrs`]: KVM answers their enabling with a "wake all"
+    /// interrupt, which would wake an idle vCPU the moment the restored guest starts. Traced
+    /// in the lab: the woken vCPU catches the guest's timekeeping up with the pause, holding
+    /// its lock, and a busy vCPU sharing the CPU spins on that lock. Turning them off drops the
+    /// queued interrupt. Returns the MSRs held back.
+    fn hold_back_msrs(&self, restored: &[kvm_msr_entry]) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+        let held: Vec<kvm_msr_entry> = restored
+            .iter()
+            .filter(|m| {
+                m.index == msr::MSR_KVM_ASYNC_PF_EN && m.data & msr::KVM_ASYNC_PF_ENABLED != 0
+            })
+            .copied()
+            .collect();
+        if !held.is_empty() {
+            let off = [kvm_msr_entry {
+                index: msr::MSR_KVM_ASYNC_PF_EN,
+                ..Default::default()
+            }];
+            self.restore_msrs(&off)?;
+        }
+        Ok(held)
+    }
+
+    /// Whether the restore held MSRs back from KVM.
+    pub fn holds_back_msrs(&self) -> bool {
+        !self.held_back.is_empty()
+    }
+
+    /// Gives KVM the MSRs [`Vcpu::hold_back_msrs`] held back.
+    pub fn apply_held_back_msrs(&mut self) -> Result<(), VcpuError> {
+        let held = std::mem::take(&mut self.held_back);
+        self.restore_msrs(&held)
     }
 
     /// Completes a port or MMIO exit already handled by the monitor (KVM finishes the guest
@@ -738,6 +796,13 @@ impl Vcpu {
             if run_state.stop_requested() {
                 break;
             }
+            if !self.held_back.is_empty() && run_state.held_back_msrs_due() {
+                if let Err(e) = self.apply_held_back_msrs() {
+                    // The guest runs on without asynchronous page faults (KVM then resolves
+                    // every fault synchronously).
+                    tracing::warn!(vcpu = index, "cannot restore the held-back MSRs: {e}");
+                }
+            }
             match self.run_once() {
                 Ok(VcpuEmulation::Handled | VcpuEmulation::Interrupted) => {}
                 Ok(VcpuEmulation::Stopped(reason)) => {
@@ -781,6 +846,14 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
+    /// Has the vCPU look at the shared run state soon: kicked out of the guest, unless parked
+    /// (a parked vCPU looks when it resumes).
+    pub fn nudge(&self) {
+        if !self.parked.load(Ordering::SeqCst) {
+            self.kick();
+        }
+    }
+
     fn kick(&self) {
         // SAFETY: the thread is joined only by `kick_and_join`, which consumes the handle, so
         // its pthread_t is valid here; the kick signal has a handler installed by
