@@ -2,7 +2,7 @@
 //! structures and vCPUs, in that order, so that every input is checked before KVM is touched.
 
 use std::fs::File;
-use std::io::{LineWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -133,14 +133,13 @@ pub enum BuildError {
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOut, BuildError> {
     Ok(match config {
-        SerialConfig::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+        // The UART model flushes after every byte: a buffer here would hold nothing.
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(path) => {
-            Box::new(LineWriter::new(File::create(path).map_err(|source| {
-                BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                }
-            })?))
+            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
+                path: path.clone(),
+                source,
+            })?)
         }
         SerialConfig::None => Box::new(std::io::sink()) as Box<dyn Write + Send>,
     })
