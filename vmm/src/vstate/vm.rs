@@ -417,7 +417,7 @@ impl Vm {
     /// The pages written since the last call, by the guest (KVM's dirty log) OR by the monitor
     /// (the vm-memory bitmap). Both logs are cleared.
     pub fn collect_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
-        let bitmap = self.read_dirty_log()?;
+        let bitmap = self.fetch_dirty_pages()?;
         if self.manual_protect() {
             for (slot, words) in bitmap.0.iter().enumerate() {
                 self.clear_dirty_log(slot, 0, words)?;
@@ -430,10 +430,6 @@ impl Vm {
     /// KVM's log keeps the pages until [`Vm::clear_dirty_log`] clears them (which the caller
     /// does just before it reads each page).
     pub fn fetch_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
-        self.read_dirty_log()
-    }
-
-    fn read_dirty_log(&self) -> Result<DirtyBitmap, VmError> {
         if !self.dirty_logging() {
             return Err(VmError::DirtyLogDisabled);
         }
