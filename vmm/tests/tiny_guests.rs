@@ -17,9 +17,9 @@ use vmm::devices::bus::{Bus, BusDevice};
 use vmm::devices::legacy::i8042::I8042;
 use vmm::devices::legacy::serial::SerialDevice;
 use vmm::devices::legacy::EventFdTrigger;
-use vmm::vstate::memory::{create_guest_memory, PageMap, PAGE_SIZE};
+use vmm::vstate::memory::{create_guest_memory, PAGE_SIZE};
 use vmm::vstate::vcpu::{register_kick_handler, ExitReason, Vcpu, VcpuHandle, VmRunState};
-use vmm::vstate::vm::{DirtyBitmap, Vm};
+use vmm::vstate::vm::Vm;
 
 const LOAD_ADDR: u64 = 0x10_0000;
 const MEM_SIZE: u64 = 16 << 20;
@@ -251,52 +251,6 @@ fn dirty_log_reports_guest_and_monitor_writes() {
     assert_eq!(dirty.count(), 1);
     assert!(dirty.is_dirty(0, monitor_addr));
     assert_eq!(page_of(monitor_addr), 0xa00);
-}
-
-#[test]
-fn incremental_dirty_log_reports_pages_until_their_range_is_cleared() {
-    let mut guest = TinyGuest::new("dirty_pages");
-    let map = PageMap::new(guest.vm.memory());
-    guest.vm.set_dirty_logging(false).unwrap();
-    assert!(
-        guest.vm.use_incremental_dirty_log(),
-        "KVM offers no manual dirty-log protection here"
-    );
-    // Turned on, the log reports every page (nothing was write-protected for it) and keeps
-    // reporting them when read.
-    guest.vm.set_dirty_logging(true).unwrap();
-    let all = DirtyBitmap::all(&map);
-    assert_eq!(guest.vm.fetch_dirty_pages().unwrap(), all);
-    assert_eq!(guest.vm.fetch_dirty_pages().unwrap(), all);
-
-    // Clear every range but the 64 pages from 0x80_0000, where the guest writes.
-    let kept_word = (page_of(0x80_0000) / 64) as usize;
-    for (slot, first_word, words) in all.ranges(8) {
-        let mut words = words.to_vec();
-        if slot == 0 && (first_word..first_word + words.len()).contains(&kept_word) {
-            words[kept_word - first_word] = 0;
-        }
-        guest.vm.clear_dirty_log(slot, first_word, &words).unwrap();
-    }
-    assert_eq!(guest.vm.fetch_dirty_pages().unwrap().count(), 64);
-
-    assert_eq!(guest.run(Duration::from_secs(10)), ExitReason::Halted);
-    let dirty = guest.vm.fetch_dirty_pages().unwrap();
-    // The range never cleared, whole, written or not...
-    assert!(dirty.is_dirty(0, 0x80_0000) && dirty.is_dirty(0, 0x80_1000));
-    // ...and beyond it only what the guest wrote after its range was cleared: its stack and
-    // page tables at most, not the untouched pages.
-    assert!(!dirty.is_dirty(0, 0x90_0000) && !dirty.is_dirty(0, 0xc0_0000));
-    assert!(dirty.count() <= 64 + 8, "{} dirty pages", dirty.count());
-
-    // Clearing a range ends its report; reading the log with `collect` clears what it read.
-    guest.vm.clear_dirty_log(0, kept_word, &[u64::MAX]).unwrap();
-    let rest = guest.vm.collect_dirty_pages().unwrap();
-    assert!(
-        !rest.is_dirty(0, 0x80_0000),
-        "a cleared range still reported"
-    );
-    assert_eq!(guest.vm.fetch_dirty_pages().unwrap().count(), 0);
 }
 
 const LCG_STEPS_ADDR: u64 = 0x70_0000;

@@ -20,7 +20,7 @@ use super::wire::{
 };
 use crate::microvm::{FreezeHandle, FreezeOutcome};
 use crate::vstate::memory::{PageMap, PAGE_SIZE};
-use crate::vstate::vm::{DirtyBitmap, Vm, VmError};
+use crate::vstate::vm::{Vm, VmError};
 
 /// Default largest pause of the guest.
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(300);
@@ -138,36 +138,27 @@ impl Link {
     }
 }
 
-/// Sends the pages set in `pages` in batches (all-zero ones not at all if `skip_zero`);
-/// returns how many. While the guest runs (`log` is its VM), each batch's range of the dirty
-/// log is cleared just before its pages are read (with the incremental log; see
-/// [`Vm::use_incremental_dirty_log`]), so that the guest's writes from then on show in the
-/// next pass.
+/// Sends the pages listed by `pages` in batches (all-zero ones not at all if `skip_zero`);
+/// returns how many.
 fn send_pages(
     link: &mut Link,
-    log: Option<&Vm>,
     map: &PageMap<'_>,
-    pages: &DirtyBitmap,
+    pages: impl Iterator<Item = u64>,
     skip_zero: bool,
 ) -> Result<u64, MigrationError> {
     let mut batch = PageBatch::with_capacity(BATCH_PAGES);
     let mut sent = 0;
-    for (slot, first_word, words) in pages.ranges(BATCH_PAGES / 64) {
-        if let Some(vm) = log {
-            vm.clear_dirty_log(slot, first_word, words)?;
-        }
-        for page in DirtyBitmap::pages_in(map, slot, first_word, words) {
-            let Some(slice) = map.page(page) else {
-                continue;
-            };
-            batch.push_with(page, skip_zero, |buf| {
-                slice.copy_to(buf);
-            });
-            if batch.len() >= BATCH_PAGES {
-                link.send_pages(&batch)?;
-                sent += batch.len() as u64;
-                batch.clear();
-            }
+    for page in pages {
+        let Some(slice) = map.page(page) else {
+            continue;
+        };
+        batch.push_with(page, skip_zero, |buf| {
+            slice.copy_to(buf);
+        });
+        if batch.len() >= BATCH_PAGES {
+            link.send_pages(&batch)?;
+            sent += batch.len() as u64;
+            batch.clear();
         }
     }
     if !batch.is_empty() {
@@ -232,14 +223,10 @@ pub fn migrate(
     let mut cpu_yield = super::CpuYield::prepare();
     let mut report = MigrationReport::default();
     // Pass 0: everything, while the guest runs; the log from here on says what changed.
-    let incremental = vm.use_incremental_dirty_log();
-    tracing::info!(incremental, "migration: dirty log");
     vm.set_dirty_logging(true)?;
-    if !incremental {
-        drop(vm.collect_dirty_pages()?);
-    }
+    drop(vm.collect_dirty_pages()?);
     let mut pass_start = Instant::now();
-    let mut sent = send_pages(&mut link, Some(vm), &map, &DirtyBitmap::all(&map), true)?;
+    let mut sent = send_pages(&mut link, &map, 0..map.pages(), true)?;
     report.passes = 1;
     report.pages_sent = sent;
     let mut previous_left = usize::MAX;
@@ -251,7 +238,7 @@ pub fn migrate(
         link.expect_ack(seq)?;
         let elapsed = pass_start.elapsed().max(Duration::from_millis(1));
         let rate = sent.max(1) as f64 / elapsed.as_secs_f64(); // pages per second
-        let dirty = vm.fetch_dirty_pages()?;
+        let dirty = vm.collect_dirty_pages()?;
         let left = dirty.count();
         let estimate = Duration::from_secs_f64(left as f64 / rate);
         tracing::info!(
@@ -272,7 +259,7 @@ pub fn migrate(
         }
         previous_left = left;
         pass_start = Instant::now();
-        sent = match send_pages(&mut link, Some(vm), &map, &dirty, false) {
+        sent = match send_pages(&mut link, &map, dirty.pages(&map), false) {
             Ok(n) => n,
             Err(e) => {
                 vm.return_dirty_pages(dirty);
@@ -287,7 +274,7 @@ pub fn migrate(
     let paused = frozen.since;
     let result = (|| {
         let saved = paused.elapsed();
-        let n = send_pages(&mut link, None, &map, &frozen.dirty, false)?;
+        let n = send_pages(&mut link, &map, frozen.dirty.pages(&map), false)?;
         super::write_page_digest(&map, "source");
         let pages_sent = paused.elapsed();
         let state = wire::encode_payload(&frozen.state)

@@ -5,11 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config,
-    kvm_pit_state2, kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_CLOCK_REALTIME, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -59,14 +57,6 @@ pub enum VmError {
         gsi: u32,
         /// The ioctl error.
         source: kvm_ioctls::Error,
-    },
-    /// `KVM_CLEAR_DIRTY_LOG` failed.
-    #[error("KVM_CLEAR_DIRTY_LOG failed for slot {slot}: {source}")]
-    ClearDirtyLog {
-        /// The memory slot.
-        slot: u32,
-        /// The OS error.
-        source: std::io::Error,
     },
     /// Dirty pages were asked for while dirty logging is off.
     #[error("dirty page tracking is not enabled")]
@@ -184,55 +174,23 @@ impl DirtyBitmap {
             .sum()
     }
 
-    /// Every page of `map`'s regions.
-    pub fn all(map: &PageMap<'_>) -> Self {
-        let slots = (0..).map_while(|slot| map.region(slot)).map(|(_, count)| {
-            let mut words = vec![u64::MAX; count.div_ceil(64) as usize];
-            if count % 64 != 0 {
-                *words.last_mut().expect("count > 0") = (1 << (count % 64)) - 1;
-            }
-            words
-        });
-        DirtyBitmap(slots.collect())
-    }
-
     /// The dirty pages, numbered across regions as `map` numbers them.
     pub fn pages<'a>(&'a self, map: &'a PageMap<'_>) -> impl Iterator<Item = u64> + 'a {
-        self.ranges(usize::MAX)
-            .flat_map(move |(slot, first_word, words)| Self::pages_in(map, slot, first_word, words))
-    }
-
-    /// The bitmap in pieces of up to `words` words: `(slot, first word, words)`.
-    pub fn ranges(&self, words: usize) -> impl Iterator<Item = (usize, usize, &[u64])> {
-        self.0.iter().enumerate().flat_map(move |(slot, all)| {
-            all.chunks(words.max(1))
-                .enumerate()
-                .map(move |(i, chunk)| (slot, i * words.max(1), chunk))
-        })
-    }
-
-    /// The pages set in `words`, the piece of region `slot` from word `first_word`, numbered
-    /// as `map` numbers them.
-    pub fn pages_in<'a>(
-        map: &PageMap<'_>,
-        slot: usize,
-        first_word: usize,
-        words: &'a [u64],
-    ) -> impl Iterator<Item = u64> + 'a {
-        let (first, count) = map.region(slot).unwrap_or((0, 0));
-        words.iter().enumerate().flat_map(move |(w, &word)| {
-            let base = (first_word + w) as u64 * 64;
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                if bits == 0 {
-                    return None;
-                }
-                let page = base + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                Some(page)
+        self.0.iter().enumerate().flat_map(move |(slot, words)| {
+            let (first, count) = map.region(slot).unwrap_or((0, 0));
+            words.iter().enumerate().flat_map(move |(w, &word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    if bits == 0 {
+                        return None;
+                    }
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    Some(page)
+                })
+                .filter(move |&page| page < count)
+                .map(move |page| first + page)
             })
-            .filter(move |&page| page < count)
-            .map(move |page| first + page)
         })
     }
 
@@ -261,19 +219,11 @@ impl DirtyBitmap {
     }
 }
 
-vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
-
-/// Pages per `KVM_CLEAR_DIRTY_LOG` range: KVM takes ranges in whole 64-page words.
-pub const CLEAR_GRANULE: u64 = 64;
-
 /// A KVM VM with its guest memory.
 pub struct Vm {
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
     dirty_logging: std::sync::atomic::AtomicBool,
-    /// KVM's manual dirty-log protection is on (see [`Vm::use_incremental_dirty_log`]):
-    /// reading the log no longer write-protects the pages, clearing ranges of it does.
-    manual_protect: std::sync::atomic::AtomicBool,
     irqchip: bool,
     /// Dirty pages collected but not consumed (a snapshot or a send that failed): the next
     /// collection reports them again.
@@ -298,7 +248,6 @@ impl Vm {
             fd: Arc::new(fd),
             memory,
             dirty_logging: dirty_logging.into(),
-            manual_protect: false.into(),
             irqchip: false,
             returned_dirty: std::sync::Mutex::new(None),
         };
@@ -384,52 +333,9 @@ impl Vm {
         self.dirty_logging.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Has KVM leave the write protection of logged pages to [`Vm::clear_dirty_log`], one
-    /// range at a time, and report every page dirty when logging is turned on
-    /// (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET`, as QEMU's
-    /// migration uses it): turning logging on and reading the log then cost no pass over all
-    /// of guest memory, which stalls the guest. Returns whether KVM offers it; if not, nothing
-    /// changes. [`Vm::collect_dirty_pages`] behaves the same either way.
-    pub fn use_incremental_dirty_log(&self) -> bool {
-        let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
-        let offered = self
-            .fd
-            .check_extension_raw(libc::c_ulong::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-        if offered < 0 || (offered as u32) & wanted != wanted {
-            return false;
-        }
-        let mut cap = kvm_enable_cap {
-            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-            ..Default::default()
-        };
-        cap.args[0] = u64::from(wanted);
-        let on = self.fd.enable_cap(&cap).is_ok();
-        self.manual_protect
-            .store(on, std::sync::atomic::Ordering::SeqCst);
-        on
-    }
-
-    fn manual_protect(&self) -> bool {
-        self.manual_protect
-            .load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     /// The pages written since the last call, by the guest (KVM's dirty log) OR by the monitor
     /// (the vm-memory bitmap). Both logs are cleared.
     pub fn collect_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
-        let bitmap = self.fetch_dirty_pages()?;
-        if self.manual_protect() {
-            for (slot, words) in bitmap.0.iter().enumerate() {
-                self.clear_dirty_log(slot, 0, words)?;
-            }
-        }
-        Ok(bitmap)
-    }
-
-    /// As [`Vm::collect_dirty_pages`], except that with [`Vm::use_incremental_dirty_log`] on,
-    /// KVM's log keeps the pages until [`Vm::clear_dirty_log`] clears them (which the caller
-    /// does just before it reads each page).
-    pub fn fetch_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
         if !self.dirty_logging() {
             return Err(VmError::DirtyLogDisabled);
         }
@@ -451,49 +357,6 @@ impl Vm {
             bitmap.merge(&returned);
         }
         Ok(bitmap)
-    }
-
-    /// Clears the pages set in `words` from KVM's log of region `slot` and write-protects them
-    /// again, so that the guest's next write to each is logged; `words[i]` covers pages
-    /// `(first_word + i) * 64..`. Nothing to do unless [`Vm::use_incremental_dirty_log`] is on.
-    pub fn clear_dirty_log(
-        &self,
-        slot: usize,
-        first_word: usize,
-        words: &[u64],
-    ) -> Result<(), VmError> {
-        if !self.manual_protect() || words.iter().all(|w| *w == 0) {
-            return Ok(());
-        }
-        let region_pages = self
-            .memory
-            .iter()
-            .nth(slot)
-            .map_or(0, |r| r.len() / PAGE_SIZE as u64);
-        let first_page = first_word as u64 * CLEAR_GRANULE;
-        // KVM takes whole words, except that the last range of a slot ends with the slot.
-        let num_pages =
-            (words.len() as u64 * CLEAR_GRANULE).min(region_pages.saturating_sub(first_page));
-        let mut clear = kvm_clear_dirty_log {
-            slot: slot as u32,
-            num_pages: num_pages as u32,
-            first_page,
-            ..Default::default()
-        };
-        clear.__bindgen_anon_1.dirty_bitmap = words.as_ptr() as *mut libc::c_void;
-        // SAFETY: KVM_CLEAR_DIRTY_LOG on this VM's fd reads `num_pages` bits from
-        // `dirty_bitmap`, which points at `words` (at least that many bits, alive for the
-        // call); `clear` is a valid kvm_clear_dirty_log that outlives the call.
-        let ret = unsafe {
-            vmm_sys_util::ioctl::ioctl_with_ref(self.fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &clear)
-        };
-        if ret < 0 {
-            return Err(VmError::ClearDirtyLog {
-                slot: slot as u32,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(())
     }
 
     /// Gives back dirty pages that were collected but not consumed (the snapshot or the send
