@@ -355,17 +355,6 @@ fn save_and_restore_continue_a_computation_exactly() {
     assert_eq!(result, expected);
 }
 
-/// The value of `index` as KVM holds it for `vcpu`.
-fn kvm_msr(vcpu: &Vcpu, index: u32) -> u64 {
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .unwrap();
-    assert_eq!(vcpu.fd().get_msrs(&mut msrs).unwrap(), 1);
-    msrs.as_slice()[0].data
-}
-
 #[test]
 fn enabled_async_page_faults_reach_kvm_only_once_the_guest_ran() {
     // A guest that enabled KVM's asynchronous page faults: delivered as an interrupt, its
@@ -392,7 +381,7 @@ fn enabled_async_page_faults_reach_kvm_only_once_the_guest_ran() {
     restored.restore_state(&state, Duration::ZERO).unwrap();
     // KVM has them off (its "wake all" interrupt dropped), a save still reports them on...
     assert!(restored.holds_back_msrs());
-    assert_eq!(kvm_msr(&restored, msr::MSR_KVM_ASYNC_PF_EN), 0);
+    assert_eq!(restored.msr(msr::MSR_KVM_ASYNC_PF_EN), Some(0));
     let again = restored.save_state().unwrap();
     let reported = again
         .msrs
@@ -402,5 +391,5 @@ fn enabled_async_page_faults_reach_kvm_only_once_the_guest_ran() {
     // ...and KVM gets them when the vCPU is told to.
     restored.apply_held_back_msrs().unwrap();
     assert!(!restored.holds_back_msrs());
-    assert_eq!(kvm_msr(&restored, msr::MSR_KVM_ASYNC_PF_EN), enabled);
+    assert_eq!(restored.msr(msr::MSR_KVM_ASYNC_PF_EN), Some(enabled));
 }

@@ -568,14 +568,7 @@ impl Vcpu {
             let Some(refused) = pending.get(set) else {
                 break;
             };
-            let mut current = Msrs::from_entries(&[kvm_msr_entry {
-                index: refused.index,
-                ..Default::default()
-            }])
-            .map_err(|_| VcpuError::StateList("MSR"))?;
-            let same = self.fd.get_msrs(&mut current).ok() == Some(1)
-                && current.as_slice()[0].data == refused.data;
-            if !same {
+            if self.msr(refused.index) != Some(refused.data) {
                 return Err(VcpuError::RestoreMsr {
                     index: refused.index,
                     value: refused.data,
@@ -584,6 +577,16 @@ impl Vcpu {
             pending = &pending[set + 1..];
         }
         Ok(())
+    }
+
+    /// The value KVM holds for MSR `index`, if it gives one.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .ok()?;
+        (self.fd.get_msrs(&mut msrs).ok() == Some(1)).then(|| msrs.as_slice()[0].data)
     }
 
     /// Turns asynchronous page faults, just restored (so KVM accepted the value), off again
@@ -796,7 +799,7 @@ impl Vcpu {
             if run_state.stop_requested() {
                 break;
             }
-            if !self.held_back.is_empty() && run_state.held_back_msrs_due() {
+            if self.holds_back_msrs() && run_state.held_back_msrs_due() {
                 if let Err(e) = self.apply_held_back_msrs() {
                     // The guest runs on without asynchronous page faults (KVM then resolves
                     // every fault synchronously).
