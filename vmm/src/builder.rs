@@ -133,7 +133,7 @@ pub enum BuildError {
 
 fn serial_output(config: &SerialConfig) -> Result<SerialOut, BuildError> {
     Ok(match config {
-        // The UART model flushes after every byte: a buffer here would hold nothing.
+        // The serial device hands over whole lines (`ConsoleOut`) and flushes after each.
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(path) => {
             Box::new(File::create(path).map_err(|source| BuildError::SerialFile {

@@ -402,12 +402,15 @@ impl MicroVm {
                 result = Err(RunError::EventLoop(e));
             }
             if self.phase == VmPhase::Running {
-                lock(&self.devices.serial).raise_stalled_interrupt();
+                let mut serial = lock(&self.devices.serial);
+                serial.raise_stalled_interrupt();
+                serial.flush_output();
             }
             control(self);
             self.release_held_back_msrs();
         }
         self.handles.drain(..).for_each(VcpuHandle::kick_and_join);
+        lock(&self.devices.serial).flush_output();
         result?;
         Ok(self.run_state.exit_reason().unwrap_or(ExitReason::Stopped))
     }

@@ -26,6 +26,12 @@ pub enum ReceiveError {
     /// Accepting a connection failed.
     #[error("cannot accept a migration: {0}")]
     Accept(std::io::Error),
+    /// The thread that receives pages cannot be started.
+    #[error("cannot start the thread receiving the migration: {0}")]
+    Thread(std::io::Error),
+    /// The thread that receives pages panicked.
+    #[error("the thread receiving the migration panicked")]
+    ThreadPanicked,
     /// The stream broke.
     #[error("the migration stream broke: {0}")]
     Wire(#[from] wire::WireError),
@@ -152,34 +158,19 @@ fn receive_stream(
         "migration accepted"
     );
 
-    let mut pages = 0u64;
-    let mut state: Option<MicroVmState> = None;
-    let commit = loop {
-        match reader.recv()? {
-            Message::Pages(batch) => {
-                for (page, data) in batch.iter() {
-                    let slice = map.page(page).ok_or(ReceiveError::PageOutOfRange(page))?;
-                    match data {
-                        Some(data) => slice.copy_from(data),
-                        None => slice.copy_from(&ZERO_PAGE[..]),
-                    }
-                    pages += 1;
-                }
-            }
-            Message::State(bytes) => {
-                state = Some(
-                    wire::decode_payload(&bytes).map_err(|e| ReceiveError::State(e.to_string()))?,
-                );
-            }
-            Message::Sync { seq } => {
-                writer.send(&Message::Ack { seq })?;
-                writer.flush()?;
-            }
-            Message::Commit { seq } => break seq,
-            Message::Error(reason) => return Err(ReceiveError::Aborted(reason)),
-            other => return Err(ReceiveError::Protocol(format!("{other:?}"))),
-        }
-    };
+    // Received on a thread of its own, which gives way to the guest (still running at the
+    // source, maybe on this host's CPUs); this one, back at `Commit`, will run the VM.
+    let (pages, state, commit) = std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("migration-rx".into())
+            .spawn_scoped(scope, || {
+                super::yield_to_guest();
+                receive_until_commit(reader, writer, &map)
+            })
+            .map_err(ReceiveError::Thread)?
+            .join()
+            .map_err(|_| ReceiveError::ThreadPanicked)?
+    })?;
     let committed = Instant::now();
     super::write_page_digest(&map, "destination");
     let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
@@ -218,4 +209,42 @@ fn receive_stream(
             restore: acked_after,
         },
     ))
+}
+
+/// Applies pages, keeps the state and answers `Sync`s until `Commit`; returns the pages
+/// received, the state and the `Commit`'s sequence number.
+fn receive_until_commit(
+    reader: &mut MessageReader<TcpStream>,
+    writer: &mut MessageWriter<TcpStream>,
+    map: &PageMap<'_>,
+) -> Result<(u64, Option<MicroVmState>, u64), ReceiveError> {
+    let mut pages = 0u64;
+    let mut state: Option<MicroVmState> = None;
+    let commit = loop {
+        match reader.recv()? {
+            Message::Pages(batch) => {
+                for (page, data) in batch.iter() {
+                    let slice = map.page(page).ok_or(ReceiveError::PageOutOfRange(page))?;
+                    match data {
+                        Some(data) => slice.copy_from(data),
+                        None => slice.copy_from(&ZERO_PAGE[..]),
+                    }
+                    pages += 1;
+                }
+            }
+            Message::State(bytes) => {
+                state = Some(
+                    wire::decode_payload(&bytes).map_err(|e| ReceiveError::State(e.to_string()))?,
+                );
+            }
+            Message::Sync { seq } => {
+                writer.send(&Message::Ack { seq })?;
+                writer.flush()?;
+            }
+            Message::Commit { seq } => break seq,
+            Message::Error(reason) => return Err(ReceiveError::Aborted(reason)),
+            other => return Err(ReceiveError::Protocol(format!("{other:?}"))),
+        }
+    };
+    Ok((pages, state, commit))
 }

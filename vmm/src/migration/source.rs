@@ -221,6 +221,9 @@ pub fn migrate(
     // the thread that ends the yield after the switch-over made now, not near the pause.
     crate::prefault::own_code();
     let mut cpu_yield = super::CpuYield::prepare();
+    // This thread only copies from here on: the monitor's thread stops and saves the VM, and
+    // the final copy runs with the guest stopped, when nothing here competes for the CPU.
+    super::yield_to_guest();
     let mut report = MigrationReport::default();
     // Pass 0: everything, while the guest runs; the log from here on says what changed.
     vm.set_dirty_logging(true)?;

@@ -14,10 +14,15 @@ use crate::persist::Persist;
 /// Where the console goes.
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// Console bytes held back, at most, before they are written out whatever comes next.
+const CONSOLE_LINE_MAX: usize = 1024;
+
 /// How long an enabled interrupt may stay pending, with the guest not touching the UART, before
 /// it is raised again.
 const STALLED_INTERRUPT: Duration = Duration::from_millis(100);
 
+/// The interrupt enable register's offset.
+const IER_OFFSET: u64 = 1;
 /// IIR bit 0: no interrupt pending.
 const IIR_NONE: u8 = 0x01;
 /// IIR identification of "transmitter holding register empty", and its IER enable bit.
@@ -35,7 +40,7 @@ const IER_RX_DATA: u8 = 0x01;
 /// empty" interrupt that never comes: console output stops, and what was buffered is lost when
 /// the tty is hung up. [`SerialDevice::raise_stalled_interrupt`] gives the level back.
 pub struct SerialDevice<T: Trigger<E = std::io::Error> = IrqLineTrigger> {
-    serial: Serial<T, NoEvents, SerialOut>,
+    serial: Serial<T, NoEvents, ConsoleOut>,
     /// When the guest last read or wrote a register, or the interrupt was last raised again.
     last_activity: Instant,
 }
@@ -44,7 +49,7 @@ impl<T: Trigger<E = std::io::Error>> SerialDevice<T> {
     /// A UART writing to `out`, interrupting through `irq`.
     pub fn new(irq: T, out: SerialOut) -> Self {
         Self {
-            serial: Serial::new(irq, out),
+            serial: Serial::new(irq, ConsoleOut::new(out)),
             last_activity: Instant::now(),
         }
     }
@@ -74,11 +79,66 @@ impl<T: Trigger<E = std::io::Error>> SerialDevice<T> {
         self.last_activity = Instant::now();
     }
 
+    /// Writes out console output held back (a line not finished yet). Called from the event
+    /// loop, so nothing waits longer than its tick.
+    pub fn flush_output(&mut self) {
+        if let Err(e) = self.serial.writer_mut().write_out() {
+            tracing::warn!("serial output failed: {e}");
+        }
+    }
+
     /// Feeds console input to the guest.
     pub fn enqueue_input(&mut self, input: &[u8]) -> std::io::Result<usize> {
         self.serial
             .enqueue_raw_bytes(input)
             .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// The console's output, written a line at a time. The UART model writes and flushes every
+/// byte the guest sends: one `write` per byte, each waking whoever reads the console (a
+/// terminal, a log collector), which then competes with the vCPU still writing the line. Here
+/// the bytes wait for the line's end, [`CONSOLE_LINE_MAX`] bytes, or [`ConsoleOut::write_out`]
+/// (the guest's driver stopping, the event loop's tick, the device's end).
+pub struct ConsoleOut {
+    out: SerialOut,
+    held: Vec<u8>,
+}
+
+impl ConsoleOut {
+    fn new(out: SerialOut) -> Self {
+        Self {
+            out,
+            held: Vec::with_capacity(CONSOLE_LINE_MAX),
+        }
+    }
+
+    /// Writes out what is held back.
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .out
+            .write_all(&self.held)
+            .and_then(|()| self.out.flush());
+        self.held.clear();
+        result
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.held.extend_from_slice(data);
+        if data.contains(&b'\n') || self.held.len() >= CONSOLE_LINE_MAX {
+            self.write_out()?;
+        }
+        Ok(data.len())
+    }
+
+    /// The UART model's flush after every byte: lines go out whole instead (see [`Self::write`]).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -147,7 +207,7 @@ impl<T: Trigger<E = std::io::Error>> Persist for SerialDevice<T> {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let serial = Serial::from_state(&uart, irq, NoEvents, out)
+        let serial = Serial::from_state(&uart, irq, NoEvents, ConsoleOut::new(out))
             .map_err(|e| SerialRestoreError(format!("{e:?}")))?;
         Ok(Self {
             serial,
@@ -170,13 +230,19 @@ impl<T: Trigger<E = std::io::Error> + Send> BusDevice for SerialDevice<T> {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
                 tracing::warn!("serial write failed: {e}");
             }
+            // The guest's driver writes IER when it stops transmitting (the interrupt-driven
+            // driver turns "transmitter empty" off, the kernel console puts IER back): what it
+            // wrote goes out now, a prompt without a line end too.
+            if offset == IER_OFFSET {
+                self.flush_output();
+            }
         }
     }
 }
 
 impl<T: Trigger<E = std::io::Error>> Drop for SerialDevice<T> {
     fn drop(&mut self) {
-        let _ = self.serial.writer_mut().flush();
+        self.flush_output();
     }
 }
 
@@ -243,6 +309,65 @@ mod tests {
         dev.last_activity -= STALLED_INTERRUPT;
         dev.raise_stalled_interrupt();
         assert!(!raised(&dev), "pending but disabled: nothing to raise");
+    }
+
+    /// A console output whose bytes, and the writes they came in, the test can see.
+    #[derive(Clone, Default)]
+    struct Seen(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl Seen {
+        fn writes(&self) -> Vec<Vec<u8>> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Write for Seen {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(data.to_vec());
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn console_output_goes_out_a_line_at_a_time() {
+        let seen = Seen::default();
+        let mut dev = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(seen.clone()));
+        for b in b"VMR-TICK\nprompt# " {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(
+            seen.writes(),
+            vec![b"VMR-TICK\n".to_vec()],
+            "one write per line"
+        );
+        // The driver stops transmitting (turns "transmitter empty" off): the prompt goes too.
+        dev.write(1, &[IER_RX_DATA]);
+        assert_eq!(seen.writes()[1..], [b"prompt# ".to_vec()]);
+
+        dev.write(0, b"x");
+        dev.flush_output();
+        assert_eq!(seen.writes()[2..], [b"x".to_vec()], "the event loop's tick");
+        dev.flush_output();
+        assert_eq!(seen.writes().len(), 3, "nothing held: nothing written");
+
+        for _ in 0..CONSOLE_LINE_MAX {
+            dev.write(0, b"y");
+        }
+        assert_eq!(
+            seen.writes()[3].len(),
+            CONSOLE_LINE_MAX,
+            "a long line in pieces"
+        );
+        dev.write(0, b"z");
+        drop(dev);
+        assert_eq!(
+            seen.writes()[4..],
+            [b"z".to_vec()],
+            "written out at the end"
+        );
     }
 
     #[test]
