@@ -116,11 +116,9 @@ pub const PRECOPY_NICE: libc::c_int = 4;
 /// Has the calling thread give way to the guest: nice [`PRECOPY_NICE`]. Threads only get nicer
 /// without privilege, so only threads that do nothing else afterwards call this.
 pub(crate) fn yield_to_guest() {
-    // SAFETY: gettid has no preconditions.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
-    // SAFETY: sets the nice value of the calling thread (PRIO_PROCESS with a thread id applies
-    // to that thread alone on Linux); no memory is passed.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, PRECOPY_NICE) } != 0 {
+    // SAFETY: sets the nice value of the calling thread (on Linux, PRIO_PROCESS with `who` 0 is
+    // the calling thread alone: nice is per thread); no memory is passed.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PRECOPY_NICE) } != 0 {
         tracing::debug!(
             "cannot lower the migration thread's priority: {}",
             std::io::Error::last_os_error()

@@ -100,7 +100,7 @@ impl<T: Trigger<E = std::io::Error>> SerialDevice<T> {
 /// terminal, a log collector), which then competes with the vCPU still writing the line. Here
 /// the bytes wait for the line's end, [`CONSOLE_LINE_MAX`] bytes, or [`ConsoleOut::write_out`]
 /// (the guest's driver stopping, the event loop's tick, the device's end).
-pub struct ConsoleOut {
+struct ConsoleOut {
     out: SerialOut,
     held: Vec<u8>,
 }
