@@ -173,7 +173,12 @@ fn receive_stream(
     })?;
     let committed = Instant::now();
     super::write_page_digest(&map, "destination");
-    let state = state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?;
+    // Decoded here, on the thread that runs the VM: the guest is stopped at the source by now,
+    // and the receiving thread gives way to everything else.
+    let state: MicroVmState = wire::decode_payload(
+        &state.ok_or_else(|| ReceiveError::Protocol("Commit before State".into()))?,
+    )
+    .map_err(|e| ReceiveError::State(e.to_string()))?;
     let mut microvm = restore_from_state(
         &state,
         || Ok(prepared),
@@ -211,15 +216,15 @@ fn receive_stream(
     ))
 }
 
-/// Applies pages, keeps the state and answers `Sync`s until `Commit`; returns the pages
-/// received, the state and the `Commit`'s sequence number.
+/// Applies pages, keeps the (encoded) state and answers `Sync`s until `Commit`; returns the
+/// pages received, the state and the `Commit`'s sequence number.
 fn receive_until_commit(
     reader: &mut MessageReader<TcpStream>,
     writer: &mut MessageWriter<TcpStream>,
     map: &PageMap<'_>,
-) -> Result<(u64, Option<MicroVmState>, u64), ReceiveError> {
+) -> Result<(u64, Option<Vec<u8>>, u64), ReceiveError> {
     let mut pages = 0u64;
-    let mut state: Option<MicroVmState> = None;
+    let mut state = None;
     let commit = loop {
         match reader.recv()? {
             Message::Pages(batch) => {
@@ -232,11 +237,7 @@ fn receive_until_commit(
                     pages += 1;
                 }
             }
-            Message::State(bytes) => {
-                state = Some(
-                    wire::decode_payload(&bytes).map_err(|e| ReceiveError::State(e.to_string()))?,
-                );
-            }
+            Message::State(bytes) => state = Some(bytes),
             Message::Sync { seq } => {
                 writer.send(&Message::Ack { seq })?;
                 writer.flush()?;
