@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::{Kvm, VmFd};
@@ -113,6 +113,9 @@ pub enum BuildError {
     /// The snapshot's serial port state is bad.
     #[error(transparent)]
     SerialState(#[from] SerialRestoreError),
+    /// The power-on state of the legacy devices cannot be made.
+    #[error("cannot make the devices' power-on state: {0}")]
+    PowerOnDevices(std::io::Error),
     /// The snapshot's vCPU states are not in vCPU order.
     #[error("the snapshot holds the state of vCPU {saved} where vCPU {position}'s belongs")]
     SnapshotVcpuOrder {
@@ -254,6 +257,32 @@ impl PreparedVm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         self.vm.memory()
+    }
+
+    /// This VM's state as created: KVM's initial state of the VM and of each vCPU, the legacy
+    /// devices at power-on and `config` (for [`PreparedVm::restore_initial_state`]).
+    pub fn initial_state(&self, config: VmConfig) -> Result<MicroVmState, BuildError> {
+        Ok(MicroVmState {
+            config,
+            vm: self.vm.save_state()?,
+            vcpus: self
+                .vcpus
+                .iter()
+                .map(Vcpu::save_state)
+                .collect::<Result<_, _>>()?,
+            devices: DevicesState::power_on().map_err(BuildError::PowerOnDevices)?,
+        })
+    }
+
+    /// Restores the VM and its vCPUs from `state`, made by [`PreparedVm::initial_state`] (a
+    /// copy of it): KVM ends up where it was, and the code of a restore has run once in this
+    /// process. The state restored later overwrites all of it.
+    pub fn restore_initial_state(&mut self, state: &MicroVmState) -> Result<(), BuildError> {
+        self.vm.restore_state(&state.vm, Duration::ZERO)?;
+        for (vcpu, saved) in self.vcpus.iter_mut().zip(&state.vcpus) {
+            vcpu.restore_state(saved, Duration::ZERO)?;
+        }
+        Ok(())
     }
 }
 

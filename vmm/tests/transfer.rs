@@ -337,6 +337,12 @@ fn live_migration_moves_the_running_workload() {
         "the source stopped computing"
     );
     assert_continued(&mut dest, done);
+    // The destination ran its restore once on its own new VM before the pre-copy.
+    assert!(
+        !dest.log().contains("rehearsal failed"),
+        "the restore's rehearsal failed: {}",
+        dest.log()
+    );
 }
 
 #[test]

@@ -145,8 +145,11 @@ fn receive_stream(
     // The VM is built now, while the guest still runs at the source: the switch-over then
     // only restores state into it.
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
-    let prepared =
+    let mut prepared =
         PreparedVm::in_vm(empty, hello.vcpus, mem, false).map_err(ReceiveError::Prepare)?;
+    if let Err(e) = rehearse_restore(&mut prepared, &hello.config) {
+        tracing::warn!("the restore's rehearsal failed (the migration goes on): {e}");
+    }
     let map = PageMap::new(prepared.memory());
     reader.set_max_pages(map.pages());
     writer.send(&Message::Ack { seq: 0 })?;
@@ -214,6 +217,38 @@ fn receive_stream(
             restore: acked_after,
         },
     ))
+}
+
+/// Why [`rehearse_restore`] failed.
+#[derive(Debug, thiserror::Error)]
+enum RehearsalError {
+    #[error("the VM's configuration does not decode: {0}")]
+    Config(wire::WireError),
+    #[error("cannot save the new VM's state: {0}")]
+    Save(BuildError),
+    #[error("cannot encode the state: {0}")]
+    Encode(wire::WireError),
+    #[error("cannot decode the state: {0}")]
+    Decode(wire::WireError),
+    #[error("cannot restore the new VM's own state: {0}")]
+    Restore(BuildError),
+}
+
+/// Runs, before the pre-copy, the code the switch-over will run with the guest stopped: the
+/// new VM's own state, as KVM created it (with the VM's configuration, from `Hello`), is
+/// encoded, decoded and restored onto it, which changes nothing. Code runs slower the first
+/// time a process runs it; in the lab, where an emulated CPU translates it then, decoding the
+/// state took 4.4-10.1 ms the first time and 0.6-0.8 ms the second (README).
+fn rehearse_restore(prepared: &mut PreparedVm, config: &[u8]) -> Result<(), RehearsalError> {
+    let config = wire::decode_payload(config).map_err(RehearsalError::Config)?;
+    let state = prepared
+        .initial_state(config)
+        .map_err(RehearsalError::Save)?;
+    let encoded = wire::encode_payload(&state).map_err(RehearsalError::Encode)?;
+    let state: MicroVmState = wire::decode_payload(&encoded).map_err(RehearsalError::Decode)?;
+    prepared
+        .restore_initial_state(&state)
+        .map_err(RehearsalError::Restore)
 }
 
 /// Applies pages, keeps the (encoded) state and answers `Sync`s until `Commit`; returns the
