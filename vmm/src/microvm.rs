@@ -19,7 +19,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::DevicesState;
 use crate::persist::Persist;
 use crate::snapshot::{self, MicroVmState, ParentRef, SnapshotError, SnapshotKind};
-use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuError, VcpuHandle, VmRunState};
+use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuError, VcpuHandle, VcpuState, VmRunState};
 use crate::vstate::vm::{DirtyBitmap, Vm, VmError};
 
 /// The event manager of the monitor's thread.
@@ -151,16 +151,24 @@ pub enum FreezeOutcome {
     Failed(DirtyBitmap),
 }
 
+/// What a transfer thread asks of the monitor thread, with where to answer.
+enum FreezeRequest {
+    /// Freeze the VM ([`FreezeHandle::freeze`]).
+    Freeze(Sender<Result<Frozen, String>>),
+    /// Rehearse the save ([`FreezeHandle::rehearse`]).
+    Rehearse(Sender<Result<MicroVmState, String>>),
+}
+
 /// The monitor-thread side of freeze requests: the requester writes `wake` after sending.
 pub struct FreezeChannel {
-    requests: Receiver<Sender<Result<Frozen, String>>>,
+    requests: Receiver<FreezeRequest>,
     wake: EventFd,
 }
 
 /// The requester's side of a [`FreezeChannel`].
 #[derive(Clone)]
 pub struct FreezeHandle {
-    requests: Sender<Sender<Result<Frozen, String>>>,
+    requests: Sender<FreezeRequest>,
     wake: Arc<EventFd>,
 }
 
@@ -174,9 +182,19 @@ impl FreezeHandle {
 
     /// Asks the monitor thread to freeze the VM; returns what it froze.
     pub fn freeze(&self) -> Result<Frozen, String> {
+        self.ask(FreezeRequest::Freeze)
+    }
+
+    /// Asks the monitor thread to run the code of a freeze's save without pausing the VM
+    /// ([`MicroVm::rehearse_save`]); returns what it saved, which is not a state of one moment.
+    pub fn rehearse(&self) -> Result<MicroVmState, String> {
+        self.ask(FreezeRequest::Rehearse)
+    }
+
+    fn ask<T>(&self, request: fn(Sender<Result<T, String>>) -> FreezeRequest) -> Result<T, String> {
         let (tx, rx) = channel();
         self.requests
-            .send(tx)
+            .send(request(tx))
             .map_err(|_| "the VM is gone".to_string())?;
         self.wake
             .write(1)
@@ -481,8 +499,23 @@ impl MicroVm {
         if self.phase != VmPhase::Paused {
             return Err(ControlError::NotPaused);
         }
+        self.capture_state(VcpuHandle::save_all)
+    }
+
+    /// Runs the code of [`MicroVm::save_state`] without pausing the VM, each vCPU saved by its
+    /// thread between two of its runs: code runs slower the first time a process runs it (in
+    /// the lab much slower, README), and a migration's freeze then does not run it for the
+    /// first time with the guest stopped. What it returns is not a state of one moment.
+    pub fn rehearse_save(&self) -> Result<MicroVmState, ControlError> {
+        self.capture_state(VcpuHandle::rehearse_save_all)
+    }
+
+    fn capture_state(
+        &self,
+        save_vcpus: fn(&[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError>,
+    ) -> Result<MicroVmState, ControlError> {
         let devices = self.devices.save();
-        let vcpus = VcpuHandle::save_all(&self.handles)?;
+        let vcpus = save_vcpus(&self.handles)?;
         Ok(MicroVmState {
             config: self.config.clone(),
             vm: self.vm.save_state()?,
@@ -535,7 +568,14 @@ impl MicroVm {
     /// `Failed` gives the pages back and resumes it (if it was running).
     pub fn serve_freeze(&mut self, freezes: &FreezeChannel) {
         let _ = freezes.wake.read();
-        while let Ok(reply) = freezes.requests.try_recv() {
+        while let Ok(request) = freezes.requests.try_recv() {
+            let reply = match request {
+                FreezeRequest::Freeze(reply) => reply,
+                FreezeRequest::Rehearse(reply) => {
+                    let _ = reply.send(self.rehearse_save().map_err(|e| e.to_string()));
+                    continue;
+                }
+            };
             let was_running = self.phase == VmPhase::Running;
             let since = Instant::now();
             let frozen = self.freeze();

@@ -337,7 +337,13 @@ fn live_migration_moves_the_running_workload() {
         "the source stopped computing"
     );
     assert_continued(&mut dest, done);
-    // The destination ran its restore once on its own new VM before the pre-copy.
+    // Each end ran its part of the switch-over once before the pre-copy: the source saved
+    // and encoded its running VM, the destination restored its new VM's own state.
+    assert!(
+        !a.log().contains("rehearsal failed"),
+        "the save's rehearsal failed: {}",
+        a.log()
+    );
     assert!(
         !dest.log().contains("rehearsal failed"),
         "the restore's rehearsal failed: {}",

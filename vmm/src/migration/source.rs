@@ -221,6 +221,13 @@ pub fn migrate(
     // the thread that ends the yield after the switch-over made now, not near the pause.
     crate::prefault::own_code();
     let mut cpu_yield = super::CpuYield::prepare();
+    // And the code that saves and encodes the state, run once now (the VM keeps running).
+    if let Err(e) = freeze
+        .rehearse()
+        .and_then(|state| wire::encode_payload(&state).map_err(|e| e.to_string()))
+    {
+        tracing::warn!("the save's rehearsal failed (the migration goes on): {e}");
+    }
     // This thread only copies from here on: the monitor's thread stops and saves the VM, and
     // the final copy runs with the guest stopped, when nothing here competes for the CPU.
     super::yield_to_guest();

@@ -790,6 +790,9 @@ impl Vcpu {
                     } else {
                         Err(VcpuError::NotPaused(index))
                     }),
+                    VcpuRequest::RehearseSave => {
+                        VcpuResponse::State(self.save_state().map(Box::new))
+                    }
                 };
                 if responses.send(response).is_err() {
                     break;
@@ -825,6 +828,8 @@ enum VcpuRequest {
     Pause,
     Resume,
     SaveState,
+    /// Save while running (between two runs of the vCPU): a rehearsal, the state is not one.
+    RehearseSave,
     Exit,
 }
 
@@ -921,7 +926,20 @@ impl VcpuHandle {
 
     /// The states of every (paused) vCPU of `handles`, in their order, saved by all at once.
     pub fn save_all(handles: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
-        Self::all(handles, || VcpuRequest::SaveState, "save")?
+        Self::all_states(handles, || VcpuRequest::SaveState)
+    }
+
+    /// Has every vCPU thread save its vCPU between two of its runs, without pausing the VM: the
+    /// code of [`VcpuHandle::save_all`] runs, but the states are not of one moment.
+    pub fn rehearse_save_all(handles: &[VcpuHandle]) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::all_states(handles, || VcpuRequest::RehearseSave)
+    }
+
+    fn all_states(
+        handles: &[VcpuHandle],
+        request: fn() -> VcpuRequest,
+    ) -> Result<Vec<VcpuState>, VcpuError> {
+        Self::all(handles, request, "save")?
             .into_iter()
             .zip(handles)
             .map(|(answer, handle)| handle.state_from(answer))
