@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::{Kvm, VmFd};
@@ -260,7 +260,7 @@ impl PreparedVm {
     }
 
     /// This VM's state as created: KVM's initial state of the VM and of each vCPU, the legacy
-    /// devices at power-on and `config` (for [`PreparedVm::restore_initial_state`]).
+    /// devices at power-on and `config` (for a rehearsal of a restore).
     pub fn initial_state(&self, config: VmConfig) -> Result<MicroVmState, BuildError> {
         Ok(MicroVmState {
             config,
@@ -272,17 +272,6 @@ impl PreparedVm {
                 .collect::<Result<_, _>>()?,
             devices: DevicesState::power_on().map_err(BuildError::PowerOnDevices)?,
         })
-    }
-
-    /// Restores the VM and its vCPUs from `state`, made by [`PreparedVm::initial_state`] (a
-    /// copy of it): KVM ends up where it was, and the code of a restore has run once in this
-    /// process. The state restored later overwrites all of it.
-    pub fn restore_initial_state(&mut self, state: &MicroVmState) -> Result<(), BuildError> {
-        self.vm.restore_state(&state.vm, Duration::ZERO)?;
-        for (vcpu, saved) in self.vcpus.iter_mut().zip(&state.vcpus) {
-            vcpu.restore_state(saved, Duration::ZERO)?;
-        }
-        Ok(())
     }
 }
 

@@ -4,10 +4,12 @@
 //! leaves nothing behind, and the next connection is accepted.
 
 use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Message, MessageReader, MessageWriter, Purpose, PROTOCOL_VERSION};
 use crate::builder::{restore_from_state, BuildError, EmptyVm, PreparedVm, RestoreOptions};
+use crate::config::SerialConfig;
 use crate::microvm::{MicroVm, RunError};
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
@@ -106,8 +108,11 @@ fn receive_one(
         .map_err(ReceiveError::Accept)?;
     let _ = stream.set_nodelay(true);
     let mut writer = MessageWriter::new(stream.try_clone().map_err(ReceiveError::Accept)?);
-    let mut reader = MessageReader::new(stream);
-    let result = receive_stream(&mut reader, &mut writer, options, empty, t0);
+    // The receiving thread's own, for its answers to `Sync`s; this thread's answers only
+    // before and after it.
+    let rx_writer = MessageWriter::new(stream.try_clone().map_err(ReceiveError::Accept)?);
+    let reader = MessageReader::new(stream);
+    let result = receive_stream(reader, rx_writer, &mut writer, options, empty, t0);
     if let Err(e) = &result {
         // Tell the source why, if the link still works.
         let _ = writer.send(&Message::Error(e.to_string()));
@@ -117,7 +122,8 @@ fn receive_one(
 }
 
 fn receive_stream(
-    reader: &mut MessageReader<TcpStream>,
+    mut reader: MessageReader<TcpStream>,
+    mut rx_writer: MessageWriter<TcpStream>,
     writer: &mut MessageWriter<TcpStream>,
     options: &RestoreOptions,
     empty: EmptyVm,
@@ -145,10 +151,10 @@ fn receive_stream(
     // The VM is built now, while the guest still runs at the source: the switch-over then
     // only restores state into it.
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
-    let mut prepared =
+    let prepared =
         PreparedVm::in_vm(empty, hello.vcpus, mem, false).map_err(ReceiveError::Prepare)?;
-    if let Err(e) = rehearse_restore(&mut prepared, &hello.config) {
-        tracing::warn!("the restore's rehearsal failed (the migration goes on): {e}");
+    if let Err(e) = rehearse_switch_over(hello.vcpus, &hello.config, options) {
+        tracing::warn!("the switch-over's rehearsal failed (the migration goes on): {e}");
     }
     let map = PageMap::new(prepared.memory());
     reader.set_max_pages(map.pages());
@@ -162,18 +168,23 @@ fn receive_stream(
     );
 
     // Received on a thread of its own, which gives way to the guest (still running at the
-    // source, maybe on this host's CPUs); this one, back at `Commit`, will run the VM.
-    let (pages, state, commit) = std::thread::scope(|scope| {
-        std::thread::Builder::new()
-            .name("migration-rx".into())
-            .spawn_scoped(scope, || {
-                super::yield_to_guest();
-                receive_until_commit(reader, writer, &map)
-            })
-            .map_err(ReceiveError::Thread)?
-            .join()
-            .map_err(|_| ReceiveError::ThreadPanicked)?
-    })?;
+    // source, maybe on this host's CPUs); this one, handed what came at `Commit`, will run the
+    // VM. That thread then ends at idle priority: its exit (2.2 ms of CPU, traced in the lab)
+    // waits until neither the switch-over nor the guest needs the CPU.
+    let (done, handed_over) = mpsc::sync_channel(1);
+    let memory = prepared.memory().clone();
+    std::thread::Builder::new()
+        .name("migration-rx".into())
+        .spawn(move || {
+            super::yield_to_guest();
+            let map = PageMap::new(&memory);
+            let _ = done.send(receive_until_commit(&mut reader, &mut rx_writer, &map));
+            super::give_way_for_good();
+        })
+        .map_err(ReceiveError::Thread)?;
+    let (pages, state, commit) = handed_over
+        .recv()
+        .map_err(|_| ReceiveError::ThreadPanicked)??;
     let committed = Instant::now();
     super::write_page_digest(&map, "destination");
     // Decoded here, on the thread that runs the VM: the guest is stopped at the source by now,
@@ -219,36 +230,69 @@ fn receive_stream(
     ))
 }
 
-/// Why [`rehearse_restore`] failed.
+/// Why [`rehearse_switch_over`] failed.
 #[derive(Debug, thiserror::Error)]
 enum RehearsalError {
     #[error("the VM's configuration does not decode: {0}")]
     Config(wire::WireError),
-    #[error("cannot save the new VM's state: {0}")]
+    #[error("cannot make the scratch VM: {0}")]
+    Memory(memory::MemoryError),
+    #[error("cannot make the scratch VM: {0}")]
+    Prepare(BuildError),
+    #[error("cannot save the scratch VM's state: {0}")]
     Save(BuildError),
     #[error("cannot encode the state: {0}")]
     Encode(wire::WireError),
     #[error("cannot decode the state: {0}")]
     Decode(wire::WireError),
-    #[error("cannot restore the new VM's own state: {0}")]
+    #[error("cannot restore the scratch VM: {0}")]
     Restore(BuildError),
+    #[error("cannot launch the scratch VM's vCPU threads: {0}")]
+    Launch(RunError),
 }
 
-/// Runs, before the pre-copy, the code the switch-over will run with the guest stopped: the
-/// new VM's own state, as KVM created it (with the VM's configuration, from `Hello`), is
-/// encoded, decoded and restored onto it, which changes nothing. Code runs slower the first
-/// time a process runs it; in the lab, where an emulated CPU translates it then, decoding the
-/// state took 4.4-10.1 ms the first time and 0.6-0.8 ms the second (README).
-fn rehearse_restore(prepared: &mut PreparedVm, config: &[u8]) -> Result<(), RehearsalError> {
+/// Guest memory of the scratch VM of [`rehearse_switch_over`], which never runs.
+const SCRATCH_MEM_BYTES: u64 = 2 << 20;
+
+/// Runs, before the pre-copy, the code the switch-over will run with the guest stopped, on a
+/// scratch VM of `vcpus` vCPUs: its own state as KVM created it, with the VM's configuration
+/// (from `Hello`) and the legacy devices at power-on, is encoded, decoded and restored into a
+/// whole machine (devices, buses, event loop), whose vCPU threads are launched and then ended
+/// before the guest runs; the machine is dropped. Code runs slower the first time a process
+/// runs it; in the lab, where an emulated CPU translates it then, decoding the state took
+/// 4.4-10.1 ms the first time and 0.6-0.8 ms the second, building the devices about 3 ms
+/// (README). Virtio devices are not rehearsed: they would open the VM's TAPs and images.
+fn rehearse_switch_over(
+    vcpus: u8,
+    config: &[u8],
+    options: &RestoreOptions,
+) -> Result<(), RehearsalError> {
+    let _span = tracing::info_span!("rehearsal").entered();
     let config = wire::decode_payload(config).map_err(RehearsalError::Config)?;
-    let state = prepared
+    let mem = memory::create_guest_memory(SCRATCH_MEM_BYTES).map_err(RehearsalError::Memory)?;
+    let scratch =
+        PreparedVm::new(vcpus, mem, false, options.allow_pvm).map_err(RehearsalError::Prepare)?;
+    let state = scratch
         .initial_state(config)
         .map_err(RehearsalError::Save)?;
     let encoded = wire::encode_payload(&state).map_err(RehearsalError::Encode)?;
     let state: MicroVmState = wire::decode_payload(&encoded).map_err(RehearsalError::Decode)?;
-    prepared
-        .restore_initial_state(&state)
-        .map_err(RehearsalError::Restore)
+    let scratch_options = RestoreOptions {
+        net: Vec::new(),
+        serial: SerialConfig::None,
+        allow_pvm: options.allow_pvm,
+    };
+    let mut machine = restore_from_state(
+        &state,
+        || Ok(scratch),
+        &scratch_options,
+        None,
+        ClockRestore::CatchUp,
+    )
+    .map_err(RehearsalError::Restore)?;
+    machine.launch_vcpus().map_err(RehearsalError::Launch)?;
+    machine.abandon_vcpus(ExitReason::Error("a rehearsal".into()));
+    Ok(())
 }
 
 /// Applies pages, keeps the (encoded) state and answers `Sync`s until `Commit`; returns the

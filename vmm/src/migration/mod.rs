@@ -107,6 +107,12 @@ fn set_policy(tids: impl IntoIterator<Item = libc::pid_t>, policy: libc::c_int) 
     }
 }
 
+/// Puts the calling thread, whose work is done, at idle priority for what it has left (its
+/// exit): it then runs only when nothing else wants the CPU.
+pub(crate) fn give_way_for_good() {
+    set_policy([0], libc::SCHED_IDLE);
+}
+
 /// The nice value of the threads that copy guest memory while the guest runs (the source's
 /// pre-copy, the destination's receiver until `Commit`): where they share CPUs with the guest,
 /// it gets more of them than an equal share. Measured in the lab (one CPU shared by a 2-vCPU
