@@ -4,12 +4,13 @@
 //! leaves nothing behind, and the next connection is accepted.
 
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::wire::{self, Message, MessageReader, MessageWriter, Purpose, PROTOCOL_VERSION};
 use crate::builder::{restore_from_state, BuildError, EmptyVm, PreparedVm, RestoreOptions};
-use crate::config::SerialConfig;
+use crate::config::{SerialConfig, VmConfig};
 use crate::microvm::{MicroVm, RunError};
 use crate::snapshot::MicroVmState;
 use crate::vstate::memory::{self, PageMap, PAGE_SIZE};
@@ -83,10 +84,17 @@ pub fn receive(
     listener: &TcpListener,
     options: &RestoreOptions,
 ) -> Result<(MicroVm, Received), ReceiveError> {
+    let mut rehearsed = false;
     loop {
         // Made while waiting, out of the migration's way; the code that will restore the
-        // machine brought into memory too, out of the switch-over's.
+        // machine brought into memory and run once too, out of the switch-over's.
         let empty = EmptyVm::new(options.allow_pvm).map_err(ReceiveError::Prepare)?;
+        if !rehearsed {
+            if let Err(e) = rehearse_switch_over(options) {
+                tracing::warn!("the switch-over's rehearsal failed (migrations go on): {e}");
+            }
+            rehearsed = true;
+        }
         crate::prefault::own_code();
         let (stream, peer) = listener.accept().map_err(ReceiveError::Accept)?;
         tracing::info!(%peer, "incoming migration");
@@ -153,9 +161,6 @@ fn receive_stream(
     let mem = memory::create_guest_memory(hello.mem_bytes)?;
     let prepared =
         PreparedVm::in_vm(empty, hello.vcpus, mem, false).map_err(ReceiveError::Prepare)?;
-    if let Err(e) = rehearse_switch_over(hello.vcpus, &hello.config, options) {
-        tracing::warn!("the switch-over's rehearsal failed (the migration goes on): {e}");
-    }
     let map = PageMap::new(prepared.memory());
     reader.set_max_pages(map.pages());
     writer.send(&Message::Ack { seq: 0 })?;
@@ -233,8 +238,6 @@ fn receive_stream(
 /// Why [`rehearse_switch_over`] failed.
 #[derive(Debug, thiserror::Error)]
 enum RehearsalError {
-    #[error("the VM's configuration does not decode: {0}")]
-    Config(wire::WireError),
     #[error("cannot make the scratch VM: {0}")]
     Memory(memory::MemoryError),
     #[error("cannot make the scratch VM: {0}")]
@@ -254,24 +257,31 @@ enum RehearsalError {
 /// Guest memory of the scratch VM of [`rehearse_switch_over`], which never runs.
 const SCRATCH_MEM_BYTES: u64 = 2 << 20;
 
-/// Runs, before the pre-copy, the code the switch-over will run with the guest stopped, on a
-/// scratch VM of `vcpus` vCPUs: its own state as KVM created it, with the VM's configuration
-/// (from `Hello`) and the legacy devices at power-on, is encoded, decoded and restored into a
-/// whole machine (devices, buses, event loop), whose vCPU threads are launched and then ended
-/// before the guest runs; the machine is dropped. Code runs slower the first time a process
-/// runs it; in the lab, where an emulated CPU translates it then, decoding the state took
-/// 4.4-10.1 ms the first time and 0.6-0.8 ms the second, building the devices about 3 ms
-/// (README). Virtio devices are not rehearsed: they would open the VM's TAPs and images.
-fn rehearse_switch_over(
-    vcpus: u8,
-    config: &[u8],
-    options: &RestoreOptions,
-) -> Result<(), RehearsalError> {
+/// Runs, while waiting for a migration, the code the switch-over will run with the guest
+/// stopped, on a scratch VM of one vCPU: its own state as KVM created it, with a configuration
+/// and the legacy devices at power-on, is encoded, decoded and restored into a whole machine
+/// (devices, buses, event loop), whose vCPU thread is launched and then ended before the guest
+/// runs; the machine is dropped. Code runs slower the first time a process runs it; in the
+/// lab, where an emulated CPU translates it then, decoding the state took 4.4-10.1 ms the first
+/// time and 0.6-0.8 ms the second, building the devices about 3 ms (README). Virtio devices
+/// are not rehearsed: they would open the VM's TAPs and images.
+fn rehearse_switch_over(options: &RestoreOptions) -> Result<(), RehearsalError> {
     let _span = tracing::info_span!("rehearsal").entered();
-    let config = wire::decode_payload(config).map_err(RehearsalError::Config)?;
+    let config = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        rootfs: None,
+        cmdline: None,
+        vcpus: 1,
+        mem_mib: SCRATCH_MEM_BYTES >> 20,
+        net: Vec::new(),
+        disks: Vec::new(),
+        serial: SerialConfig::None,
+        allow_pvm: options.allow_pvm,
+    };
     let mem = memory::create_guest_memory(SCRATCH_MEM_BYTES).map_err(RehearsalError::Memory)?;
-    let scratch =
-        PreparedVm::new(vcpus, mem, false, options.allow_pvm).map_err(RehearsalError::Prepare)?;
+    let scratch = PreparedVm::new(config.vcpus, mem, false, options.allow_pvm)
+        .map_err(RehearsalError::Prepare)?;
     let state = scratch
         .initial_state(config)
         .map_err(RehearsalError::Save)?;
