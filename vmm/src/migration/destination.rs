@@ -238,9 +238,9 @@ fn receive_stream(
 /// Why [`rehearse_switch_over`] failed.
 #[derive(Debug, thiserror::Error)]
 enum RehearsalError {
-    #[error("cannot make the scratch VM: {0}")]
+    #[error("cannot map the scratch VM's memory: {0}")]
     Memory(memory::MemoryError),
-    #[error("cannot make the scratch VM: {0}")]
+    #[error("cannot create the scratch VM: {0}")]
     Prepare(BuildError),
     #[error("cannot save the scratch VM's state: {0}")]
     Save(BuildError),
