@@ -84,17 +84,13 @@ pub fn receive(
     listener: &TcpListener,
     options: &RestoreOptions,
 ) -> Result<(MicroVm, Received), ReceiveError> {
-    let mut rehearsed = false;
+    if let Err(e) = rehearse_switch_over(options) {
+        tracing::warn!("the switch-over's rehearsal failed (migrations go on): {e}");
+    }
     loop {
         // Made while waiting, out of the migration's way; the code that will restore the
-        // machine brought into memory and run once too, out of the switch-over's.
+        // machine brought into memory too (and run once, above), out of the switch-over's.
         let empty = EmptyVm::new(options.allow_pvm).map_err(ReceiveError::Prepare)?;
-        if !rehearsed {
-            if let Err(e) = rehearse_switch_over(options) {
-                tracing::warn!("the switch-over's rehearsal failed (migrations go on): {e}");
-            }
-            rehearsed = true;
-        }
         crate::prefault::own_code();
         let (stream, peer) = listener.accept().map_err(ReceiveError::Accept)?;
         tracing::info!(%peer, "incoming migration");
@@ -268,16 +264,11 @@ const SCRATCH_MEM_BYTES: u64 = 2 << 20;
 fn rehearse_switch_over(options: &RestoreOptions) -> Result<(), RehearsalError> {
     let _span = tracing::info_span!("rehearsal").entered();
     let config = VmConfig {
-        kernel: PathBuf::new(),
-        initrd: None,
-        rootfs: None,
-        cmdline: None,
         vcpus: 1,
         mem_mib: SCRATCH_MEM_BYTES >> 20,
-        net: Vec::new(),
-        disks: Vec::new(),
         serial: SerialConfig::None,
         allow_pvm: options.allow_pvm,
+        ..VmConfig::new(PathBuf::new())
     };
     let mem = memory::create_guest_memory(SCRATCH_MEM_BYTES).map_err(RehearsalError::Memory)?;
     let scratch = PreparedVm::new(config.vcpus, mem, false, options.allow_pvm)
@@ -288,9 +279,9 @@ fn rehearse_switch_over(options: &RestoreOptions) -> Result<(), RehearsalError> 
     let encoded = wire::encode_payload(&state).map_err(RehearsalError::Encode)?;
     let state: MicroVmState = wire::decode_payload(&encoded).map_err(RehearsalError::Decode)?;
     let scratch_options = RestoreOptions {
-        net: Vec::new(),
         serial: SerialConfig::None,
         allow_pvm: options.allow_pvm,
+        ..RestoreOptions::default()
     };
     let mut machine = restore_from_state(
         &state,
