@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the vmr guest initramfs images (uncompressed newc cpio) into OUTDIR:
-#   initramfs.cpio (+ .gz)  busybox, /init, vmr-dirty, vmr-drain, redis-server, redis-cli
-#   initramfs-min.cpio      busybox, /init, vmr-dirty and vmr-drain only
+#   initramfs.cpio (+ .gz)  busybox, /init, vmr-dirty, redis-server, redis-cli
+#   initramfs-min.cpio      busybox, /init and vmr-dirty only
 # Called by images/build (which holds the cache lock and computes the cache key).
 # usage: images/initramfs/build.sh OUTDIR
 #        images/initramfs/build.sh --list-inputs   # host files copied in (for the cache key)
@@ -44,10 +44,8 @@ mkdir -p "$out"
 
 # The benchmarks' guest workload (heartbeat and memory dirtier), static so it runs in both images.
 gcc -static -O2 -Wall -o "$stage/vmr-dirty" "$here/vmr-dirty.c" || die "cannot compile vmr-dirty.c"
-# Drains the console before the command's session ends (see /init).
-gcc -static -O2 -Wall -o "$stage/vmr-drain" "$here/vmr-drain.c" || die "cannot compile vmr-drain.c"
 
-# Base tree: busybox with its applets, /init, vmr-dirty, vmr-drain, /etc, /dev/console.
+# Base tree: busybox with its applets, /init, vmr-dirty, /etc, /dev/console.
 make_base() { # dir
     local root=$1 applet
     mkdir -p "$root"
@@ -62,7 +60,6 @@ make_base() { # dir
     done
     install -m 0755 "$here/init" init
     install -m 0755 "$stage/vmr-dirty" bin/vmr-dirty
-    install -m 0755 "$stage/vmr-drain" bin/vmr-drain
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'redis:x:100:100:redis:/var/lib/redis:/bin/false' \
         'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >etc/passwd
     printf '%s\n' 'root:x:0:' 'redis:x:100:' 'nogroup:x:65534:' >etc/group
