@@ -79,12 +79,13 @@ start_vmr() {
     log "started $name (pid $GUEST_PID): vmr $*"
 }
 
-# start_guest NAME CMDLINE [VMR_ARGS...]: boots a guest in the background.
+# start_guest NAME CMDLINE [VMR_ARGS...]: boots a guest in the background, with the lab's
+# guest arguments (VMR_LAB_GUEST_ARGS, see images/lab) after CMDLINE.
 start_guest() {
     local name=$1 cmdline=$2
     shift 2
     start_vmr "$name" run --kernel "$VMR_KERNEL" --initrd "$VMR_INITRAMFS" \
-        --cmdline "$cmdline" "$@"
+        --cmdline "$cmdline${VMR_LAB_GUEST_ARGS:+ $VMR_LAB_GUEST_ARGS}" "$@"
 }
 
 dump_guest() {
