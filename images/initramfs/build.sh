@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the vmr guest initramfs images (uncompressed newc cpio) into OUTDIR:
-#   initramfs.cpio (+ .gz)  busybox, /init, vmr-dirty, redis-server, redis-cli
-#   initramfs-min.cpio      busybox, /init and vmr-dirty only
+#   initramfs.cpio (+ .gz)  busybox, /init, vmr-dirty, vmr-detach-tty, redis-server, redis-cli
+#   initramfs-min.cpio      busybox, /init, vmr-dirty and vmr-detach-tty only
 # Called by images/build (which holds the cache lock and computes the cache key).
 # usage: images/initramfs/build.sh OUTDIR
 #        images/initramfs/build.sh --list-inputs   # host files copied in (for the cache key)
@@ -44,8 +44,11 @@ mkdir -p "$out"
 
 # The benchmarks' guest workload (heartbeat and memory dirtier), static so it runs in both images.
 gcc -static -O2 -Wall -o "$stage/vmr-dirty" "$here/vmr-dirty.c" || die "cannot compile vmr-dirty.c"
+# Ends the command's session without a hangup of the console (see /init).
+gcc -static -O2 -Wall -o "$stage/vmr-detach-tty" "$here/vmr-detach-tty.c" ||
+    die "cannot compile vmr-detach-tty.c"
 
-# Base tree: busybox with its applets, /init, vmr-dirty, /etc, /dev/console.
+# Base tree: busybox with its applets, /init, vmr-dirty, vmr-detach-tty, /etc, /dev/console.
 make_base() { # dir
     local root=$1 applet
     mkdir -p "$root"
@@ -60,6 +63,7 @@ make_base() { # dir
     done
     install -m 0755 "$here/init" init
     install -m 0755 "$stage/vmr-dirty" bin/vmr-dirty
+    install -m 0755 "$stage/vmr-detach-tty" bin/vmr-detach-tty
     printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'redis:x:100:100:redis:/var/lib/redis:/bin/false' \
         'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >etc/passwd
     printf '%s\n' 'root:x:0:' 'redis:x:100:' 'nogroup:x:65534:' >etc/group
