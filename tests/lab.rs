@@ -2,8 +2,11 @@
 //! over a TAP, block storage across a reboot, redis reached from the host, a TCP connection kept
 //! through snapshot/restore and live migration. Each scenario is
 //! a script in `tests/lab/`; it fails on its first failed check and prints the guest console.
+//! A last test checks the watchdog itself: a guest that goes silent is ended within the bound.
 
-use vmr_tests::run_scenario;
+use std::time::SystemTime;
+
+use vmr_tests::{run_scenario, run_scenario_once, Outcome, RunOptions};
 
 fn scenario(name: &str) {
     let run = run_scenario(name);
@@ -48,4 +51,62 @@ fn a_tcp_connection_survives_live_migration() {
 #[test]
 fn redis_benchmark_runs_through_a_live_migration() {
     scenario("migrate_redis");
+}
+
+/// The watchdog's bound in its own check: short, so that the check is quick.
+const STUCK_WATCHDOG_SECS: u32 = 15;
+/// From the watchdog firing to the lab process gone: the dump (one second of KVM tracing,
+/// the consoles) and the lab's shutdown, plus the watchdog's own lag (its loop forks a few
+/// tools a second, slow under emulation). Measured with the 15 s bound in 3 runs: fired 23-24 s
+/// after the marker (2 measured), the run ended 42-48 s after it.
+const STUCK_END_SLACK_SECS: u64 = 60;
+
+#[test]
+fn the_watchdog_ends_a_silent_guest() {
+    let opts = RunOptions {
+        watchdog_secs: STUCK_WATCHDOG_SECS,
+        lab_silence_secs: STUCK_WATCHDOG_SECS + 40,
+        expected: Some(Outcome::GuestStuck),
+        ..RunOptions::default()
+    };
+    let run = run_scenario_once("stuck", &opts);
+    let ended = SystemTime::now();
+    print!("{}", run.stdout());
+    // A lab that died under the check says nothing about the watchdog.
+    if run.record.outcome == Outcome::LabFault {
+        eprintln!(
+            "the lab failed under the watchdog's check: {}",
+            run.record.reason
+        );
+        return;
+    }
+    assert_eq!(
+        run.record.outcome,
+        Outcome::GuestStuck,
+        "the silent guest was not reported stuck: {} ({})",
+        run.record.reason,
+        run.stdout()
+    );
+    assert!(
+        run.stdout().contains("WATCHDOG: guest stuck") && run.stdout().contains("STUCK-MARKER"),
+        "the watchdog did not dump the guest's console"
+    );
+    // The console's last write is the marker: the run must end within the bound after it.
+    let marker = std::fs::metadata(run.scratch.join("stuck.console"))
+        .and_then(|m| m.modified())
+        .expect("the guest's console");
+    let after = ended.duration_since(marker).unwrap_or_default().as_secs();
+    assert!(
+        after <= u64::from(STUCK_WATCHDOG_SECS) + STUCK_END_SLACK_SECS,
+        "the run ended {after} s after the guest's last output (bound {STUCK_WATCHDOG_SECS} s)"
+    );
+    let fired = std::fs::metadata(run.scratch.join("watchdog.reason"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(marker).ok())
+        .map_or("?".into(), |d| d.as_secs().to_string());
+    eprintln!(
+        "watchdog check: fired {fired} s and the run ended {after} s after the guest's last output (bound {STUCK_WATCHDOG_SECS} s), reason: {}",
+        run.record.reason
+    );
 }

@@ -17,6 +17,7 @@ NS_MADE=0
 log() { echo "[$(date +%T.%3N)] $*"; }
 
 cleanup() {
+    [ -n "${WATCHDOG_PID:-}" ] && kill "$WATCHDOG_PID" 2>/dev/null
     rm -rf "$RUNDIR"
     if [ -n "$GUEST_PID" ] && kill -0 "$GUEST_PID" 2>/dev/null; then
         kill -9 "$GUEST_PID" 2>/dev/null || true
@@ -26,7 +27,10 @@ cleanup() {
         ip netns del "$NS" 2>/dev/null || true
     fi
 }
-trap cleanup EXIT
+# The watchdog (below) ends a stuck scenario with this status.
+WATCHDOG_STUCK=86
+trap 'rc=$?; cleanup; [ -e "$SCRATCH/watchdog.reason" ] && exit $WATCHDOG_STUCK; exit $rc' EXIT
+trap 'exit $WATCHDOG_STUCK' TERM
 
 # make_netns: a namespace with tap0 (HOST_IP/24) for the guest's virtio-net.
 make_netns() {
@@ -215,10 +219,14 @@ wait_replies() {
 }
 
 # start_client: starts tcp_client.py against the guest's echo server (CLIENT_PID, CLIENT_LOG).
+# The system's python3 when there is one: a python3 on PATH may be a version manager's shim
+# (pyenv: a chain of bash scripts), which took 50-60 s to start in the emulated lab.
 start_client() {
+    local python=python3
+    [ -x /usr/bin/python3 ] && python=/usr/bin/python3
     CLIENT_LOG="$SCRATCH/client.log"
     CLIENT_STOP="$SCRATCH/stop-client"
-    in_ns python3 "$(dirname "${BASH_SOURCE[0]}")/tcp_client.py" "$GUEST_IP" 7000 "$CLIENT_STOP" \
+    in_ns "$python" "$(dirname "${BASH_SOURCE[0]}")/tcp_client.py" "$GUEST_IP" 7000 "$CLIENT_STOP" \
         >"$CLIENT_LOG" 2>&1 &
     CLIENT_PID=$!
 }
@@ -242,3 +250,83 @@ chmod +x /tmp/echo.sh
 echo ECHO-READY
 nc -l -p 7000 -e /tmp/echo.sh
 '
+
+# --- The watchdog: a stuck guest ended in seconds, not at the lab's timeout ---
+# A background loop watches everything a scenario's progress shows in: the sizes and mtimes of
+# every file in $SCRATCH (guest consoles, vmr's stdout and stderr, the TCP client's log, files
+# being transferred) and the bytes the guests sent on their TAPs (a long TCP transfer or
+# redis-benchmark's requests print nothing in the guest). redis-benchmark's own output
+# (bench.txt) is left out: it prints its progress line every 250 ms even at 0 requests/s. When none of it has moved for VMR_WATCHDOG_SECS
+# seconds, it writes why to $SCRATCH/watchdog.reason, dumps what the guests left (consoles,
+# vmr's logs, threads, KVM exits) and ends the scenario with status $WATCHDOG_STUCK.
+# The longest quiet gap seen so far is kept in $SCRATCH/watchdog.gap ("SECONDS HH:MM:SS"),
+# for measuring the bound on runs that pass.
+# The default is tests/lib.rs's WATCHDOG_SECS (which sets it): see there how it was chosen.
+WATCHDOG_SECS=${VMR_WATCHDOG_SECS:-40}
+
+# watchdog_state: one line per thing that moves when the scenario makes progress.
+watchdog_state() {
+    find "$SCRATCH" -maxdepth 2 -type f ! -name 'watchdog.*' ! -name bench.txt -printf '%P %s %T@\n' 2>/dev/null
+    local p
+    for p in $(pgrep -x vmr 2>/dev/null); do
+        # A TAP's receive side on the host is what the guest sent.
+        awk '{ sub(/^ +/, ""); split($0, f, /[: ]+/); if (f[1] ~ /^tap/) print f[1], f[2] }' \
+            "/proc/$p/net/dev" 2>/dev/null
+    done
+}
+
+# watchdog_last_change: the scratch file that changed last, and its last line.
+watchdog_last_change() {
+    local f
+    f=$(find "$SCRATCH" -maxdepth 2 -type f ! -name 'watchdog.*' ! -name bench.txt -printf '%T@ %P\n' 2>/dev/null |
+        sort -n | tail -n1 | cut -d' ' -f2-)
+    [ -n "$f" ] || { echo "nothing written"; return; }
+    echo "last written: $f ($(date -r "$SCRATCH/$f" +%T)), its last line: '$(tail -n1 "$SCRATCH/$f" 2>/dev/null |
+        tr -d '\r' | tr -c '[:print:]' ' ' | cut -c1-120)'"
+}
+
+# watchdog_dump: everything the guests left, whatever the scenario's variables are by now.
+watchdog_dump() {
+    local f
+    for f in "$SCRATCH"/*.console "$SCRATCH"/*.stderr "$SCRATCH"/client.log "$SCRATCH"/bench.txt; do
+        [ -s "$f" ] || continue
+        echo "--- ${f##*/} (last 40 lines)"
+        tr '\r' '\n' <"$f" | tail -n 40
+    done
+    dump_threads
+    dump_kvm_exits
+}
+
+watchdog() {
+    set +e
+    local main=$1 state prev='' now since max=0 gap reason c
+    since=${EPOCHREALTIME/./}
+    while kill -0 "$main" 2>/dev/null; do
+        state=$(watchdog_state | cksum)
+        now=${EPOCHREALTIME/./}
+        if [ "$state" != "$prev" ]; then
+            gap=$(((now - since) / 100000))
+            if [ -n "$prev" ] && [ "$gap" -gt "$max" ]; then
+                max=$gap
+                echo "$((max / 10)).$((max % 10)) $(date +%T)" >"$SCRATCH/watchdog.gap"
+            fi
+            prev=$state since=$now
+        elif [ $(((now - since) / 1000000)) -ge "$WATCHDOG_SECS" ]; then
+            reason="no progress for ${WATCHDOG_SECS}s (consoles, vmr logs, client logs, TAP traffic); $(watchdog_last_change)"
+            echo "$reason" >"$SCRATCH/watchdog.reason"
+            echo "WATCHDOG: guest stuck: $reason"
+            watchdog_dump
+            echo "WATCHDOG: ending the scenario (exit status $WATCHDOG_STUCK)"
+            # The shell runs its TERM trap once its foreground command is gone: end those too.
+            kill -TERM "$main" 2>/dev/null
+            for c in $(pgrep -P "$main"); do [ "$c" = "$BASHPID" ] || kill -TERM "$c" 2>/dev/null; done
+            for c in $(seq 100); do kill -0 "$main" 2>/dev/null || exit 0; sleep 0.1; done
+            kill -KILL "$main" 2>/dev/null
+            exit 0
+        fi
+        sleep 1
+    done
+}
+
+watchdog "$$" &
+WATCHDOG_PID=$!

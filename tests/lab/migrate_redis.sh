@@ -15,11 +15,16 @@ for i in $(seq 200); do echo "SET key:$i value-$i"; done | in_ns timeout 60 redi
 check "the data set is in" test "$(in_ns timeout 30 redis-cli -h "$GUEST_IP" dbsize)" = 200
 
 # 2 x 2000 requests: at the one-CPU lab's 50-70 requests/s they take about a minute, so the
-# migration (~5 s, started 3 s in) happens in the middle of them.
+# migration (~5 s, started once the first requests are answered) happens in the middle of them.
 in_ns timeout 240 redis-benchmark -h "$GUEST_IP" -n 2000 -c 10 -t set,get -q \
     >"$SCRATCH/bench.txt" 2>&1 &
 bench=$!
-sleep 3
+# The migration starts once the benchmark's first requests have been answered.
+for ((i = 0; i < 600; i++)); do
+    tr '\r' '\n' <"$SCRATCH/bench.txt" | grep -q '^SET: rps=[1-9]' && break
+    kill -0 "$bench" 2>/dev/null || fail "redis-benchmark ended before the migration: $(tail -c 300 "$SCRATCH/bench.txt")"
+    sleep 0.1
+done
 log "migrating under redis-benchmark"
 ctl "$RUNDIR/src.sock" migrate "127.0.0.1:$port" >"$SCRATCH/migrate.json" ||
     fail "migration failed: $(cat "$SCRATCH/migrate.json")"

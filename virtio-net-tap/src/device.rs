@@ -1256,4 +1256,86 @@ mod tests {
         let frame = udp_from_host(&dev, &peer);
         assert_eq!(frame[0], 0);
     }
+
+    #[test]
+    fn output_commit_across_epochs_loses_nothing_when_the_gate_is_full() {
+        let Some(ns) = NetNs::enter() else { return };
+        let (mut dev, peer) = device(&ns, "oc", MERGE);
+        let (mirror_tx, mirror_rx) = crate::ingress::mirror_channel(8);
+        dev.set_ingress_tap(Some(Box::new(mirror_tx)));
+        let mem = memory();
+        let mut rxq = TestQueue::new(&mem, 0, 16);
+        let mut txq = TestQueue::new(&mem, 0x8000, 16);
+        let mut rx_queue = rxq.queue(false);
+        let mut tx_queue = txq.queue(false);
+        dev.activate(&rx_queue, &tx_queue);
+        let egress = dev.egress().clone();
+        let frames: Vec<Vec<u8>> = (0..5)
+            .map(|i| with_header(&ether_frame([0xff; 6], format!("frame {i}").as_bytes())))
+            .collect();
+        let queue_frame = |txq: &mut TestQueue, i: usize| {
+            let at = BUF + 0x1000 * i as u64;
+            mem.write_slice(&frames[i], GuestAddress(at)).unwrap();
+            txq.add_chain(&[(at, frames[i].len() as u32, false)]);
+        };
+        let head = ether_frame([0xff; 6], b"");
+        let nothing_out = |peer: &TapPeer| {
+            peer.try_recv_matching(&head, Duration::from_millis(50))
+                .is_none()
+        };
+        egress.set_mode(GateMode::Held);
+        egress.set_limit(2 * frames[0].len());
+
+        // Epoch 1: two frames, held. Epoch 2: the gate is full, so both stay in the guest's ring.
+        egress.set_epoch(1);
+        queue_frame(&mut txq, 0);
+        queue_frame(&mut txq, 1);
+        dev.process_tx(&mem, &mut tx_queue).unwrap();
+        assert_eq!(txq.used_idx(), 2);
+        egress.set_epoch(2);
+        queue_frame(&mut txq, 2);
+        queue_frame(&mut txq, 3);
+        dev.process_tx(&mem, &mut tx_queue).unwrap();
+        assert_eq!(txq.used_idx(), 2, "a full gate leaves frames in the ring");
+        assert_eq!(egress.stats().full, 1);
+        assert!(
+            nothing_out(&peer),
+            "a frame left before its epoch was committed"
+        );
+
+        // An inbound frame delivered in epoch 2 is mirrored with that tag.
+        let inbound = ether_frame(MAC, b"inbound in epoch 2");
+        rxq.add_rx(BUF + 0x10000, 2048);
+        dev.inject_rx(with_header(&inbound));
+        dev.process_rx(&mem, &mut rx_queue).unwrap();
+        let mirrored = mirror_rx.try_recv().unwrap().unwrap();
+        assert_eq!((mirrored.epoch, mirrored.ethernet()), (2, &inbound[..]));
+
+        // Epoch 1 committed: its frames leave in order, the room event restarts transmission,
+        // and the frames of epoch 2 are taken and held.
+        assert_eq!(egress.release_through(1), 2);
+        assert!(peer.recv_matching(&head).ends_with(b"frame 0"));
+        assert!(peer.recv_matching(&head).ends_with(b"frame 1"));
+        assert_eq!(egress.room_event().read().unwrap(), 1);
+        dev.process_tx(&mem, &mut tx_queue).unwrap();
+        assert_eq!(txq.used_idx(), 4);
+        assert_eq!(egress.held_epochs(), vec![2]);
+        assert!(nothing_out(&peer));
+
+        // Epoch 3 sends one more; epoch 2 is committed, epoch 3 lost (failover): only epoch
+        // 2's frames leave, in order.
+        assert_eq!(egress.release_through(1), 0);
+        egress.set_limit(3 * frames[0].len());
+        egress.set_epoch(3);
+        queue_frame(&mut txq, 4);
+        dev.process_tx(&mem, &mut tx_queue).unwrap();
+        assert_eq!(egress.held_epochs(), vec![2, 3]);
+        assert_eq!(egress.discard_after(2), 1);
+        assert_eq!(egress.release_through(3), 2);
+        assert!(peer.recv_matching(&head).ends_with(b"frame 2"));
+        assert!(peer.recv_matching(&head).ends_with(b"frame 3"));
+        assert!(nothing_out(&peer), "a discarded frame left");
+        assert_eq!(egress.stats().discarded_frames, 1);
+        assert_eq!(egress.stats().released_frames, 4);
+    }
 }

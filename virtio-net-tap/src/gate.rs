@@ -18,6 +18,10 @@
 //! Order is kept across modes: while anything is held, new frames queue behind it even in
 //! pass-through mode, until released.
 //!
+//! **Egress waiting.** The first frame held in each epoch signals [`Egress::waiting_event`]:
+//! whoever drives epochs polls it to end the epoch early, so a reply does not wait for a whole
+//! period. [`Egress::set_epoch`] re-arms it.
+//!
 //! **Save and restore.** [`Egress::save`] captures the mode, the epoch, the limit, the counters
 //! and every held frame with its epoch tag; [`Egress::restore`] puts them back in front of
 //! another TAP. A restored primary thus still owes the wire exactly the frames of the epochs not
@@ -237,6 +241,8 @@ struct State {
     gate: EgressGate,
     /// The device found the gate full and waits for room.
     waiting: bool,
+    /// A frame was held in the current epoch and the waiting event signalled.
+    held_signalled: bool,
     stats: EgressStats,
 }
 
@@ -245,6 +251,7 @@ struct Shared {
     state: Mutex<State>,
     tap: Arc<Tap>,
     room: EventFd,
+    held: EventFd,
 }
 
 /// The egress gate in front of a TAP, shared between the device (which feeds it) and whoever
@@ -263,10 +270,12 @@ impl Egress {
                 state: Mutex::new(State {
                     gate: EgressGate::default(),
                     waiting: false,
+                    held_signalled: false,
                     stats: EgressStats::default(),
                 }),
                 tap,
                 room: EventFd::new(libc::EFD_NONBLOCK)?,
+                held: EventFd::new(libc::EFD_NONBLOCK)?,
             }),
         })
     }
@@ -295,8 +304,11 @@ impl Egress {
 
     /// Starts epoch `epoch`: frames sent from now on belong to it (and inbound frames mirrored
     /// from now on are tagged with it).
+    /// Re-arms [`Egress::waiting_event`] for the new epoch.
     pub fn set_epoch(&self, epoch: Epoch) {
-        self.lock().gate.set_epoch(epoch);
+        let mut state = self.lock();
+        state.gate.set_epoch(epoch);
+        state.held_signalled = false;
     }
 
     /// Changes the bound on held bytes.
@@ -384,12 +396,21 @@ impl Egress {
         state.stats = saved.stats;
         // The device retries its transmit queue when it is activated: nobody waits for room.
         state.waiting = false;
+        state.held_signalled = false;
     }
 
     /// Signalled (readable) when the gate was found full and room has been made since: the
     /// device registers it with its event loop and transmits again.
     pub fn room_event(&self) -> &EventFd {
         &self.shared.room
+    }
+
+    /// Signalled (readable) when the first frame of the current epoch is held: output waits
+    /// for the epoch to be committed, so the epoch may be ended early. Signalled at most once
+    /// per epoch ([`Egress::set_epoch`] re-arms it); never in pass-through mode with nothing
+    /// held. The reader drains it.
+    pub fn waiting_event(&self) -> &EventFd {
+        &self.shared.held
     }
 
     /// Passes one outbound frame (with its virtio-net header) through the gate: written to the
@@ -403,7 +424,15 @@ impl Egress {
                 state.stats.full += 1;
                 state.waiting = true;
             }
-            Admission::Held | Admission::Dropped => {}
+            Admission::Held => {
+                if !state.held_signalled {
+                    state.held_signalled = true;
+                    if let Err(err) = self.shared.held.write(1) {
+                        tracing::error!(%err, "egress gate: cannot signal held frames");
+                    }
+                }
+            }
+            Admission::Dropped => {}
         }
         admission
     }
@@ -556,5 +585,43 @@ mod tests {
             vec![b"old".to_vec(), b"new".to_vec()]
         );
         assert_eq!(gate.admit(b"next"), Admission::Send);
+    }
+
+    #[test]
+    fn the_first_held_frame_of_each_epoch_signals_waiting_output() {
+        use crate::testutil::{ether_frame, with_header, NetNs, TapPeer};
+
+        let Some(ns) = NetNs::enter() else { return };
+        let (tap, peer) = TapPeer::new(&ns, "gwait");
+        let egress = Egress::new(Arc::new(tap)).unwrap();
+        let frame = |payload: &[u8]| with_header(&ether_frame([0xff; 6], payload));
+        let head = ether_frame([0xff; 6], b"");
+        // Pass-through: straight out, nothing signalled.
+        assert_eq!(egress.send(&frame(b"open")), Admission::Send);
+        assert!(peer.recv_matching(&head).ends_with(b"open"));
+        assert!(egress.waiting_event().read().is_err());
+
+        egress.set_mode(GateMode::Held);
+        egress.set_epoch(1);
+        assert_eq!(egress.send(&frame(b"one")), Admission::Held);
+        assert_eq!(egress.send(&frame(b"one again")), Admission::Held);
+        assert_eq!(egress.waiting_event().read().unwrap(), 1);
+        assert!(egress.waiting_event().read().is_err(), "once per epoch");
+        egress.set_epoch(2);
+        assert!(egress.waiting_event().read().is_err(), "nothing held in 2");
+        assert_eq!(egress.send(&frame(b"two")), Admission::Held);
+        assert_eq!(egress.waiting_event().read().unwrap(), 1);
+        // Nothing left before its epoch was released; then in order.
+        assert!(peer
+            .try_recv_matching(&head, std::time::Duration::from_millis(50))
+            .is_none());
+        assert_eq!(egress.release_through(1), 2);
+        assert!(peer.recv_matching(&head).ends_with(b"one"));
+        assert!(peer.recv_matching(&head).ends_with(b"one again"));
+        assert_eq!(egress.discard_after(1), 1);
+        assert_eq!(egress.stats().discarded_frames, 1);
+        assert!(peer
+            .try_recv_matching(&head, std::time::Duration::from_millis(50))
+            .is_none());
     }
 }

@@ -33,6 +33,8 @@ pub use gate::{
     DEFAULT_HELD_LIMIT,
 };
 pub use header::VNET_HDR_LEN;
-pub use ingress::{IngressFrame, IngressSink, Mirrored};
+pub use ingress::{
+    mirror_channel, IngressFrame, IngressSink, MirrorError, MirrorReceiver, MirrorSender, Mirrored,
+};
 pub use mac::{MacAddr, ParseMacError};
 pub use tap::{Tap, TapError};

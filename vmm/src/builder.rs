@@ -546,7 +546,7 @@ pub fn restore_from_state(
     let vcpus_done = t0.elapsed();
     if track_dirty {
         // Dirty tracking starts now, from memory equal to the saved state's.
-        machine.vm.collect_dirty_pages()?;
+        machine.vm.harvest_dirty_log()?;
     }
     tracing::info!(
         devices_us = devices_done.as_micros() as u64,

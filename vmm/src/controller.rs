@@ -325,7 +325,8 @@ fn migration_error(e: MigrationError) -> ApiError {
         MigrationError::Connect { .. }
         | MigrationError::Wire { .. }
         | MigrationError::Refused(_)
-        | MigrationError::Protocol(_) => ApiError::bad_gateway(e.to_string()),
+        | MigrationError::Protocol(_)
+        | MigrationError::FreezeDeadline(_) => ApiError::bad_gateway(e.to_string()),
         _ => ApiError::internal(e.to_string()),
     }
 }

@@ -13,9 +13,21 @@ use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
 
+#[cfg(test)]
+mod readme_tests;
+
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    name = "vmr",
+    version,
+    about,
+    after_help = "Examples:\n  \
+    vmr run --kernel bzImage --initrd initramfs.cpio --net tap=tap0 --api /run/vm.sock\n  \
+    vmr ctl --api /run/vm.sock status\n  \
+    vmr ctl --api /run/vm.sock migrate desthost:7070\n\n\
+    Logs go to stderr; VMR_LOG=debug shows more."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,12 +36,28 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a microVM and run it until the guest powers off or resets.
+    #[command(after_help = "Examples:\n  \
+        vmr run --kernel bzImage --initrd initramfs.cpio --vcpus 2 --mem 256 \\\n      \
+        --net tap=tap0,mac=06:00:0a:00:02:02 --disk data.raw --api /run/vm.sock \\\n      \
+        --cmdline 'vmr.ip=10.0.2.2/24 vmr.run=\"redis-server --protected-mode no\"'\n  \
+        vmr run --config vm.toml --serial file:/tmp/console")]
     Run(RunArgs),
     /// Bring a snapshot back to life in this process: the guest continues where it was.
+    #[command(
+        after_help = "Example:\n  vmr restore --from /snaps/s2 --net tap=tap1 --api /run/vm2.sock"
+    )]
     Restore(RestoreArgs),
     /// Wait for a live migration and run the VM it brings.
+    #[command(
+        after_help = "Example (then, at the source: vmr ctl --api SOCK migrate HOST:7070):\n  \
+        vmr receive --listen 0.0.0.0:7070 --net tap=tap1 --api /run/vm.sock"
+    )]
     Receive(ReceiveArgs),
     /// Drive a running VM through its API socket.
+    #[command(after_help = "Examples:\n  \
+        vmr ctl --api /run/vm.sock status\n  \
+        vmr ctl --api /run/vm.sock snapshot --diff /snaps/s2\n  \
+        vmr ctl --api /run/vm.sock migrate desthost:7070 --max-downtime-ms 300")]
     Ctl(CtlArgs),
 }
 
@@ -89,6 +117,9 @@ enum CtlAction {
     /// Resume the vCPUs.
     Resume,
     /// Write a snapshot to the new directory DIR.
+    #[command(after_help = "Examples:\n  \
+        vmr ctl --api /run/vm.sock snapshot /snaps/s1\n  \
+        vmr ctl --api /run/vm.sock snapshot --diff /snaps/s2")]
     Snapshot {
         /// The snapshot directory (must not exist).
         dir: PathBuf,
@@ -97,6 +128,9 @@ enum CtlAction {
         diff: bool,
     },
     /// Live-migrate the VM to `vmr receive` at HOST:PORT.
+    #[command(
+        after_help = "Example:\n  vmr ctl --api /run/vm.sock migrate desthost:7070 --max-downtime-ms 300 --compress"
+    )]
     Migrate {
         /// The destination.
         destination: String,
@@ -315,6 +349,47 @@ fn to_json<T: serde::Serialize, E: std::fmt::Display>(
     }
 }
 
+/// Help and version go out as clap writes them; a usage error becomes one line, like every other
+/// error of vmr, with the subcommand whose help explains it.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        // `vmr ctl` alone: the help, as clap gives it, is the clearest answer.
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+        _ => {}
+    }
+    // clap's message is its first paragraph ("error: ..." and, for missing arguments, the
+    // indented list of them).
+    let rendered = e.render().to_string();
+    let message = rendered
+        .split("\n\n")
+        .next()
+        .unwrap_or("invalid usage")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    // The subcommands named on the command line, for the help to point at.
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut path = vec!["vmr".to_string()];
+    for arg in std::env::args().skip(1) {
+        let Some(sub) = command.find_subcommand(&arg).cloned() else {
+            continue;
+        };
+        path.push(arg);
+        command = sub;
+    }
+    eprintln!("vmr: error: {message} (see `{} --help`)", path.join(" "));
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -325,7 +400,10 @@ fn main() -> ExitCode {
         // Colours only on a terminal: a log file gets plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),

@@ -4,7 +4,7 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -17,8 +17,10 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::DevicesState;
+use crate::epoch::{EpochError, EpochOptions, EpochTracker, PendingEpoch};
 use crate::persist::Persist;
 use crate::snapshot::{self, MicroVmState, ParentRef, SnapshotError, SnapshotKind};
+use crate::vstate::dirty::DirtyConsumer;
 use crate::vstate::vcpu::{ExitReason, Vcpu, VcpuError, VcpuHandle, VcpuState, VmRunState};
 use crate::vstate::vm::{DirtyBitmap, Vm, VmError};
 
@@ -129,18 +131,35 @@ pub struct SnapshotReport {
     pub total: Duration,
 }
 
+/// The least margin a freeze gets beyond the allowed downtime: time to save the state, send
+/// the last pages and have the destination restore and answer.
+pub const FREEZE_MARGIN_MIN: Duration = Duration::from_secs(1);
+/// The most margin a freeze gets beyond the allowed downtime, however large that is.
+pub const FREEZE_MARGIN_MAX: Duration = Duration::from_secs(10);
+
+/// The longest a freeze for a transfer allowed `max_downtime` may keep the VM stopped: the
+/// downtime plus a margin of twice as much, bounded by [`FREEZE_MARGIN_MIN`] and
+/// [`FREEZE_MARGIN_MAX`]. The monitor thread resumes the VM once it has passed.
+pub fn freeze_deadline(max_downtime: Duration) -> Duration {
+    max_downtime + (max_downtime * 2).clamp(FREEZE_MARGIN_MIN, FREEZE_MARGIN_MAX)
+}
+
 /// What a migration (or, later, replication) thread gets when it freezes the VM: the state of
-/// the paused machine and the pages written since the last collection. The VM stays frozen -
-/// vCPUs parked, device events not processed - until `outcome` is answered.
+/// the paused machine and the pages written since its consumer last took them. The VM stays
+/// frozen - vCPUs parked, device events not processed - until `outcome` is answered or
+/// `deadline` passes, whichever comes first.
 pub struct Frozen {
     /// When the vCPUs were asked to stop: the guest's downtime runs from here.
     pub since: Instant,
+    /// When the monitor thread gives up waiting and resumes the VM: every wait of the
+    /// requester on the network while frozen must end by then.
+    pub deadline: Instant,
     /// Everything but memory.
     pub state: MicroVmState,
-    /// Pages written since the last collection of the dirty log.
+    /// Pages written since the requester's consumer last took them.
     pub dirty: DirtyBitmap,
     /// Answer with the outcome: the VM then ends (moved) or runs on (failed).
-    pub outcome: Sender<FreezeOutcome>,
+    pub outcome: FreezeOutcomeSender,
 }
 
 /// How a freeze ended.
@@ -151,12 +170,128 @@ pub enum FreezeOutcome {
     Failed(DirtyBitmap),
 }
 
+/// A freeze's outcome as the monitor thread and the requester settle it: whoever comes first
+/// - the requester's answer or the deadline - decides, once.
+#[derive(Default)]
+struct FreezeVerdict {
+    /// `None` while pending; `Some(None)` once the deadline passed first.
+    decided: Mutex<Option<Option<FreezeOutcome>>>,
+    changed: Condvar,
+}
+
+impl FreezeVerdict {
+    fn lock(&self) -> MutexGuard<'_, Option<Option<FreezeOutcome>>> {
+        self.decided.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Decides `outcome` unless already decided; returns whether it did.
+    fn decide(&self, outcome: FreezeOutcome) -> bool {
+        let decided = self.decide_quietly(outcome);
+        self.changed.notify_all();
+        decided
+    }
+
+    /// Decides `outcome` unless already decided, without waking the monitor thread: from now on
+    /// the deadline can no longer pass, and the monitor learns the outcome when woken (or at
+    /// the deadline, at the latest).
+    fn decide_quietly(&self, outcome: FreezeOutcome) -> bool {
+        let mut decided = self.lock();
+        if decided.is_some() {
+            return false;
+        }
+        *decided = Some(Some(outcome));
+        true
+    }
+
+    /// Waits for the outcome until `deadline`; `None` if the deadline passed first (from then
+    /// on, the requester's answer is refused).
+    fn wait_until(&self, deadline: Instant) -> Option<FreezeOutcome> {
+        let mut decided = self.lock();
+        loop {
+            if let Some(outcome) = decided.as_mut() {
+                return outcome.take();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *decided = Some(None);
+                return None;
+            }
+            decided = self
+                .changed
+                .wait_timeout(decided, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// The freeze's deadline passed before the requester answered: the monitor thread resumed
+/// the VM here.
+#[derive(Debug, thiserror::Error)]
+#[error("the freeze's deadline passed: the VM was resumed here")]
+pub struct FreezeExpired;
+
+/// The requester's side of a freeze's outcome. Dropped unanswered, the freeze failed (the VM
+/// runs on; the pages it took are given back from the monitor's copy).
+pub struct FreezeOutcomeSender(Arc<FreezeVerdict>);
+
+impl FreezeOutcomeSender {
+    /// The VM runs elsewhere now: this one ends. Refused once the deadline passed (the VM has
+    /// been resumed here). Decided at once, so the deadline cannot pass any more; the monitor
+    /// thread is woken when the returned [`MovedNotice`] is dropped, so the requester can first
+    /// let the moved guest have this host's CPUs.
+    pub fn moved(self) -> Result<MovedNotice, FreezeExpired> {
+        if self.0.decide_quietly(FreezeOutcome::Moved) {
+            Ok(MovedNotice(self.0.clone()))
+        } else {
+            Err(FreezeExpired)
+        }
+    }
+
+    /// The transfer failed: `dirty` (the pages still to be sent) goes back to the consumer and
+    /// the VM runs on.
+    pub fn failed(self, dirty: DirtyBitmap) {
+        self.0.decide(FreezeOutcome::Failed(dirty));
+    }
+}
+
+/// A move decided: wakes the monitor thread, which ends this VM, when dropped.
+pub struct MovedNotice(Arc<FreezeVerdict>);
+
+impl Drop for MovedNotice {
+    fn drop(&mut self) {
+        self.0.changed.notify_all();
+    }
+}
+
+impl Drop for FreezeOutcomeSender {
+    fn drop(&mut self) {
+        // Unanswered (the requester failed or panicked): the pages come from the monitor's copy.
+        self.0.decide(FreezeOutcome::Failed(DirtyBitmap::default()));
+    }
+}
+
+/// What a requester asks for when it freezes the VM.
+#[derive(Debug, Clone, Copy)]
+pub struct FreezeTerms {
+    /// Whose dirty pages the freeze takes (and gets back if the transfer fails).
+    pub consumer: DirtyConsumer,
+    /// How long the VM may stay frozen at most (see [`freeze_deadline`]).
+    pub max_freeze: Duration,
+}
+
 /// What a transfer thread asks of the monitor thread, with where to answer.
 enum FreezeRequest {
     /// Freeze the VM ([`FreezeHandle::freeze`]).
-    Freeze(Sender<Result<Frozen, String>>),
+    Freeze(FreezeTerms, Sender<Result<Frozen, String>>),
     /// Rehearse the save ([`FreezeHandle::rehearse`]).
     Rehearse(Sender<Result<MicroVmState, String>>),
+    /// Take an epoch checkpoint ([`FreezeHandle::epoch`]).
+    Epoch(
+        Arc<EpochTracker>,
+        EpochOptions,
+        Sender<Result<PendingEpoch, EpochError>>,
+    ),
 }
 
 /// The monitor-thread side of freeze requests: the requester writes `wake` after sending.
@@ -180,9 +315,10 @@ impl FreezeHandle {
         }
     }
 
-    /// Asks the monitor thread to freeze the VM; returns what it froze.
-    pub fn freeze(&self) -> Result<Frozen, String> {
-        self.ask(FreezeRequest::Freeze)
+    /// Asks the monitor thread to freeze the VM, taking `terms.consumer`'s dirty pages, for
+    /// at most `terms.max_freeze`; returns what it froze.
+    pub fn freeze(&self, terms: FreezeTerms) -> Result<Frozen, String> {
+        self.ask(|reply| FreezeRequest::Freeze(terms, reply))
     }
 
     /// Asks the monitor thread to run the code of a freeze's save without pausing the VM
@@ -191,7 +327,26 @@ impl FreezeHandle {
         self.ask(FreezeRequest::Rehearse)
     }
 
-    fn ask<T>(&self, request: fn(Sender<Result<T, String>>) -> FreezeRequest) -> Result<T, String> {
+    /// Asks the monitor thread for an epoch checkpoint ([`MicroVm::checkpoint_epoch`]); returns
+    /// once the VM runs again, with the epoch whose copy goes on.
+    pub fn epoch(
+        &self,
+        tracker: &Arc<EpochTracker>,
+        options: &EpochOptions,
+    ) -> Result<PendingEpoch, EpochError> {
+        let (tx, rx) = channel();
+        let gone = || EpochError::Control(ControlError::NotStarted);
+        self.requests
+            .send(FreezeRequest::Epoch(tracker.clone(), options.clone(), tx))
+            .map_err(|_| gone())?;
+        self.wake();
+        rx.recv().map_err(|_| gone())?
+    }
+
+    fn ask<T>(
+        &self,
+        request: impl FnOnce(Sender<Result<T, String>>) -> FreezeRequest,
+    ) -> Result<T, String> {
         let (tx, rx) = channel();
         self.requests
             .send(request(tx))
@@ -287,6 +442,9 @@ pub struct MicroVm {
     phase: VmPhase,
     started: Option<Instant>,
     last_snapshot: Option<ParentRef>,
+    /// The diff snapshots' own set of dirty pages (registered with the first snapshot, or at
+    /// restore): a migration reading the dirty log does not take pages from it.
+    snapshot_dirty: Option<DirtyConsumer>,
     /// The vCPUs hold restored MSRs back from KVM until the guest has run a while.
     msrs_held_back: bool,
 }
@@ -305,7 +463,11 @@ impl MicroVm {
         config: VmConfig,
         last_snapshot: Option<ParentRef>,
     ) -> Self {
+        // A restored VM tracking dirty pages diffs against the snapshot it came from.
+        let snapshot_dirty =
+            (last_snapshot.is_some() && vm.dirty_logging()).then(|| vm.register_dirty_consumer());
         Self {
+            snapshot_dirty,
             handles: Vec::new(),
             vcpus,
             event_loop,
@@ -534,7 +696,10 @@ impl MicroVm {
         kind: SnapshotKind,
     ) -> Result<SnapshotReport, ControlError> {
         let t0 = Instant::now();
-        if kind == SnapshotKind::Diff && (self.last_snapshot.is_none() || !self.vm.dirty_logging())
+        if kind == SnapshotKind::Diff
+            && (self.last_snapshot.is_none()
+                || self.snapshot_dirty.is_none()
+                || !self.vm.dirty_logging())
         {
             return Err(SnapshotError::NoParent.into());
         }
@@ -563,63 +728,90 @@ impl MicroVm {
         })
     }
 
-    /// Serves a pending freeze request, if any: pauses the VM, hands its state and dirty pages
-    /// to the requester and waits (device events held) for the outcome. `Moved` ends the VM;
-    /// `Failed` gives the pages back and resumes it (if it was running).
+    /// Serves a pending freeze request, if any: pauses the VM, hands its state and the
+    /// requester's dirty pages over and waits (device events held) for the outcome, but never
+    /// past the freeze's deadline. `Moved` ends the VM; `Failed`, or the deadline passing,
+    /// gives the pages back and resumes it (if it was running).
+    ///
+    /// Resuming at the deadline is what keeps a silent destination from holding this VM
+    /// stopped (and its API unanswered). It is safe only where the destination does not run
+    /// the guest before the source's go-ahead: the standby-staging work (issue 22) makes the
+    /// destination wait for that. Today's `vmr receive` runs the guest once it has sent its
+    /// `Ack` to `Commit`, so an `Ack` that comes after the deadline may leave two copies of
+    /// the guest running: this one (resumed, its migration reported failed) and the
+    /// destination's. That risk remains until the staging work lands.
     pub fn serve_freeze(&mut self, freezes: &FreezeChannel) {
         let _ = freezes.wake.read();
         while let Ok(request) = freezes.requests.try_recv() {
-            let reply = match request {
-                FreezeRequest::Freeze(reply) => reply,
+            let (terms, reply) = match request {
+                FreezeRequest::Freeze(terms, reply) => (terms, reply),
                 FreezeRequest::Rehearse(reply) => {
                     let _ = reply.send(self.rehearse_save().map_err(|e| e.to_string()));
+                    continue;
+                }
+                FreezeRequest::Epoch(tracker, options, reply) => {
+                    let _ = reply.send(self.checkpoint_epoch(&tracker, &options));
                     continue;
                 }
             };
             let was_running = self.phase == VmPhase::Running;
             let since = Instant::now();
-            let frozen = self.freeze();
-            let (outcome_tx, outcome_rx) = channel();
-            let sent = match frozen {
-                Ok((state, dirty)) => reply
-                    .send(Ok(Frozen {
+            let deadline = since + terms.max_freeze;
+            let verdict = Arc::new(FreezeVerdict::default());
+            // The pages handed over, kept to give back if no answer comes in time.
+            let mut handed_over = None;
+            match self.freeze(terms.consumer) {
+                Ok((state, dirty)) => {
+                    handed_over = Some(dirty.clone());
+                    let frozen = Frozen {
                         since,
+                        deadline,
                         state,
                         dirty,
-                        outcome: outcome_tx,
-                    }))
-                    .is_ok(),
-                Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
-                    false
+                        outcome: FreezeOutcomeSender(verdict.clone()),
+                    };
+                    // A requester gone drops `frozen`, which decides `Failed`.
+                    let _ = reply.send(Ok(frozen));
                 }
-            };
-            let outcome = if sent {
-                outcome_rx
-                    .recv()
-                    .unwrap_or(FreezeOutcome::Failed(DirtyBitmap::default()))
-            } else {
-                FreezeOutcome::Failed(DirtyBitmap::default())
-            };
-            match outcome {
-                FreezeOutcome::Moved => {
+                Err(e) => {
+                    verdict.decide(FreezeOutcome::Failed(DirtyBitmap::default()));
+                    let _ = reply.send(Err(e.to_string()));
+                }
+            }
+            let outcome = verdict.wait_until(deadline);
+            let give_back = match outcome {
+                Some(FreezeOutcome::Moved) => {
                     tracing::info!("the VM moved to another host: ending here");
                     self.run_state.request_exit(ExitReason::Migrated);
                     return;
                 }
-                FreezeOutcome::Failed(dirty) => {
-                    self.vm.return_dirty_pages(dirty);
-                    if was_running && self.phase == VmPhase::Paused {
-                        if let Err(e) = self.resume() {
-                            tracing::error!("cannot resume the VM after a failed transfer: {e}");
-                        }
-                    }
+                Some(FreezeOutcome::Failed(dirty)) => {
+                    // The monitor's copy holds every page handed over; the requester's, at
+                    // most those. Either way, nothing taken is lost.
+                    handed_over.unwrap_or(dirty)
+                }
+                None => {
+                    tracing::error!(
+                        max_freeze_ms = terms.max_freeze.as_millis() as u64,
+                        "the transfer did not finish within the freeze's deadline: resuming \
+                         the VM here"
+                    );
+                    handed_over.unwrap_or_default()
+                }
+            };
+            self.vm.return_dirty_pages(terms.consumer, &give_back);
+            if was_running && self.phase == VmPhase::Paused {
+                if let Err(e) = self.resume() {
+                    tracing::error!("cannot resume the VM after a failed transfer: {e}");
                 }
             }
         }
     }
 
-    fn freeze(&mut self) -> Result<(MicroVmState, DirtyBitmap), ControlError> {
+    fn freeze(
+        &mut self,
+        consumer: DirtyConsumer,
+    ) -> Result<(MicroVmState, DirtyBitmap), ControlError> {
         let t0 = Instant::now();
         if self.phase == VmPhase::Running {
             self.pause()?;
@@ -627,7 +819,7 @@ impl MicroVm {
         let paused = t0.elapsed();
         let state = self.save_state()?;
         let saved = t0.elapsed();
-        let dirty = self.vm.collect_dirty_pages()?;
+        let dirty = self.vm.take_dirty_pages(consumer)?;
         tracing::info!(
             pause_us = paused.as_micros() as u64,
             save_us = (saved - paused).as_micros() as u64,
@@ -645,7 +837,10 @@ impl MicroVm {
         let state = self.save_state()?;
         // From here on, KVM logs the guest's writes: the next diff builds on this snapshot.
         self.vm.set_dirty_logging(true)?;
-        let dirty = self.vm.collect_dirty_pages()?;
+        let consumer = *self
+            .snapshot_dirty
+            .get_or_insert_with(|| self.vm.register_dirty_consumer());
+        let dirty = self.vm.take_dirty_pages(consumer)?;
         let diff = match (kind, &self.last_snapshot) {
             (SnapshotKind::Diff, Some(parent)) => Some((&dirty, parent.clone())),
             _ => None,
@@ -653,9 +848,156 @@ impl MicroVm {
         match snapshot::write(dir, state, self.vm.memory(), diff) {
             Ok(written) => Ok(written),
             Err(e) => {
-                self.vm.return_dirty_pages(dirty);
+                self.vm.return_dirty_pages(consumer, &dirty);
                 Err(e.into())
             }
         }
+    }
+
+    /// Turns replication on or off on the devices and returns their ports (see
+    /// [`crate::devices::replication`]).
+    pub fn set_replication(
+        &self,
+        mode: crate::devices::replication::ReplicationMode,
+    ) -> crate::devices::replication::ReplicationPorts {
+        crate::devices::replication::set_replication(&self.devices, mode)
+    }
+}
+
+/// A microVM running on a thread of its own, which serves freeze and epoch requests: what a
+/// replication engine, a test or a benchmark drives from another thread.
+pub struct MicroVmThread {
+    /// The VM (its memory and dirty tracking).
+    pub vm: Arc<Vm>,
+    /// Freezes and epochs ([`FreezeHandle::epoch`]).
+    pub freezes: FreezeHandle,
+    run_state: Arc<VmRunState>,
+    thread: Option<std::thread::JoinHandle<Result<ExitReason, String>>>,
+}
+
+impl MicroVmThread {
+    /// Builds the microVM of `config` on a new thread and runs it there; `setup` runs on that
+    /// thread after the build, before the vCPUs start (to write the guest's inputs).
+    pub fn spawn(
+        config: VmConfig,
+        setup: impl FnOnce(&MicroVm) + Send + 'static,
+    ) -> Result<Self, String> {
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let built = crate::builder::build_microvm(&config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|vm| {
+                        let (chan, handle) = freeze_channel().map_err(|e| e.to_string())?;
+                        Ok((vm, chan, handle))
+                    });
+                let (mut microvm, chan, handle) = match built {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                microvm.add_wakeup(chan.fd());
+                setup(&microvm);
+                let _ = tx.send(Ok((microvm.vm().clone(), handle, microvm.run_state())));
+                microvm
+                    .run_with(|m| m.serve_freeze(&chan))
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(|e| e.to_string())?;
+        let (vm, freezes, run_state) =
+            rx.recv().map_err(|_| "the VM thread ended".to_string())??;
+        Ok(Self {
+            vm,
+            freezes,
+            run_state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the guest and waits for the thread; why the VM ended.
+    pub fn stop(mut self) -> Result<ExitReason, String> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<ExitReason, String> {
+        self.run_state.request_exit(ExitReason::Stopped);
+        self.freezes.wake();
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| "the VM thread panicked".to_string())?,
+            None => Ok(ExitReason::Stopped),
+        }
+    }
+}
+
+impl Drop for MicroVmThread {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> (Arc<FreezeVerdict>, FreezeOutcomeSender) {
+        let verdict = Arc::new(FreezeVerdict::default());
+        (verdict.clone(), FreezeOutcomeSender(verdict))
+    }
+
+    #[test]
+    fn a_freeze_unanswered_by_its_deadline_expires_and_a_late_move_is_refused() {
+        let (verdict, sender) = pending();
+        let t0 = Instant::now();
+        assert!(verdict.wait_until(t0 + Duration::from_millis(50)).is_none());
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        assert!(sender.moved().is_err(), "a move after the deadline");
+    }
+
+    #[test]
+    fn an_answer_before_the_deadline_decides() {
+        let (verdict, sender) = pending();
+        let answer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            sender.moved().map(drop)
+        });
+        let outcome = verdict.wait_until(Instant::now() + Duration::from_secs(10));
+        assert!(matches!(outcome, Some(FreezeOutcome::Moved)));
+        assert!(answer.join().unwrap().is_ok());
+
+        // A requester gone without answering failed.
+        let (verdict, sender) = pending();
+        drop(sender);
+        let outcome = verdict.wait_until(Instant::now() + Duration::from_secs(10));
+        assert!(matches!(outcome, Some(FreezeOutcome::Failed(_))));
+    }
+
+    #[test]
+    fn a_move_decided_before_the_deadline_holds_however_late_the_monitor_is_woken() {
+        // The requester gives the CPU away between deciding and waking the monitor: the
+        // deadline passing meanwhile must not resume the VM here (two running copies).
+        let (verdict, sender) = pending();
+        let notice = sender.moved().expect("decided before the deadline");
+        let outcome = verdict.wait_until(Instant::now() + Duration::from_millis(30));
+        assert!(matches!(outcome, Some(FreezeOutcome::Moved)));
+        drop(notice);
+    }
+
+    #[test]
+    fn the_freeze_deadline_is_the_downtime_and_a_bounded_margin() {
+        assert_eq!(
+            freeze_deadline(Duration::from_millis(100)),
+            Duration::from_millis(100) + FREEZE_MARGIN_MIN
+        );
+        assert_eq!(
+            freeze_deadline(Duration::from_secs(2)),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            freeze_deadline(Duration::from_secs(60)),
+            Duration::from_secs(60) + FREEZE_MARGIN_MAX
+        );
     }
 }

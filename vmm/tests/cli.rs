@@ -133,8 +133,21 @@ fn malformed_flags_are_usage_errors() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert!(
-            stderr.contains("error: invalid value"),
+            stderr.starts_with("vmr: error: invalid value"),
             "{args:?}: {stderr}"
         );
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+    // An unknown subcommand or flag: one line too, naming the help that explains it.
+    for args in [
+        vec!["launch"],
+        vec!["run", "--kernal", "k"],
+        vec!["ctl", "--api", "x", "snapshot"],
+    ] {
+        let out = vmr(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("--help`)"), "{args:?}: {stderr}");
     }
 }

@@ -213,10 +213,13 @@ fn a_looping_guest_is_kicked_out_of_kvm_run() {
 fn dirty_log_reports_guest_and_monitor_writes() {
     let mut guest = TinyGuest::new("dirty_pages");
     // Forget the boot-time writes (page tables, code) made by the monitor.
-    guest.vm.collect_dirty_pages().unwrap();
+    let consumer = guest.vm.register_dirty_consumer();
+    guest.vm.take_dirty_pages(consumer).unwrap();
+    // A second consumer (a diff snapshot's, beside a migration's) with its own set.
+    let other = guest.vm.register_dirty_consumer();
     assert_eq!(guest.run(Duration::from_secs(10)), ExitReason::Halted);
 
-    let dirty = guest.vm.collect_dirty_pages().unwrap();
+    let dirty = guest.vm.take_dirty_pages(consumer).unwrap();
     let written: Vec<u64> = (0..16).map(|i| 0x80_0000 + i * 0x2000).collect();
     for addr in &written {
         assert!(
@@ -238,7 +241,7 @@ fn dirty_log_reports_guest_and_monitor_writes() {
     );
 
     // The log was cleared by reading it.
-    assert_eq!(guest.vm.collect_dirty_pages().unwrap().count(), 0);
+    assert_eq!(guest.vm.take_dirty_pages(consumer).unwrap().count(), 0);
 
     // Writes by the monitor itself go through vm-memory and are caught by its bitmap.
     let monitor_addr = 0xa0_0000u64;
@@ -247,10 +250,23 @@ fn dirty_log_reports_guest_and_monitor_writes() {
         .memory()
         .write_obj(0xfeed_u64, GuestAddress(monitor_addr))
         .unwrap();
-    let dirty = guest.vm.collect_dirty_pages().unwrap();
+    let dirty = guest.vm.take_dirty_pages(consumer).unwrap();
     assert_eq!(dirty.count(), 1);
     assert!(dirty.is_dirty(0, monitor_addr));
     assert_eq!(page_of(monitor_addr), 0xa00);
+
+    // The first consumer's reads of the log took nothing from the second's set.
+    let theirs = guest.vm.take_dirty_pages(other).unwrap();
+    for addr in written.iter().chain([&monitor_addr]) {
+        assert!(
+            theirs.is_dirty(0, *addr),
+            "{addr:#x} lost to the other consumer"
+        );
+    }
+    // Pages given back (a failed send) come again; the other consumer is not affected.
+    guest.vm.return_dirty_pages(other, &theirs);
+    assert_eq!(guest.vm.take_dirty_pages(other).unwrap(), theirs);
+    assert_eq!(guest.vm.take_dirty_pages(consumer).unwrap().count(), 0);
 }
 
 const LCG_STEPS_ADDR: u64 = 0x70_0000;

@@ -264,6 +264,26 @@ fn bad_snapshots_are_refused_before_any_vcpu_runs() {
     }
     assert_restore_refused(&d, "version 99");
 
+    // Another minor version of the same major (bytes 10..12) is read.
+    let d = copy_snapshot(&good, "minor-version");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.join("state"))
+            .unwrap();
+        let mut header = [0u8; 32];
+        f.read_exact_at(&mut header, 0).unwrap();
+        let minor = u16::from_le_bytes([header[10], header[11]]) + 1;
+        header[10..12].copy_from_slice(&minor.to_le_bytes());
+        let crc = crc32fast::hash(&header[..28]);
+        header[28..32].copy_from_slice(&crc.to_le_bytes());
+        f.write_all_at(&header, 0).unwrap();
+    }
+    let mut minor = restore("minor-version-restored", &d);
+    assert_continued(&mut minor, 2);
+
     // The workload's buffer at 8 MiB holds data in every page.
     let d = copy_snapshot(&good, "bad-memory-corrupt");
     flip_byte(&d.join("memory"), 0x80_0000 + 8);
@@ -447,4 +467,139 @@ fn the_api_of_a_running_vm_answers_per_its_openapi_document() {
     // The VM ran on through all of it, to the right result.
     assert!(vm.wait(), "vmr failed; log:\n{}", vm.log());
     assert!(vm.console().contains(&expected_result()));
+}
+
+/// What a fake destination does once it has answered `Hello`.
+#[derive(Clone, Copy)]
+enum FakeDestination {
+    /// Hangs up at once.
+    HangUp,
+    /// Takes the pre-copy (answering `Sync`s) and the `Commit`, then goes silent, the
+    /// connection open, until told to stop.
+    SilentAfterCommit,
+}
+
+/// A destination speaking the wire protocol (`vmm::migration::wire`) as `behaviour` says, for
+/// one migration; returns its port, the thread, the instant it took `Commit` (if it did) and
+/// a sender that ends its silence.
+fn fake_destination(
+    behaviour: FakeDestination,
+) -> (
+    u16,
+    std::thread::JoinHandle<Option<std::time::Instant>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    use vmm::migration::wire::{Message, MessageReader, MessageWriter};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = MessageReader::new(stream.try_clone().unwrap());
+        let mut writer = MessageWriter::new(stream.try_clone().unwrap());
+        match reader.recv().unwrap() {
+            Message::Hello(_) => {}
+            other => panic!("{other:?} before Hello"),
+        }
+        writer.send(&Message::Ack { seq: 0 }).unwrap();
+        writer.flush().unwrap();
+        match behaviour {
+            FakeDestination::HangUp => {
+                drop((reader, writer));
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                None
+            }
+            FakeDestination::SilentAfterCommit => loop {
+                match reader.recv() {
+                    Ok(Message::Sync { seq }) => {
+                        writer.send(&Message::Ack { seq }).unwrap();
+                        writer.flush().unwrap();
+                    }
+                    Ok(Message::Commit { .. }) => {
+                        let at = std::time::Instant::now();
+                        let _ = stop_rx.recv_timeout(std::time::Duration::from_secs(120));
+                        return Some(at);
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("the source's stream broke before Commit: {e}"),
+                }
+            },
+        }
+    });
+    (port, thread, stop_tx)
+}
+
+/// Issue 22: a migration that fails once the destination answered `Hello` must not eat the
+/// dirty log of the snapshots: a diff taken afterwards holds every page written since the
+/// full snapshot, and the guest restored from both computes the right result.
+#[test]
+fn a_failed_migration_keeps_the_pages_of_the_next_diff_snapshot() {
+    let (mut a, sock) = start_workload("lostdirty-src");
+    wait_round(&mut a, 2);
+    let full = scratch("lostdirty-full");
+    ctl_ok(&sock, &["snapshot", full.to_str().unwrap()]);
+    // The guest rewrites every page of its buffer each round.
+    let after_full = *rounds(&a.console()).last().unwrap();
+    wait_round(&mut a, after_full + 3);
+    ctl_ok(&sock, &["pause"]);
+
+    let (port, peer, _stop) = fake_destination(FakeDestination::HangUp);
+    let out = ctl(&sock, &["migrate", &format!("127.0.0.1:{port}")]);
+    peer.join().unwrap();
+    assert!(!out.status.success(), "the migration cannot have succeeded");
+    assert!(ctl_ok(&sock, &["status"]).contains("\"paused\""));
+
+    let diff = scratch("lostdirty-diff");
+    let info = ctl_ok(&sock, &["snapshot", "--diff", diff.to_str().unwrap()]);
+    assert!(
+        json_u64(&info, "pages") >= 1024,
+        "the diff lost the pages the guest wrote since the full snapshot: {info}"
+    );
+    let done = *rounds(&a.console()).last().unwrap();
+    a.kill();
+    let mut b = restore("lostdirty-restored", &diff);
+    assert_continued(&mut b, done);
+}
+
+/// Issue 22: a destination that takes `Commit` and goes silent does not keep the source
+/// frozen: within the freeze's deadline (the allowed downtime plus a bounded margin) the
+/// migration fails, the API answers and the guest runs on here.
+#[test]
+fn a_destination_silent_after_commit_does_not_hold_the_source_frozen() {
+    let (mut a, sock) = start_workload("silent-src");
+    wait_round(&mut a, 2);
+    let (port, peer, stop) = fake_destination(FakeDestination::SilentAfterCommit);
+    let max_downtime = std::time::Duration::from_millis(100);
+    let out = ctl(
+        &sock,
+        &[
+            "migrate",
+            &format!("127.0.0.1:{port}"),
+            "--max-downtime-ms",
+            &max_downtime.as_millis().to_string(),
+        ],
+    );
+    let answered = std::time::Instant::now();
+    assert!(
+        !out.status.success(),
+        "no Ack came: the migration failed ({})",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _ = stop.send(());
+    let committed = peer.join().unwrap().expect("the source sent Commit");
+    let frozen_for = answered - committed;
+    let bound = vmm::microvm::freeze_deadline(max_downtime) + std::time::Duration::from_secs(2);
+    assert!(
+        frozen_for < bound,
+        "the API answered {frozen_for:?} after Commit, more than {bound:?}"
+    );
+    assert!(ctl_ok(&sock, &["status"]).contains("\"running\""));
+    // The guest runs on here, to the right result.
+    assert!(a.wait(), "vmr failed; log:\n{}", a.log());
+    assert!(
+        a.log().contains("within the freeze's deadline"),
+        "the monitor did not say why it resumed: {}",
+        a.log()
+    );
+    assert!(a.console().contains(&expected_result()));
 }

@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod lab;
+#[cfg(test)]
+mod readme_tests;
+mod report;
+mod soak;
 mod stats;
 
 #[derive(Parser)]
@@ -24,6 +28,11 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+    /// Run a lab scenario N times, each a first try, and print its pass rate and the causes
+    /// of its failures.
+    Soak(soak::SoakArgs),
+    /// Write docs/benchmarks.md and its plots from the benchmarks' latest JSON.
+    Report(report::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -36,6 +45,9 @@ enum Bench {
     /// Snapshot creation and restore-to-running time, vmr against QEMU (migration to a file
     /// and `-incoming` from it).
     Snapshot(bench::snapshot::SnapshotArgs),
+    /// Epoch checkpoints' pause at 1, 10, 100 MiB dirty, vmr (copy-before-write) against the
+    /// naive copy inside the pause; guest slowdown, epoch rate, bytes (direct, tiny guest).
+    Epoch(bench::epoch::EpochArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,7 +57,10 @@ fn main() -> ExitCode {
             Bench::Boot(args) => bench::boot::run(args),
             Bench::Migrate(args) => bench::migrate::run(args),
             Bench::Snapshot(args) => bench::snapshot::run(args),
+            Bench::Epoch(args) => bench::epoch::run(args),
         },
+        Command::Soak(args) => soak::run(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

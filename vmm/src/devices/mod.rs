@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod replication;
 pub mod virtio;
 
 use std::sync::Arc;

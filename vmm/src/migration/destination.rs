@@ -137,6 +137,12 @@ fn receive_stream(
         Message::Hello(hello) => hello,
         other => return Err(ReceiveError::Protocol(format!("{other:?} before Hello"))),
     };
+    if !PROTOCOL_VERSION.reads(hello.protocol) {
+        return Err(ReceiveError::Unfit(format!(
+            "the source speaks protocol version {}, this vmr speaks {PROTOCOL_VERSION}",
+            hello.protocol
+        )));
+    }
     if hello.purpose != Purpose::Migration {
         return Err(ReceiveError::Unfit(format!(
             "a {:?} stream sent to `vmr receive`",
@@ -164,7 +170,8 @@ fn receive_stream(
     tracing::info!(
         mem_mib = hello.mem_bytes >> 20,
         vcpus = hello.vcpus,
-        protocol = PROTOCOL_VERSION,
+        protocol = %PROTOCOL_VERSION,
+        source_protocol = %hello.protocol,
         "migration accepted"
     );
 

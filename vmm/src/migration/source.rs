@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use super::wire::{
     self, Hello, Message, MessageReader, MessageWriter, PageBatch, Purpose, BATCH_PAGES,
 };
-use crate::microvm::{FreezeHandle, FreezeOutcome};
+use crate::microvm::{freeze_deadline, FreezeHandle, FreezeTerms};
+use crate::vstate::dirty::DirtyConsumer;
 use crate::vstate::memory::{PageMap, PAGE_SIZE};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -30,7 +31,8 @@ pub const MAX_PASSES: u32 = 30;
 const SMALL_FINAL_COPY: usize = 64;
 /// The sequence number of the final `Commit` (pre-copy passes sync with 1..=`MAX_PASSES`).
 const COMMIT_SEQ: u64 = u64::MAX;
-/// How long the destination may take to answer.
+/// How long the destination may take to answer while the guest runs here (once it is frozen,
+/// the freeze's deadline bounds every wait instead).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the source stays out of the way of the moved guest after the `Ack` (see
 /// [`super::CpuYield`]): long enough for the destination to start it.
@@ -75,6 +77,14 @@ pub enum MigrationError {
     /// The VM could not be frozen.
     #[error("cannot stop the VM for the final copy: {0}")]
     Freeze(String),
+    /// The final copy and the destination's `Ack` did not fit in the freeze's deadline: the
+    /// VM was resumed here.
+    #[error(
+        "the destination did not acknowledge within the freeze's deadline of {} ms: the VM \
+         runs on here",
+        .0.as_millis()
+    )]
+    FreezeDeadline(Duration),
 }
 
 /// What to migrate where.
@@ -107,29 +117,60 @@ pub struct MigrationReport {
 
 struct Link {
     addr: String,
+    /// The socket, to bound its waits (its timeouts are the socket's, shared by the clones
+    /// inside `writer` and `reader`).
+    stream: TcpStream,
     writer: MessageWriter<TcpStream>,
     reader: MessageReader<TcpStream>,
+    /// While the guest is frozen: when the freeze ends, and how long it was allowed. No send
+    /// or receive waits past it.
+    deadline: Option<(Instant, Duration)>,
 }
 
 impl Link {
     fn wire_err(&self, source: wire::WireError) -> MigrationError {
-        MigrationError::Wire {
-            addr: self.addr.clone(),
-            source,
+        match self.deadline {
+            Some((deadline, allowed)) if Instant::now() >= deadline => {
+                MigrationError::FreezeDeadline(allowed)
+            }
+            _ => MigrationError::Wire {
+                addr: self.addr.clone(),
+                source,
+            },
         }
     }
 
+    /// While frozen, bounds the socket's next waits by what is left of the freeze.
+    fn arm(&self) -> Result<(), MigrationError> {
+        let Some((deadline, allowed)) = self.deadline else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::FreezeDeadline(allowed));
+        }
+        let armed = self
+            .stream
+            .set_write_timeout(Some(left))
+            .and_then(|()| self.stream.set_read_timeout(Some(left)));
+        armed.map_err(|e| self.wire_err(e.into()))
+    }
+
     fn send(&mut self, msg: &Message) -> Result<(), MigrationError> {
+        self.arm()?;
         self.writer.send(msg).map_err(|e| self.wire_err(e))
     }
 
     fn send_pages(&mut self, batch: &PageBatch) -> Result<(), MigrationError> {
+        self.arm()?;
         self.writer.send_pages(batch).map_err(|e| self.wire_err(e))
     }
 
     /// Waits for `Ack seq`.
     fn expect_ack(&mut self, seq: u64) -> Result<(), MigrationError> {
+        self.arm()?;
         self.writer.flush().map_err(|e| self.wire_err(e))?;
+        self.arm()?;
         match self.reader.recv().map_err(|e| self.wire_err(e))? {
             Message::Ack { seq: s } if s == seq => Ok(()),
             Message::Error(reason) => Err(MigrationError::Refused(reason)),
@@ -203,9 +244,11 @@ pub fn migrate(
         addr: options.destination.clone(),
         reader: MessageReader::new(stream.try_clone().map_err(connect_err)?),
         writer: MessageWriter::with_compression(
-            stream,
+            stream.try_clone().map_err(connect_err)?,
             options.compress.then_some(wire::DEFAULT_ZSTD_LEVEL),
         ),
+        stream,
+        deadline: None,
     };
     let mem = vm.memory();
     let map = PageMap::new(mem);
@@ -232,9 +275,11 @@ pub fn migrate(
     // the final copy runs with the guest stopped, when nothing here competes for the CPU.
     super::yield_to_guest();
     let mut report = MigrationReport::default();
-    // Pass 0: everything, while the guest runs; the log from here on says what changed.
+    // Pass 0: everything, while the guest runs; the migration's own set of dirty pages says
+    // what changed from here on (other consumers', the diff snapshots', keep theirs).
     vm.set_dirty_logging(true)?;
-    drop(vm.collect_dirty_pages()?);
+    let tracked = TrackedPages::register(vm);
+    let consumer = tracked.consumer;
     let mut pass_start = Instant::now();
     let mut sent = send_pages(&mut link, &map, 0..map.pages(), true)?;
     report.passes = 1;
@@ -248,7 +293,7 @@ pub fn migrate(
         link.expect_ack(seq)?;
         let elapsed = pass_start.elapsed().max(Duration::from_millis(1));
         let rate = sent.max(1) as f64 / elapsed.as_secs_f64(); // pages per second
-        let dirty = vm.collect_dirty_pages()?;
+        let dirty = vm.take_dirty_pages(consumer)?;
         let left = dirty.count();
         let estimate = Duration::from_secs_f64(left as f64 / rate);
         tracing::info!(
@@ -264,7 +309,7 @@ pub fn migrate(
         let fits = estimate <= options.max_downtime;
         if (fits && !shrinking) || report.passes >= MAX_PASSES {
             // Sent in the final copy, with whatever the guest writes until the freeze.
-            vm.return_dirty_pages(dirty);
+            vm.return_dirty_pages(consumer, &dirty);
             break;
         }
         previous_left = left;
@@ -272,7 +317,7 @@ pub fn migrate(
         sent = match send_pages(&mut link, &map, dirty.pages(&map), false) {
             Ok(n) => n,
             Err(e) => {
-                vm.return_dirty_pages(dirty);
+                vm.return_dirty_pages(consumer, &dirty);
                 return Err(e);
             }
         };
@@ -280,8 +325,17 @@ pub fn migrate(
         report.pages_sent += sent;
     }
 
-    let frozen = freeze.freeze().map_err(MigrationError::Freeze)?;
+    let max_freeze = freeze_deadline(options.max_downtime);
+    let frozen = freeze
+        .freeze(FreezeTerms {
+            consumer,
+            max_freeze,
+        })
+        .map_err(MigrationError::Freeze)?;
     let paused = frozen.since;
+    // From here on, no wait on the network outlives the freeze.
+    link.deadline = Some((frozen.deadline, max_freeze));
+    let mut outcome = Some(frozen.outcome);
     let result = (|| {
         let saved = paused.elapsed();
         let n = send_pages(&mut link, &map, frozen.dirty.pages(&map), false)?;
@@ -294,9 +348,24 @@ pub fn migrate(
         let committed = paused.elapsed();
         link.expect_ack(COMMIT_SEQ)?;
         let acked = paused.elapsed();
-        // The guest runs at the destination now, maybe on this host's CPUs: what is left here
-        // (the report, the teardown of this VM) lets it start first.
+        // The guest runs at the destination now. Decide the move at once, before anything
+        // else: giving the CPU away first let the freeze's deadline pass on a busy host (the
+        // monitor then resumed the VM here while it ran there). Then what is left here
+        // (waking the monitor thread, the report, the teardown of this VM) lets the moved
+        // guest, maybe on this host's CPUs, start first.
+        let notice = outcome
+            .take()
+            .expect("the outcome is decided once")
+            .moved()
+            .map_err(|_| {
+                tracing::error!(
+                    "the destination acknowledged after the freeze's deadline: the VM was \
+                     resumed here, and the destination may run it too"
+                );
+                MigrationError::FreezeDeadline(max_freeze)
+            })?;
         cpu_yield.moved(SWITCH_OVER_GRACE);
+        drop(notice);
         tracing::info!(
             final_pages = n,
             freeze_us = saved.as_micros() as u64,
@@ -307,6 +376,9 @@ pub fn migrate(
         );
         Ok::<_, MigrationError>((n, acked))
     })();
+    // The monitor thread ends this VM once moved, unless the deadline passed first and it
+    // resumed it. Then the destination, which runs the guest once it has sent its `Ack`, may
+    // run it as well: two copies, until the standby-staging work has it wait for a go-ahead.
     match result {
         Ok((n, downtime)) => {
             report.downtime = downtime;
@@ -314,12 +386,35 @@ pub fn migrate(
             report.pages_sent += n;
             report.bytes_sent = link.writer.bytes_sent();
             report.total = t0.elapsed();
-            let _ = frozen.outcome.send(FreezeOutcome::Moved);
             Ok(report)
         }
         Err(e) => {
-            let _ = frozen.outcome.send(FreezeOutcome::Failed(frozen.dirty));
+            // A no-op once the deadline passed (the monitor gave the pages back itself).
+            if let Some(outcome) = outcome {
+                outcome.failed(frozen.dirty);
+            }
             Err(e)
         }
+    }
+}
+
+/// The migration's registration as a consumer of dirty pages, for as long as it runs.
+struct TrackedPages<'a> {
+    vm: &'a Vm,
+    consumer: DirtyConsumer,
+}
+
+impl<'a> TrackedPages<'a> {
+    fn register(vm: &'a Vm) -> Self {
+        Self {
+            vm,
+            consumer: vm.register_dirty_consumer(),
+        }
+    }
+}
+
+impl Drop for TrackedPages<'_> {
+    fn drop(&mut self) {
+        self.vm.unregister_dirty_consumer(self.consumer);
     }
 }

@@ -6,7 +6,8 @@
 //! ```text
 //! offset size field
 //!      0    4 magic "VMRW"
-//!      4    2 protocol version
+//!      4    1 protocol major version
+//!      5    1 protocol minor version
 //!      6    1 message kind
 //!      7    1 flags (bit 0: payload compressed with zstd)
 //!      8    8 sequence / epoch number
@@ -27,13 +28,20 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::version::FormatVersion;
 use crate::vstate::memory::{is_zero, PAGE_SIZE};
 
 /// The first bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"VMRW";
-/// The protocol this build speaks (2: payloads checksummed with XXH64 rather than CRC32,
-/// which without carry-less multiply, emulated, cost 5x a copy of the page).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol this build speaks. A peer of the same major version and any minor is
+/// understood (see [`crate::version`]); another major is refused.
+///
+/// 2: payloads checksummed with XXH64 rather than CRC32, which without carry-less multiply,
+/// emulated, cost 5x a copy of the page. 3.0: the version is `major.minor` (header bytes 4
+/// and 5, and `Hello::protocol`); 2 was one 16-bit number, read whole.
+pub const PROTOCOL_VERSION: FormatVersion = FormatVersion::new(3, 0);
+// The frame header holds each part of the version in one byte.
+const _: () = assert!((PROTOCOL_VERSION.major | PROTOCOL_VERSION.minor) >> 8 == 0);
 /// Frame header length.
 pub const HEADER_LEN: usize = 32;
 /// Default largest payload accepted (checked before anything is allocated).
@@ -66,11 +74,15 @@ pub enum WireError {
     /// The header is corrupt.
     #[error("corrupt frame header (checksum mismatch)")]
     HeaderChecksum,
-    /// The peer speaks another protocol version.
-    #[error("the peer speaks protocol version {found}, this vmr speaks {PROTOCOL_VERSION}")]
+    /// The peer speaks a protocol of another major version.
+    #[error(
+        "the peer speaks protocol version {found}, this vmr speaks {PROTOCOL_VERSION} (only \
+         {}.x is understood)",
+        PROTOCOL_VERSION.major
+    )]
     Version {
         /// The peer's version.
-        found: u16,
+        found: FormatVersion,
     },
     /// A message kind this build does not know.
     #[error("unknown message kind {0}")]
@@ -123,7 +135,7 @@ pub enum Purpose {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     /// The sender's protocol version.
-    pub protocol: u16,
+    pub protocol: FormatVersion,
     /// Why.
     pub purpose: Purpose,
     /// Guest RAM.
@@ -410,7 +422,8 @@ impl<W: Write> MessageWriter<W> {
         };
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(&MAGIC);
-        h[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        h[4] = PROTOCOL_VERSION.major as u8;
+        h[5] = PROTOCOL_VERSION.minor as u8;
         h[6] = kind;
         h[7] = flags;
         h[8..16].copy_from_slice(&seq.to_le_bytes());
@@ -503,8 +516,8 @@ impl<R: Read> MessageReader<R> {
         if crc32fast::hash(&h[..28]) != le32(&h[28..32]) {
             return Err(WireError::HeaderChecksum);
         }
-        let version = u16::from_le_bytes([h[4], h[5]]);
-        if version != PROTOCOL_VERSION {
+        let version = FormatVersion::new(h[4].into(), h[5].into());
+        if !PROTOCOL_VERSION.reads(version) {
             return Err(WireError::Version { found: version });
         }
         let (kind, flags) = (h[6], h[7]);
@@ -670,10 +683,10 @@ mod tests {
             b[28..32].copy_from_slice(&crc.to_le_bytes());
             MessageReader::new(&b[..]).recv()
         };
-        let future = PROTOCOL_VERSION + 1;
-        let err = with_header(&|h| h[4..6].copy_from_slice(&future.to_le_bytes())).unwrap_err();
+        let future = PROTOCOL_VERSION.major as u8 + 1;
+        let err = with_header(&|h| h[4] = future).unwrap_err();
         assert!(
-            err.to_string().contains(&format!("version {future}")),
+            err.to_string().contains(&format!("version {future}.")),
             "{err}"
         );
         let err = with_header(&|h| h[16..20].copy_from_slice(&u32::MAX.to_le_bytes())).unwrap_err();
@@ -737,5 +750,59 @@ mod tests {
         assert_eq!(r.recv().unwrap(), Message::Commit { seq: 7 });
         sender.join().unwrap();
         assert!(matches!(r.recv(), Err(WireError::Truncated)));
+    }
+
+    /// Re-encodes the first frame of `good` with header bytes 4 and 5 (major, minor) set.
+    fn with_version(good: &[u8], major: u8, minor: u8) -> Vec<u8> {
+        let mut b = good.to_vec();
+        b[4] = major;
+        b[5] = minor;
+        let crc = crc32fast::hash(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_peer_of_the_same_major_and_another_minor_version_is_understood() {
+        let good = encode_all(None);
+        let (major, minor) = (good[4], good[5]);
+        for other_minor in [minor.wrapping_add(1), minor.wrapping_add(7)] {
+            let b = with_version(&good, major, other_minor);
+            let mut r = MessageReader::new(&b[..]);
+            let first = r.recv();
+            assert!(
+                first.is_ok(),
+                "version {major}.{other_minor} refused: {first:?}"
+            );
+        }
+        let older = with_version(&good, major - 1, 0);
+        let err = MessageReader::new(&older[..]).recv().unwrap_err();
+        let reason = err.to_string();
+        assert!(
+            reason.contains(&format!("{}.0", major - 1))
+                && reason.contains(&format!("{major}.{minor}"))
+                && !reason.contains('\n'),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_hello_of_a_newer_minor_version_with_more_fields_decodes() {
+        #[derive(Serialize)]
+        struct NewerHello {
+            hello: Hello,
+            added_by_a_minor: Vec<u64>,
+        }
+        let hello = Hello::new(Purpose::Migration, 64 << 20, 2, b"config".to_vec());
+        let newer = NewerHello {
+            hello: Hello {
+                protocol: FormatVersion::new(PROTOCOL_VERSION.major, PROTOCOL_VERSION.minor + 1),
+                ..hello.clone()
+            },
+            added_by_a_minor: vec![1, 2, 3],
+        };
+        let decoded: Hello = decode_payload(&encode_payload(&newer).unwrap()).unwrap();
+        assert_eq!(decoded.config, hello.config);
+        assert!(PROTOCOL_VERSION.reads(decoded.protocol));
     }
 }

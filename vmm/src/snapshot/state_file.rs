@@ -1,10 +1,15 @@
 //! The snapshot's state file: a fixed header (magic, format version, payload length, CRC32 of
 //! the payload, CRC32 of the header) followed by the postcard encoding of the state.
 //!
+//! The version is `major.minor` ([`crate::version`]): a file of the same major and any minor
+//! is read. Files written before the version had two parts held `1` as a LE u32 at offset 8,
+//! which reads as 1.0.
+//!
 //! ```text
 //! offset  size  field
 //!      0     8  magic "VMRSNAP\0"
-//!      8     4  format version (LE u32)
+//!      8     2  format major version (LE u16)
+//!     10     2  format minor version (LE u16)
 //!     12     4  flags (LE u32, 0)
 //!     16     8  payload length (LE u64)
 //!     24     4  CRC32 of the payload (LE u32)
@@ -19,10 +24,12 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::version::FormatVersion;
+
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"VMRSNAP\0";
-/// The format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build writes; it reads every minor version of its major.
+pub const FORMAT_VERSION: FormatVersion = FormatVersion::new(1, 0);
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload we accept (the state of a VM is a few hundred KiB).
@@ -71,13 +78,17 @@ pub enum StateFileError {
     /// The header itself is corrupt.
     #[error("{0}: the header is corrupt (checksum mismatch)")]
     HeaderChecksum(PathBuf),
-    /// Written by a format this build does not read.
-    #[error("{path}: snapshot format version {found}, this vmr reads version {FORMAT_VERSION}")]
+    /// Written in a format of another major version, which this build does not read.
+    #[error(
+        "{path}: snapshot format version {found}, this vmr reads version {}.x (it writes \
+         {FORMAT_VERSION})",
+        FORMAT_VERSION.major
+    )]
     Version {
         /// The file.
         path: PathBuf,
         /// The version found.
-        found: u32,
+        found: FormatVersion,
     },
     /// The payload is larger than any state.
     #[error("{path}: payload of {len} bytes is implausibly large")]
@@ -113,7 +124,8 @@ pub enum StateFileError {
 fn header(payload: &[u8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[8..10].copy_from_slice(&FORMAT_VERSION.major.to_le_bytes());
+    h[10..12].copy_from_slice(&FORMAT_VERSION.minor.to_le_bytes());
     h[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     h[24..28].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
     let crc = crc32fast::hash(&h[..28]);
@@ -172,8 +184,11 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, State
     if crc32fast::hash(&h[..28]) != le32(&h[28..32]) {
         return Err(StateFileError::HeaderChecksum(p()));
     }
-    let version = le32(&h[8..12]);
-    if version != FORMAT_VERSION {
+    let version = FormatVersion::new(
+        u16::from_le_bytes([h[8], h[9]]),
+        u16::from_le_bytes([h[10], h[11]]),
+    );
+    if !FORMAT_VERSION.reads(version) {
         return Err(StateFileError::Version {
             path: p(),
             found: version,
@@ -272,5 +287,34 @@ mod tests {
         let err =
             decode::<Demo>(Path::new("s"), b"#!/bin/sh\necho not a snapshot\n......").unwrap_err();
         assert!(matches!(err, StateFileError::BadMagic(_)), "{err}");
+    }
+
+    /// `encoded()` with the version field (bytes 8..12: major, minor as LE u16s) set.
+    fn with_version(major: u16, minor: u16) -> Vec<u8> {
+        let mut b = encoded();
+        b[8..10].copy_from_slice(&major.to_le_bytes());
+        b[10..12].copy_from_slice(&minor.to_le_bytes());
+        let crc = crc32fast::hash(&b[..28]);
+        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn a_file_of_the_same_major_and_another_minor_version_is_read() {
+        let major = u16::from_le_bytes([encoded()[8], encoded()[9]]);
+        let minor = u16::from_le_bytes([encoded()[10], encoded()[11]]);
+        for other in [minor + 1, minor + 9] {
+            let read = decode::<Demo>(Path::new("s"), &with_version(major, other));
+            assert!(read.is_ok(), "version {major}.{other} refused: {read:?}");
+            assert_eq!(read.unwrap(), demo());
+        }
+        let err = decode::<Demo>(Path::new("s"), &with_version(major - 1, 3)).unwrap_err();
+        let reason = err.to_string();
+        assert!(
+            reason.contains(&format!("{}.3", major - 1))
+                && reason.contains(&format!("{major}.{minor}"))
+                && !reason.contains('\n'),
+            "{reason}"
+        );
     }
 }

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -323,8 +323,8 @@ struct VcpuThread {
     index: u8,
     launch: Sender<(Vcpu, Arc<VmRunState>)>,
     thread: JoinHandle<()>,
-    requests: Sender<VcpuRequest>,
-    responses: Receiver<VcpuResponse>,
+    requests: Sender<Numbered<VcpuRequest>>,
+    responses: Receiver<Numbered<VcpuResponse>>,
     parked: Arc<AtomicBool>,
 }
 
@@ -368,6 +368,8 @@ impl VcpuThread {
             requests: self.requests,
             responses: self.responses,
             parked: self.parked,
+            timeout: REQUEST_TIMEOUT,
+            next_id: AtomicU64::new(1),
         })
     }
 }
@@ -755,8 +757,8 @@ impl Vcpu {
     fn thread_main(
         mut self,
         run_state: &VmRunState,
-        requests: &Receiver<VcpuRequest>,
-        responses: &Sender<VcpuResponse>,
+        requests: &Receiver<Numbered<VcpuRequest>>,
+        responses: &Sender<Numbered<VcpuResponse>>,
         parked: &AtomicBool,
     ) {
         let index = self.index;
@@ -765,11 +767,11 @@ impl Vcpu {
         loop {
             let paused = parked.load(Ordering::SeqCst);
             let request = if paused {
-                Some(requests.recv().unwrap_or(VcpuRequest::Exit))
+                Some(requests.recv().unwrap_or((0, VcpuRequest::Exit)))
             } else {
                 requests.try_recv().ok()
             };
-            if let Some(request) = request {
+            if let Some((id, request)) = request {
                 let response = match request {
                     VcpuRequest::Exit => break,
                     VcpuRequest::Pause => {
@@ -794,7 +796,9 @@ impl Vcpu {
                         VcpuResponse::State(self.save_state().map(Box::new))
                     }
                 };
-                if responses.send(response).is_err() {
+                // Answered under the request's id: an answer that comes after its requester
+                // gave up is known for what it is.
+                if responses.send((id, response)).is_err() {
                     break;
                 }
                 continue;
@@ -843,14 +847,22 @@ enum VcpuResponse {
 /// How long a vCPU thread may take to answer a request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A request or its answer, with the request's id: ids grow by one per request of a handle,
+/// and an answer carries the id of the request it answers.
+type Numbered<T> = (u64, T);
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     index: u8,
     thread: JoinHandle<()>,
-    requests: Sender<VcpuRequest>,
-    responses: Receiver<VcpuResponse>,
+    requests: Sender<Numbered<VcpuRequest>>,
+    responses: Receiver<Numbered<VcpuResponse>>,
     /// The vCPU is paused, its thread waiting for requests: none needs a kick.
     parked: Arc<AtomicBool>,
+    /// How long its thread may take to answer ([`REQUEST_TIMEOUT`]).
+    timeout: Duration,
+    /// The id of the next request.
+    next_id: AtomicU64,
 }
 
 impl VcpuHandle {
@@ -878,29 +890,45 @@ impl VcpuHandle {
 
     /// Sends `request` and, unless the vCPU is parked waiting for it, kicks the vCPU out of
     /// the guest to see it (a signal costs a parked thread a needless wake-up, in the pause).
-    fn send(&self, request: VcpuRequest, name: &'static str) -> Result<(), VcpuError> {
+    /// Returns the request's id, which its answer carries.
+    fn send(&self, request: VcpuRequest, name: &'static str) -> Result<u64, VcpuError> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         self.requests
-            .send(request)
+            .send((id, request))
             .map_err(|_| self.no_answer(name))?;
         if !self.parked.load(Ordering::SeqCst) {
             self.kick();
         }
-        Ok(())
+        Ok(id)
     }
 
-    /// The vCPU's answer to the request sent last.
-    fn answer(&self, name: &'static str) -> Result<VcpuResponse, VcpuError> {
-        match self.responses.recv_timeout(REQUEST_TIMEOUT) {
-            Ok(response) => Ok(response),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                Err(self.no_answer(name))
+    /// The vCPU's answer to request `id`. Answers to earlier requests, which came after their
+    /// requester gave up waiting, are dropped: taken for this one's, a late `Resumed` would
+    /// pass for a save's answer, or a pause's for a resume's.
+    fn answer(&self, id: u64, name: &'static str) -> Result<VcpuResponse, VcpuError> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok((answered, response)) if answered == id => return Ok(response),
+                Ok((answered, _)) => {
+                    tracing::debug!(
+                        vcpu = self.index,
+                        answered,
+                        awaited = id,
+                        "dropped a vCPU's answer to an earlier request"
+                    );
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    return Err(self.no_answer(name))
+                }
             }
         }
     }
 
     fn request(&self, request: VcpuRequest, name: &'static str) -> Result<VcpuResponse, VcpuError> {
-        self.send(request, name)?;
-        self.answer(name)
+        let id = self.send(request, name)?;
+        self.answer(id, name)
     }
 
     /// Takes the vCPU out of the guest, completes its pending exit and parks it.
@@ -952,12 +980,12 @@ impl VcpuHandle {
         request: fn() -> VcpuRequest,
         name: &'static str,
     ) -> Result<Vec<VcpuResponse>, VcpuError> {
-        let sent: Vec<Result<(), VcpuError>> =
+        let sent: Vec<Result<u64, VcpuError>> =
             handles.iter().map(|h| h.send(request(), name)).collect();
         let mut answers = Vec::with_capacity(handles.len());
         let mut result = Ok(());
         for (handle, sent) in handles.iter().zip(sent) {
-            match sent.and_then(|()| handle.answer(name)) {
+            match sent.and_then(|id| handle.answer(id, name)) {
                 Ok(answer) => answers.push(answer),
                 Err(e) => {
                     if result.is_ok() {
@@ -987,10 +1015,64 @@ impl VcpuHandle {
 
     /// Stops the vCPU thread (running or paused) and waits for it.
     pub fn kick_and_join(self) {
-        let _ = self.requests.send(VcpuRequest::Exit);
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let _ = self.requests.send((id, VcpuRequest::Exit));
         self.kick();
         if self.thread.join().is_err() {
             tracing::error!("a vCPU thread panicked");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_answer_is_not_taken_for_the_next_requests() {
+        let (req_tx, req_rx) = channel();
+        let (resp_tx, resp_rx) = channel();
+        let thread = std::thread::spawn(move || {
+            while let Ok((id, request)) = req_rx.recv() {
+                let response = match request {
+                    VcpuRequest::Resume => {
+                        std::thread::sleep(Duration::from_millis(300));
+                        VcpuResponse::Resumed
+                    }
+                    VcpuRequest::SaveState => VcpuResponse::State(Err(VcpuError::NotPaused(0))),
+                    _ => VcpuResponse::Paused,
+                };
+                if resp_tx.send((id, response)).is_err() {
+                    break;
+                }
+            }
+        });
+        let handle = VcpuHandle {
+            index: 0,
+            thread,
+            requests: req_tx,
+            responses: resp_rx,
+            parked: Arc::new(AtomicBool::new(true)),
+            timeout: Duration::from_millis(100),
+            next_id: AtomicU64::new(1),
+        };
+        let err = handle.resume().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VcpuError::NoAnswer {
+                    request: "resume",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // The late answer to the resume has come by now.
+        std::thread::sleep(Duration::from_millis(400));
+        let Err(err) = handle.save_state() else {
+            panic!("a state from the fake vCPU");
+        };
+        assert!(matches!(err, VcpuError::NotPaused(0)), "{err}");
+        assert!(handle.pause().is_ok());
     }
 }

@@ -13,6 +13,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::dirty::{DirtyConsumer, DirtyTracker};
 use super::memory::{GuestMemoryMmap, PageMap, PAGE_SIZE};
 use crate::devices::legacy::IrqLineTrigger;
 
@@ -61,6 +62,9 @@ pub enum VmError {
     /// Dirty pages were asked for while dirty logging is off.
     #[error("dirty page tracking is not enabled")]
     DirtyLogDisabled,
+    /// Dirty pages were asked for by a consumer that is not registered.
+    #[error("dirty-page consumer {0:?} is not registered")]
+    UnknownDirtyConsumer(DirtyConsumer),
     /// `KVM_GET_PIT2` failed.
     #[error("KVM_GET_PIT2 failed: {0}")]
     GetPit(kvm_ioctls::Error),
@@ -225,9 +229,8 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     dirty_logging: std::sync::atomic::AtomicBool,
     irqchip: bool,
-    /// Dirty pages collected but not consumed (a snapshot or a send that failed): the next
-    /// collection reports them again.
-    returned_dirty: std::sync::Mutex<Option<DirtyBitmap>>,
+    /// Every consumer's pages written since it last took them (diff snapshots, a migration).
+    dirty: DirtyTracker,
 }
 
 impl Vm {
@@ -249,7 +252,7 @@ impl Vm {
             memory,
             dirty_logging: dirty_logging.into(),
             irqchip: false,
-            returned_dirty: std::sync::Mutex::new(None),
+            dirty: DirtyTracker::new(),
         };
         vm.register_memory()?;
         Ok(vm)
@@ -333,9 +336,34 @@ impl Vm {
         self.dirty_logging.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The pages written since the last call, by the guest (KVM's dirty log) OR by the monitor
-    /// (the vm-memory bitmap). Both logs are cleared.
-    pub fn collect_dirty_pages(&self) -> Result<DirtyBitmap, VmError> {
+    /// A new consumer of dirty pages (see [`DirtyTracker`]): [`Vm::take_dirty_pages`] gives
+    /// it the pages written since it registered or last took them, whoever else reads the log.
+    pub fn register_dirty_consumer(&self) -> DirtyConsumer {
+        self.dirty.register()
+    }
+
+    /// Forgets `consumer` and the pages it had not taken.
+    pub fn unregister_dirty_consumer(&self, consumer: DirtyConsumer) {
+        self.dirty.unregister(consumer);
+    }
+
+    /// The tracker of every consumer's dirty pages.
+    pub fn dirty_tracker(&self) -> &DirtyTracker {
+        &self.dirty
+    }
+
+    /// Reads and clears both logs - KVM's (the guest's writes) and the vm-memory bitmap (the
+    /// monitor's) - and adds what they held to every consumer's set. With no consumer
+    /// registered this only clears them (dirty tracking starts afresh).
+    pub fn harvest_dirty_log(&self) -> Result<(), VmError> {
+        let mut tracker = self.dirty.locked();
+        self.harvest_into(&mut tracker)
+    }
+
+    fn harvest_into(
+        &self,
+        tracker: &mut super::dirty::DirtyTrackerGuard<'_>,
+    ) -> Result<(), VmError> {
         if !self.dirty_logging() {
             return Err(VmError::DirtyLogDisabled);
         }
@@ -352,27 +380,24 @@ impl Vm {
             }
             all.push(kvm_bits);
         }
-        let mut bitmap = DirtyBitmap(all);
-        if let Some(returned) = self.returned_dirty_slot().take() {
-            bitmap.merge(&returned);
-        }
-        Ok(bitmap)
+        tracker.add(&DirtyBitmap(all));
+        Ok(())
     }
 
-    /// Gives back dirty pages that were collected but not consumed (the snapshot or the send
-    /// they were for failed), so that the next [`Vm::collect_dirty_pages`] reports them again.
-    pub fn return_dirty_pages(&self, bitmap: DirtyBitmap) {
-        let mut slot = self.returned_dirty_slot();
-        match slot.as_mut() {
-            Some(held) => held.merge(&bitmap),
-            None => *slot = Some(bitmap),
-        }
+    /// The pages written - by the guest or the monitor - since `consumer` registered or last
+    /// took its pages, and not given back since. Other consumers' sets keep these pages.
+    pub fn take_dirty_pages(&self, consumer: DirtyConsumer) -> Result<DirtyBitmap, VmError> {
+        let mut tracker = self.dirty.locked();
+        self.harvest_into(&mut tracker)?;
+        tracker
+            .take(consumer)
+            .ok_or(VmError::UnknownDirtyConsumer(consumer))
     }
 
-    fn returned_dirty_slot(&self) -> std::sync::MutexGuard<'_, Option<DirtyBitmap>> {
-        self.returned_dirty
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Gives back dirty pages `consumer` took but did not consume (the snapshot or the send
+    /// they were for failed): its next [`Vm::take_dirty_pages`] reports them again.
+    pub fn return_dirty_pages(&self, consumer: DirtyConsumer, pages: &DirtyBitmap) {
+        self.dirty.give_back(consumer, pages);
     }
 
     /// Saves the VM-wide state. The vCPUs must be paused.

@@ -67,7 +67,7 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         format!("--vcpus={}", args.vcpus),
         format!("--mem={}", args.mem),
     ];
-    lab::rerun_bench_in_lab("boot", rerun, &out)
+    super::rerun_in_lab("boot", rerun, &out)
 }
 
 fn one_run(name: &str, cmd: &mut Command) -> Result<(f64, f64), String> {

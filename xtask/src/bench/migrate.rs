@@ -166,7 +166,7 @@ pub fn run(args: MigrateArgs) -> Result<(), String> {
         return measure(&args, &out);
     }
     eprintln!("bench migrate: this host cannot boot stock Linux guests; running in the lab");
-    lab::rerun_bench_in_lab("migrate", args.as_args(), &out)
+    super::rerun_in_lab("migrate", args.as_args(), &out)
 }
 
 /// A free TCP port on the loopback.

@@ -58,6 +58,8 @@ struct MonitorResult {
     create_ms: Summary,
     restore_to_running_ms: Summary,
     snapshot_mib: Summary,
+    samples_create_ms: Vec<f64>,
+    samples_restore_to_running_ms: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -95,6 +97,8 @@ impl Samples {
             create_ms: of(|s| s.create_ms),
             restore_to_running_ms: of(|s| s.restore_ms),
             snapshot_mib: of(|s| s.bytes as f64 / 1048576.0),
+            samples_create_ms: self.ok.iter().map(|s| s.create_ms).collect(),
+            samples_restore_to_running_ms: self.ok.iter().map(|s| s.restore_ms).collect(),
         })
     }
 }
@@ -124,7 +128,7 @@ pub fn run(args: SnapshotArgs) -> Result<(), String> {
         format!("--mem={}", args.mem),
         format!("--working-set={}", args.working_set),
     ];
-    lab::rerun_bench_in_lab("snapshot", rerun, &out)
+    super::rerun_in_lab("snapshot", rerun, &out)
 }
 
 /// Bytes the files under `path` occupy (allocated blocks: sparse holes do not count).

@@ -8,15 +8,22 @@
 //! transfer: that gives positional (pread/pwrite) semantics. Whoever needs the image elsewhere
 //! must open it again rather than share this descriptor (a `dup` shares the file offset).
 //!
+//! **Replication** ([`VirtioDevice::set_replication`]): when on, every write served is also
+//! recorded, with its byte offset, in a journal the replication engine takes at each pause
+//! ([`crate::devices::replication::BlockPort::take_epoch`]); the journal is locked for a whole
+//! batch of requests, so a batch never straddles two epochs. A `FLUSH` signals the port's flush
+//! event. When off (the default) there is no journal, and writes go from guest memory to the
+//! image without a copy, as without replication.
+//!
 //! **Save and restore.** Requests are served whole within one event, so between events the
 //! device holds no request: the queue indices (saved by the transport) and [`BlockState`] say
 //! everything. Requests the driver made available but the device has not taken yet are in guest
 //! memory and are served after the restore, when the restored device is activated.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
@@ -36,6 +43,8 @@ use super::{
     ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING,
 };
+use crate::devices::replication::{BlockPort, DevicePort, Journal, ReplicationMode};
+use crate::microvm::lock;
 use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -204,6 +213,12 @@ enum RequestError {
     /// `fdatasync` failed.
     #[error("cannot flush the image: {0}")]
     Flush(io::Error),
+    /// Copying the data of a journaled write out of guest memory failed.
+    #[error("cannot read the data to write from guest memory: {0}")]
+    ReadData(GuestMemoryError),
+    /// Writing the copy of a journaled write to the image failed.
+    #[error("cannot write the image: {0}")]
+    WriteCopy(io::Error),
     /// Writing the device ID into guest memory failed.
     #[error("cannot write the device ID: {0}")]
     WriteId(GuestMemoryError),
@@ -311,8 +326,14 @@ struct Disk {
 }
 
 impl Disk {
-    /// Serves one request; returns the number of data bytes written into guest memory.
-    fn execute(&mut self, mem: &GuestMemoryMmap, buffers: Buffers) -> Result<u64, RequestError> {
+    /// Serves one request; returns the number of data bytes written into guest memory. With a
+    /// replication journal, records writes in it and signals `flushed` on a flush.
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        buffers: Buffers,
+        replication: Option<(&mut Journal, &EventFd)>,
+    ) -> Result<u64, RequestError> {
         let Buffers {
             mut readable,
             writable,
@@ -346,11 +367,23 @@ impl Disk {
                     return Err(RequestError::ReadOnly);
                 }
                 let offset = self.check_range(sector, readable.len())?;
-                self.write_from(mem, offset, &readable)?;
+                match replication {
+                    None => self.write_from(mem, offset, &readable)?,
+                    Some((journal, _)) => {
+                        let bytes = self.write_copy(mem, offset, &readable)?;
+                        journal.record(offset, bytes);
+                    }
+                }
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 self.file.sync_data().map_err(RequestError::Flush)?;
+                if let Some((journal, flushed)) = replication {
+                    journal.flushed();
+                    if let Err(err) = flushed.write(1) {
+                        tracing::error!(%err, "virtio-blk: cannot signal the flush");
+                    }
+                }
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -434,6 +467,35 @@ impl Disk {
     }
 }
 
+impl Disk {
+    /// Guest → image through a copy: writes `segments` to the image at `offset` and returns
+    /// what was written, for the replication journal.
+    fn write_copy(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        segments: &Segments,
+    ) -> Result<Vec<u8>, RequestError> {
+        // The length was checked against the disk's size, which fits in memory's address space
+        // on any host that maps it.
+        let mut bytes = vec![0u8; usize::try_from(segments.len()).unwrap_or(usize::MAX)];
+        let mut at = 0;
+        for &(addr, len) in &segments.0 {
+            let end = at + len as usize;
+            mem.read_slice(&mut bytes[at..end], addr)
+                .map_err(RequestError::ReadData)?;
+            at = end;
+        }
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(RequestError::Seek)?;
+        self.file
+            .write_all(&bytes)
+            .map_err(RequestError::WriteCopy)?;
+        Ok(bytes)
+    }
+}
+
 /// What the device holds between `DRIVER_OK` and reset.
 struct Active {
     mem: GuestMemoryMmap,
@@ -450,6 +512,10 @@ pub struct Block {
     queue_evts: [EventFd; 1],
     activate_evt: EventFd,
     active: Option<Active>,
+    /// The replication journal, when replication is on.
+    journal: Option<Arc<Mutex<Journal>>>,
+    /// Signalled after a flush while replication is on.
+    flush_evt: Arc<EventFd>,
 }
 
 impl Block {
@@ -517,6 +583,8 @@ impl Block {
             queue_evts: [event_fd()?],
             activate_evt: event_fd()?,
             active: None,
+            journal: None,
+            flush_evt: Arc::new(event_fd()?),
         };
         Ok(block.with_id(name))
     }
@@ -555,6 +623,8 @@ impl Block {
         else {
             return;
         };
+        // Held for the whole batch: the replication engine takes the journal between batches.
+        let mut journal = self.journal.as_deref().map(lock);
         let mut used = false;
         let mut idle_passes = 0;
         loop {
@@ -566,7 +636,8 @@ impl Block {
             let mut served = false;
             while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
-                let len = serve(&mut self.disk, mem, chain);
+                let replication = journal.as_deref_mut().map(|j| (j, &*self.flush_evt));
+                let len = serve(&mut self.disk, mem, chain, replication);
                 if let Err(err) = queue.add_used(mem, head, len) {
                     tracing::error!(%err, head, "virtio-blk: cannot return a used buffer");
                 }
@@ -607,13 +678,18 @@ impl Block {
 
 /// Serves the request in `chain` and writes its status; returns the used length (bytes written
 /// into the chain's device-writable buffers).
-fn serve(disk: &mut Disk, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+fn serve(
+    disk: &mut Disk,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    replication: Option<(&mut Journal, &EventFd)>,
+) -> u32 {
     let mut buffers = Buffers::from_chain(chain);
     let Some(status) = buffers.writable.take_back(1) else {
         tracing::warn!("virtio-blk: request without a status byte dropped");
         return 0;
     };
-    let (code, written) = match disk.execute(mem, buffers) {
+    let (code, written) = match disk.execute(mem, buffers, replication) {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(err) => {
             tracing::warn!(%err, "virtio-blk: request failed");
@@ -812,6 +888,26 @@ impl VirtioDevice for Block {
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Block(self.save())
     }
+
+    fn set_replication(&mut self, mode: ReplicationMode) -> Option<DevicePort> {
+        let journal = match mode {
+            ReplicationMode::Off => {
+                self.journal = None;
+                Arc::new(Mutex::new(Journal::new(0)))
+            }
+            ReplicationMode::On { epoch, .. } => {
+                let journal = Arc::new(Mutex::new(Journal::new(epoch)));
+                self.journal = Some(journal.clone());
+                journal
+            }
+        };
+        tracing::info!(path = %self.disk.path.display(), ?mode, "virtio-blk: replication set");
+        Some(DevicePort::Block(BlockPort::new(
+            self.disk.path.clone(),
+            journal,
+            self.flush_evt.clone(),
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -829,6 +925,7 @@ mod tests {
     use vmm_sys_util::tempfile::TempFile;
 
     use super::*;
+    use crate::devices::replication::DiskWrite;
 
     const DISK_SECTORS: u64 = 64;
     const HEADER_ADDR: u64 = 0x1_0000;
@@ -1480,5 +1577,156 @@ mod tests {
         queue_evt.write(1).unwrap();
         assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
         assert_eq!(vq.used().idx().load(), 2);
+    }
+
+    fn port(block: &mut Block, mode: ReplicationMode) -> BlockPort {
+        match block.set_replication(mode) {
+            Some(DevicePort::Block(port)) => port,
+            other => panic!("not a block port: {other:?}"),
+        }
+    }
+
+    /// Writes `fill` to sector `sector` (one sector) through request chain `start`.
+    fn write_sector(
+        h: &mut Harness,
+        vq: &MockSplitQueue<GuestMemoryMmap>,
+        start: u16,
+        sector: u64,
+        fill: u8,
+    ) {
+        h.mem
+            .write_slice(&[fill; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        add_request(&h.mem, vq, start, VIRTIO_BLK_T_OUT, sector, 512);
+        h.block.process_queue();
+        assert_eq!(status(&h.mem), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn replicated_writes_are_journaled_per_epoch_and_a_flush_is_signalled() {
+        let mut h = harness(false);
+        let mem = h.mem.clone();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&mut h, &vq);
+        let port = port(
+            &mut h.block,
+            ReplicationMode::On {
+                epoch: 7,
+                inbound_capacity: 1,
+            },
+        );
+        assert_eq!(port.path(), h.image.as_path());
+
+        // Epoch 7: two writes, then a flush.
+        write_sector(&mut h, &vq, 0, 3, 0xa3);
+        write_sector(&mut h, &vq, 3, 9, 0xa9);
+        assert!(port.flush_event().read().is_err(), "no flush yet");
+        add_request(&h.mem, &vq, 6, VIRTIO_BLK_T_FLUSH, 0, 0);
+        h.block.process_queue();
+        assert_eq!(status(&h.mem), VIRTIO_BLK_S_OK);
+        assert_eq!(port.flush_event().read().unwrap(), 1);
+        // A read is not journaled.
+        add_request(&h.mem, &vq, 8, VIRTIO_BLK_T_IN, 3, 512);
+        h.block.process_queue();
+        assert_eq!(port.pending_bytes(), 1024);
+
+        let seven = port.take_epoch(8);
+        assert_eq!(seven.epoch, 7);
+        assert_eq!(seven.flushes, 1);
+        assert_eq!(
+            seven.writes,
+            vec![
+                DiskWrite {
+                    offset: 3 * 512,
+                    bytes: vec![0xa3; 512]
+                },
+                DiskWrite {
+                    offset: 9 * 512,
+                    bytes: vec![0xa9; 512]
+                },
+            ]
+        );
+        // The writes reached the image too.
+        let disk = image_bytes(&h);
+        assert!(disk[3 * 512..4 * 512].iter().all(|&b| b == 0xa3));
+        assert!(disk[9 * 512..10 * 512].iter().all(|&b| b == 0xa9));
+
+        // Epoch 8: one write, over several descriptors; a failed write is not journaled.
+        h.mem
+            .write_slice(&[0xb1; 512], GuestAddress(DATA_ADDR))
+            .unwrap();
+        h.mem
+            .write_slice(&[0xb2; 512], GuestAddress(DATA_ADDR + 0x1000))
+            .unwrap();
+        write_header(&h.mem, VIRTIO_BLK_T_OUT, 20);
+        add_chain(
+            &vq,
+            11,
+            &[
+                desc(HEADER_ADDR, 16, 0),
+                desc(DATA_ADDR, 512, 0),
+                desc(DATA_ADDR + 0x1000, 512, 0),
+                desc(STATUS_ADDR, 1, VRING_DESC_F_WRITE),
+            ],
+        );
+        h.block.process_queue();
+        assert_eq!(status(&h.mem), VIRTIO_BLK_S_OK);
+        add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_OUT, DISK_SECTORS, 512);
+        h.block.process_queue();
+        assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
+        let eight = port.take_epoch(9);
+        assert_eq!(eight.epoch, 8);
+        assert_eq!(eight.flushes, 0);
+        let mut expected = vec![0xb1; 512];
+        expected.extend([0xb2; 512]);
+        assert_eq!(
+            eight.writes,
+            vec![DiskWrite {
+                offset: 20 * 512,
+                bytes: expected
+            }]
+        );
+
+        // The journal applied to the original image gives the primary's image.
+        let mut standby = {
+            let original = image();
+            let mut data = Vec::new();
+            File::open(original.as_path())
+                .unwrap()
+                .read_to_end(&mut data)
+                .unwrap();
+            data
+        };
+        for w in seven.writes.iter().chain(&eight.writes) {
+            let at = w.offset as usize;
+            standby[at..at + w.bytes.len()].copy_from_slice(&w.bytes);
+        }
+        assert_eq!(standby, image_bytes(&h));
+    }
+
+    #[test]
+    fn without_replication_nothing_is_journaled_or_signalled() {
+        let mut h = harness(false);
+        let mem = h.mem.clone();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&mut h, &vq);
+        let on = ReplicationMode::On {
+            epoch: 1,
+            inbound_capacity: 1,
+        };
+        let before = port(&mut h.block, on);
+        write_sector(&mut h, &vq, 0, 1, 0x11);
+        let off = port(&mut h.block, ReplicationMode::Off);
+        assert!(h.block.journal.is_none());
+        write_sector(&mut h, &vq, 3, 2, 0x22);
+        add_request(&h.mem, &vq, 6, VIRTIO_BLK_T_FLUSH, 0, 0);
+        h.block.process_queue();
+        assert_eq!(status(&h.mem), VIRTIO_BLK_S_OK);
+        assert!(off.flush_event().read().is_err());
+        assert_eq!(off.pending_bytes(), 0);
+        assert!(off.take_epoch(2).writes.is_empty());
+        // The old port saw only the write made while replication was on.
+        assert_eq!(before.take_epoch(2).writes.len(), 1);
+        assert!(image_bytes(&h)[2 * 512..3 * 512].iter().all(|&b| b == 0x22));
     }
 }

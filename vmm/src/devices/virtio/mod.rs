@@ -145,6 +145,14 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn queue_states(&self) -> Vec<QueueRuntimeState>;
     /// The device's own state (what its `Persist::save` returns), for the transport's state.
     fn device_state(&self) -> VirtioDeviceState;
+    /// Turns replication on or off on the device and returns its port, if it has anything to
+    /// replicate beyond guest memory (see [`crate::devices::replication`]).
+    fn set_replication(
+        &mut self,
+        _mode: crate::devices::replication::ReplicationMode,
+    ) -> Option<crate::devices::replication::DevicePort> {
+        None
+    }
 }
 
 /// The saved state of the device behind a transport, by device type.

@@ -2,12 +2,18 @@
 //! [`VirtioDevice`] interface, driven by the event loop.
 //!
 //! The builder registers the device with the monitor's `EventManager` before the guest starts;
-//! [`MutEventSubscriber::init`] then adds its five event sources:
+//! [`MutEventSubscriber::init`] then adds its six event sources:
 //! - the two queue eventfds (KVM signals them on `QueueNotify`),
 //! - the TAP fd (readable; edge-triggered, so every wake-up drains the TAP or remembers a frame),
 //! - the activation eventfd, written by [`VirtioDevice::activate`] on the vCPU thread that saw
 //!   `DRIVER_OK`, so that processing starts on the event-loop thread,
-//! - the egress gate's room eventfd (transmission stopped because the gate was full).
+//! - the egress gate's room eventfd (transmission stopped because the gate was full),
+//! - the injector's eventfd (inbound frames to deliver, queued from another thread by the
+//!   replication engine: [`crate::devices::replication::NetPort::inject`]).
+//!
+//! **Replication** ([`VirtioDevice::set_replication`]): on, the egress gate holds output per
+//! epoch and every inbound frame delivered is mirrored to a bounded channel; off (the default),
+//! the gate is open and nothing is mirrored, as without replication.
 //!
 //! Events before activation are drained and ignored. After processing, the driver is
 //! interrupted only if it asked to be (`VIRTIO_RING_F_EVENT_IDX` or the no-interrupt flag).
@@ -15,7 +21,8 @@
 //! **Save and restore** ([`Persist`]): the state is [`virtio_net_tap::NetState`]. The restore
 //! opens a TAP (the saved one or another, e.g. on the destination host), sets the accepted
 //! features and so the TAP offloads before the transport activates the device, and puts back
-//! the MAC, the undelivered inbound frames and the egress gate with its held frames.
+//! the MAC, the undelivered inbound frames (injected ones not yet taken by the event loop
+//! included) and the egress gate with its held frames.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -23,8 +30,8 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_net_tap::{
-    Egress, IngressSink, MacAddr, NetDevice, NetState, NetStats, Tap, TapError, CONFIG_LEN,
-    RX_QUEUE, TX_QUEUE,
+    mirror_channel, Egress, GateMode, IngressSink, MacAddr, NetDevice, NetState, NetStats, Tap,
+    TapError, CONFIG_LEN, RX_QUEUE, TX_QUEUE,
 };
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -34,6 +41,7 @@ use super::{
     ActivateError, VirtioDevice, VirtioDeviceState, VirtioInterrupt, TYPE_NET,
     VIRTIO_MMIO_INT_VRING,
 };
+use crate::devices::replication::{DevicePort, Injector, NetPort, ReplicationMode};
 use crate::persist::Persist;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -45,6 +53,7 @@ const TX_TOKEN: u32 = 1;
 const TAP_TOKEN: u32 = 2;
 const ACTIVATE_TOKEN: u32 = 3;
 const ROOM_TOKEN: u32 = 4;
+const INJECT_TOKEN: u32 = 5;
 
 /// Errors from creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +89,7 @@ pub struct Net {
     device: NetDevice,
     queue_evts: [EventFd; 2],
     activate_evt: EventFd,
+    injector: Injector,
     active: Option<Active>,
 }
 
@@ -115,6 +125,7 @@ impl Net {
             device,
             queue_evts: [event_fd()?, event_fd()?],
             activate_evt: event_fd()?,
+            injector: Injector::new().map_err(NetError::EventFd)?,
             active: None,
         })
     }
@@ -200,6 +211,7 @@ impl MutEventSubscriber for Net {
             ),
             Events::with_data(&self.activate_evt, ACTIVATE_TOKEN, EventSet::IN),
             Events::with_data(self.device.egress().room_event(), ROOM_TOKEN, EventSet::IN),
+            Events::with_data(self.injector.wake_event(), INJECT_TOKEN, EventSet::IN),
         ];
         for event in events {
             if let Err(err) = ops.add(event) {
@@ -229,6 +241,14 @@ impl MutEventSubscriber for Net {
                 drain(self.device.egress().room_event(), "egress room");
                 (false, true)
             }
+            INJECT_TOKEN => {
+                drain(self.injector.wake_event(), "injection");
+                // Queued even before activation: activation delivers them.
+                for frame in self.injector.take() {
+                    self.device.inject_rx(frame);
+                }
+                (true, false)
+            }
             other => {
                 tracing::warn!(token = other, "virtio-net: unexpected event");
                 return;
@@ -247,8 +267,12 @@ impl Persist for Net {
     type ConstructorArgs = NetRestoreArgs;
     type Error = NetError;
 
+    /// The device model's state; frames injected but not yet taken by the event loop are
+    /// saved after its backlog, where they would have gone.
     fn save(&self) -> NetState {
-        self.device.save()
+        let mut state = self.device.save();
+        state.rx_backlog.extend(self.injector.queued());
+        state
     }
 
     /// Opens `args.tap_name` (else the saved TAP) and restores the device model on it, accepted
@@ -360,6 +384,34 @@ impl VirtioDevice for Net {
 
     fn device_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Net(self.save())
+    }
+
+    fn set_replication(&mut self, mode: ReplicationMode) -> Option<DevicePort> {
+        let egress = self.egress();
+        let inbound = match mode {
+            ReplicationMode::Off => {
+                egress.set_mode(GateMode::PassThrough);
+                self.device.set_ingress_tap(None);
+                None
+            }
+            ReplicationMode::On {
+                epoch,
+                inbound_capacity,
+            } => {
+                let (sink, receiver) = mirror_channel(inbound_capacity);
+                egress.set_epoch(epoch);
+                egress.set_mode(GateMode::Held);
+                self.device.set_ingress_tap(Some(Box::new(sink)));
+                Some(receiver)
+            }
+        };
+        tracing::info!(tap = self.tap_name(), ?mode, "virtio-net: replication set");
+        Some(DevicePort::Net(NetPort::new(
+            self.tap_name().to_string(),
+            egress,
+            inbound,
+            self.injector.clone(),
+        )))
     }
 }
 
@@ -713,5 +765,150 @@ mod tests {
         ));
         assert!(!net.is_activated());
         assert_ne!(net.avail_features() & 1 << VIRTIO_NET_F_MRG_RXBUF, 0);
+    }
+
+    #[test]
+    fn replication_holds_output_mirrors_input_and_injects_in_order() {
+        use std::time::Duration;
+
+        use crate::devices::replication::{MirrorError, ReplicationMode};
+
+        let Some(ns) = NetNs::enter() else { return };
+        let peer = TapPeer::persistent(&ns, "repl");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut net = Net::new(&peer.name, Some(MAC)).unwrap();
+        let Some(DevicePort::Net(port)) = net.set_replication(ReplicationMode::On {
+            epoch: 1,
+            inbound_capacity: 2,
+        }) else {
+            panic!("no network port");
+        };
+        assert_eq!(port.tap_name(), peer.name);
+        let tx_evt = net.queue_events()[TX_QUEUE].try_clone().unwrap();
+        let net = Arc::new(Mutex::new(net));
+        let mut event_loop = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        event_loop.add_subscriber(net.clone());
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+        {
+            let mut net = net.lock().unwrap();
+            net.set_acked_features(1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC);
+            let queues = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+            net.activate(mem.clone(), queues, interrupt.clone())
+                .unwrap();
+        }
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        peer.wait_link_up();
+        let empty = frame(b"");
+        let head = &empty[VNET_HDR_LEN..VNET_HDR_LEN + 14];
+        let nothing_out = || {
+            peer.try_recv_matching(head, Duration::from_millis(50))
+                .is_none()
+        };
+        let send = |i: u16, payload: &[u8], tx_evt: &EventFd, event_loop: &mut EventManager<_>| {
+            let out = frame(payload);
+            let at = TX_BUF + 0x1000 * u64::from(i);
+            mem.write_slice(&out, GuestAddress(at)).unwrap();
+            txq.add_desc_chains(&[desc(at, out.len() as u32, 0)], i)
+                .unwrap();
+            tx_evt.write(1).unwrap();
+            // The queue kick, and the waiting event when it is the epoch's first frame.
+            event_loop.run_with_timeout(100).unwrap();
+        };
+
+        // Epoch 1: held, and the engine hears that output waits.
+        send(0, b"epoch 1", &tx_evt, &mut event_loop);
+        assert_eq!(txq.used().idx().load(), 1);
+        assert_eq!(port.held_frames(), 1);
+        assert_eq!(port.waiting_event().read().unwrap(), 1);
+        assert!(nothing_out());
+        // Epoch 2.
+        port.set_epoch(2);
+        send(1, b"epoch 2", &tx_evt, &mut event_loop);
+        send(2, b"epoch 2 again", &tx_evt, &mut event_loop);
+        assert_eq!(port.held_frames(), 3);
+        assert!(nothing_out());
+        assert_eq!(port.release_through(1), 1);
+        assert!(peer.recv_matching(head).ends_with(b"epoch 1"));
+        assert!(nothing_out());
+        port.set_epoch(3);
+        send(3, b"epoch 3", &tx_evt, &mut event_loop);
+        assert_eq!(port.discard_after(2), 1);
+        assert_eq!(port.release_through(3), 2);
+        assert!(peer.recv_matching(head).ends_with(b"epoch 2"));
+        assert!(peer.recv_matching(head).ends_with(b"epoch 2 again"));
+        assert!(nothing_out(), "a discarded frame left");
+
+        // Injected frames (a standby replaying its log) reach the RX queue in order, through
+        // the event loop, and are mirrored with the epoch of their delivery; a third overruns
+        // the mirror of two, which says so.
+        let replay: Vec<Vec<u8>> = (0..3u8).map(|i| frame(&[b'r', i])).collect();
+        for i in 0..3u16 {
+            rxq.add_desc_chains(
+                &[desc(
+                    RX_BUF + 0x1000 * u64::from(i),
+                    2048,
+                    VRING_DESC_F_WRITE,
+                )],
+                i,
+            )
+            .unwrap();
+        }
+        assert_eq!(port.inject(replay.clone()).unwrap(), 3);
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(rxq.used().idx().load(), 3);
+        for (i, expected) in replay.iter().enumerate() {
+            let elem = rxq.used().ring().ref_at(i).unwrap().load();
+            assert_eq!(elem.id(), i as u32);
+            let mut got = vec![0u8; elem.len() as usize];
+            mem.read_slice(&mut got, GuestAddress(RX_BUF + 0x1000 * i as u64))
+                .unwrap();
+            assert_eq!(&got[VNET_HDR_LEN..], &expected[VNET_HDR_LEN..]);
+        }
+        assert_eq!(
+            port.try_recv_inbound(),
+            Err(MirrorError::Overrun {
+                lost: 1,
+                first_epoch: 3
+            })
+        );
+        let mirrored = port.drain_inbound().unwrap();
+        assert_eq!(mirrored.len(), 2);
+        for (got, expected) in mirrored.iter().zip(&replay) {
+            assert_eq!(got.epoch, 3);
+            assert_eq!(got.ethernet(), &expected[VNET_HDR_LEN..]);
+        }
+
+        // Epochs 2 and 3 each signalled their first held frame.
+        assert_eq!(port.waiting_event().read().unwrap(), 2);
+
+        // Off: output goes straight out, nothing is held, signalled or mirrored.
+        let Some(DevicePort::Net(off)) = net.lock().unwrap().set_replication(ReplicationMode::Off)
+        else {
+            panic!("no network port");
+        };
+        send(4, b"unprotected", &tx_evt, &mut event_loop);
+        assert!(peer.recv_matching(head).ends_with(b"unprotected"));
+        assert_eq!(off.held_frames(), 0);
+        assert!(off.waiting_event().read().is_err());
+        assert_eq!(off.try_recv_inbound(), Err(MirrorError::Closed));
+        assert_eq!(port.try_recv_inbound(), Err(MirrorError::Closed));
+
+        // Frames injected but not yet taken by the event loop are part of the saved state,
+        // behind those the device holds.
+        net.lock().unwrap().inject_rx(frame(b"waiting"));
+        off.inject([frame(b"queued")]).unwrap();
+        let saved = net.lock().unwrap().save();
+        assert_eq!(
+            saved.rx_waiting,
+            Some(frame(b"waiting")),
+            "no receive buffer"
+        );
+        assert_eq!(saved.rx_backlog, vec![frame(b"queued")]);
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        assert_eq!(net.lock().unwrap().save().rx_backlog, saved.rx_backlog);
     }
 }

@@ -1,0 +1,899 @@
+//! The primary's epoch engine: ends an epoch periodically, or early when the guest's output
+//! waits for release or it flushes a disk; checkpoints the VM (pause, dirty set, state,
+//! resume, copy-before-write); ships each epoch to every standby; releases the output of
+//! epoch N once every standby acknowledged N (DESIGN.md §1).
+//!
+//! One thread runs the loop ([`Engine::run`], or [`Engine::step`] driven by a caller); one
+//! reader thread per standby turns its frames (acks, heartbeats, refusals) into events and
+//! wakes the loop. Sending is sequential on the loop's thread, every write bounded by the
+//! standby timeout (a standby that stops reading fails its write).
+//!
+//! A standby that fails, refuses or does not acknowledge in time is dropped by
+//! [`Engine::drop_standby`], the one place that decides what losing a standby means (the
+//! failover work adds its fencing check there). With none left, the engine turns replication
+//! off on the devices, releases the held output and stops: the VM goes on unprotected.
+
+pub mod vm;
+
+use std::collections::VecDeque;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm::devices::replication::{
+    EpochWrites, ReplicationMode, ReplicationPorts, DEFAULT_INBOUND_CAPACITY,
+};
+use vmm::epoch::{EpochCapture, EpochError, EpochOptions, EpochTracker};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::auth::ReplicationKey;
+use crate::compat::{Hello, HelloAck};
+use crate::conn::Conn;
+use crate::epoch::EpochWriter;
+use crate::pairing::{self, Link, PairError};
+use crate::wire::{FrameError, FrameReader, FrameWriter, Message, DEFAULT_ZSTD_LEVEL};
+use vm::{checkpoint, replication_on, EpochSwitch, VmControl, VmThreadError};
+
+/// Errors of the epoch engine. One variant per failing call.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Pairing with a standby failed.
+    #[error("cannot pair with standby {peer}: {source}")]
+    Pair {
+        /// The standby.
+        peer: String,
+        /// Why.
+        source: PairError,
+    },
+    /// Connecting to a standby failed.
+    #[error("cannot connect to standby {peer}: {source}")]
+    Connect {
+        /// The standby.
+        peer: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A paired standby already holds epochs of another run (it needs a fresh start).
+    #[error("standby {peer} has committed epoch {committed}: only a fresh standby can pair")]
+    NotFresh {
+        /// The standby.
+        peer: String,
+        /// Its committed epoch.
+        committed: u64,
+    },
+    /// The VM's monitor thread failed.
+    #[error(transparent)]
+    Vm(#[from] VmThreadError),
+    /// Starting epoch tracking failed.
+    #[error("cannot start epoch tracking: {0}")]
+    Tracker(EpochError),
+    /// An epoch checkpoint failed.
+    #[error("epoch checkpoint failed: {0}")]
+    Checkpoint(EpochError),
+    /// The engine's wake-up eventfd could not be made.
+    #[error("cannot make the engine's wake-up eventfd: {0}")]
+    Wakeup(std::io::Error),
+    /// A standby's reader thread could not be started.
+    #[error("cannot start the reader of standby {peer}: {source}")]
+    SpawnReader {
+        /// The standby.
+        peer: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The engine's thread could not be started.
+    #[error("cannot start the epoch engine's thread: {0}")]
+    SpawnEngine(std::io::Error),
+    /// The engine's thread panicked.
+    #[error("the epoch engine's thread panicked")]
+    EnginePanicked,
+    /// Waiting for events failed.
+    #[error("cannot wait for the engine's events: {0}")]
+    Poll(std::io::Error),
+}
+
+/// What the engine is told to do.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Longest epoch.
+    pub period: Duration,
+    /// End an epoch early when output waits or the guest flushes a disk.
+    pub early_on_events: bool,
+    /// A standby that has not acknowledged an epoch this long after it was sent, or whose
+    /// stream does not take a write for this long, is dropped.
+    pub standby_timeout: Duration,
+    /// The primary's term (fencing token).
+    pub term: u64,
+    /// How each epoch is checkpointed (the first one is always full).
+    pub epoch: EpochOptions,
+    /// Bound of each network device's inbound mirror, in frames.
+    pub inbound_capacity: usize,
+}
+
+/// Default of [`EngineOptions::period`].
+pub const DEFAULT_PERIOD: Duration = Duration::from_millis(10);
+/// Default of [`EngineOptions::standby_timeout`].
+pub const DEFAULT_STANDBY_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            period: DEFAULT_PERIOD,
+            early_on_events: true,
+            standby_timeout: DEFAULT_STANDBY_TIMEOUT,
+            term: 1,
+            epoch: EpochOptions::default(),
+            inbound_capacity: DEFAULT_INBOUND_CAPACITY,
+        }
+    }
+}
+
+/// The engine's figures (for `GET /replication` and the metrics).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Metrics {
+    /// Whether at least one standby holds the VM.
+    pub protected: bool,
+    /// Standbys paired now.
+    pub standbys: usize,
+    /// Standbys dropped, with why.
+    pub dropped: Vec<String>,
+    /// Epochs taken.
+    pub epochs: u64,
+    /// Epochs ended early (output waiting, disk flush).
+    pub early_epochs: u64,
+    /// Last epoch sent.
+    pub last_sent_epoch: u64,
+    /// Last epoch every standby acknowledged (its output released).
+    pub last_committed_epoch: u64,
+    /// Last pause, microseconds.
+    pub last_pause_us: u64,
+    /// Longest pause, microseconds.
+    pub max_pause_us: u64,
+    /// Dirty pages of the last epoch.
+    pub last_dirty_pages: u64,
+    /// Dirty pages in all.
+    pub dirty_pages: u64,
+    /// Bytes of page contents and state captured, in all.
+    pub bytes_raw: u64,
+    /// Bytes written to the standbys' streams (per standby, summed), in all.
+    pub bytes_sent: u64,
+    /// Last ack latency (end of the epoch's send to its ack), microseconds.
+    pub last_ack_latency_us: u64,
+    /// Longest ack latency, microseconds.
+    pub max_ack_latency_us: u64,
+    /// Egress frames held now.
+    pub held_frames: usize,
+    /// Egress bytes held now.
+    pub held_bytes: usize,
+    /// Inbound frames mirrored (logged by the standbys), in all.
+    pub inbound_frames: u64,
+}
+
+/// What losing a standby means for the VM ([`Engine::drop_standby`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Other standbys remain: go on, releasing output on their acks.
+    Continue,
+    /// None remains: go on unprotected, releasing the held output.
+    Unprotected,
+}
+
+/// A frame from a standby, or its loss.
+enum PeerEvent {
+    Ack { peer: u64, epoch: u64 },
+    Lost { peer: u64, reason: String },
+}
+
+/// Test path: all guest memory and the state at an epoch's pause
+/// ([`EpochOptions::reference_image`]), what a standby that committed it must hold.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    /// Guest memory, regions in order ([`vmm::epoch::image_hash`] hashes it).
+    pub image: Vec<u8>,
+    /// The encoded machine state.
+    pub state: Vec<u8>,
+}
+
+/// A paired standby as the engine keeps it.
+struct Peer {
+    id: u64,
+    name: String,
+    writer: FrameWriter<Conn>,
+    conn: Conn,
+    /// Epochs sent and not acknowledged, with when their send ended.
+    in_flight: VecDeque<(u64, Instant)>,
+    acked: u64,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Peer {
+    fn close(&mut self) {
+        self.conn.shutdown();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// A standby link over a [`Conn`], as [`connect_standby`] pairs it.
+pub type StandbyLink = Link<Conn, Conn>;
+
+/// Connects to the standby at `addr` and pairs with it. Every write on the link is bounded by
+/// `timeout`.
+pub fn connect_standby(
+    addr: &str,
+    key: &ReplicationKey,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<(Conn, StandbyLink, HelloAck), EngineError> {
+    let conn = Conn::connect(addr).map_err(|source| EngineError::Connect {
+        peer: addr.to_string(),
+        source,
+    })?;
+    pair_standby(addr, conn, key, hello, timeout)
+}
+
+/// Pairs with the standby at the other end of `conn`.
+pub fn pair_standby(
+    name: &str,
+    conn: Conn,
+    key: &ReplicationKey,
+    hello: &Hello,
+    timeout: Duration,
+) -> Result<(Conn, StandbyLink, HelloAck), EngineError> {
+    let io = |source| EngineError::Connect {
+        peer: name.to_string(),
+        source,
+    };
+    conn.set_write_timeout(Some(timeout)).map_err(io)?;
+    conn.set_read_timeout(Some(timeout)).map_err(io)?;
+    let reader = conn.try_clone().map_err(io)?;
+    let writer = conn.try_clone().map_err(io)?;
+    let (link, ack) = pairing::connect(reader, writer, key, hello, Some(DEFAULT_ZSTD_LEVEL))
+        .map_err(|source| EngineError::Pair {
+            peer: name.to_string(),
+            source,
+        })?;
+    // Acks are awaited by the reader thread without a bound: the engine times them out.
+    conn.set_read_timeout(None).map_err(io)?;
+    Ok((conn, link, ack))
+}
+
+/// A standby to protect the VM with: its name, its stream and the paired link on it.
+pub struct NewStandby {
+    /// For logs.
+    pub name: String,
+    /// The stream (to shut it down).
+    pub conn: Conn,
+    /// The paired link.
+    pub link: StandbyLink,
+    /// Its answer to the pairing.
+    pub ack: HelloAck,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The primary's epoch engine of one VM.
+pub struct Engine {
+    vm: VmControl,
+    tracker: Arc<EpochTracker>,
+    ports: ReplicationPorts,
+    switch: EpochSwitch,
+    options: EngineOptions,
+    peers: Vec<Peer>,
+    events: Receiver<PeerEvent>,
+    events_tx: Sender<PeerEvent>,
+    waker: Arc<EventFd>,
+    next_epoch: u64,
+    released: u64,
+    last_epoch_at: Instant,
+    full_sent: bool,
+    metrics: Arc<Mutex<Metrics>>,
+    protected: bool,
+}
+
+impl Engine {
+    /// Starts protecting the VM behind `vm` with `standbys` (paired, fresh): turns replication
+    /// on the devices, starts epoch tracking. The first epoch ([`Engine::step`]) carries all
+    /// of memory.
+    pub fn start(
+        vm: &vm::VmThread,
+        standbys: Vec<NewStandby>,
+        options: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        for s in &standbys {
+            if s.ack.committed_epoch != 0 {
+                return Err(EngineError::NotFresh {
+                    peer: s.name.clone(),
+                    committed: s.ack.committed_epoch,
+                });
+            }
+        }
+        let control = vm.control();
+        let tracker = Arc::new(EpochTracker::new(&vm.vm, true).map_err(EngineError::Tracker)?);
+        let capacity = options.inbound_capacity;
+        let ports = control.run(move |m| replication_on(m, 1, capacity))?;
+        let switch = EpochSwitch::of(&ports);
+        let waker = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Wakeup)?);
+        let (events_tx, events) = channel();
+        let mut engine = Self {
+            vm: control,
+            tracker,
+            ports,
+            switch,
+            options,
+            peers: Vec::new(),
+            events,
+            events_tx,
+            waker,
+            next_epoch: 1,
+            released: 0,
+            last_epoch_at: Instant::now(),
+            full_sent: false,
+            metrics: Arc::new(Mutex::new(Metrics::default())),
+            protected: true,
+        };
+        for (id, s) in standbys.into_iter().enumerate() {
+            engine.add_peer(id as u64, s)?;
+        }
+        engine.update_metrics(|m| {
+            m.protected = true;
+            m.standbys = engine.peers.len();
+        });
+        tracing::info!(
+            standbys = engine.peers.len(),
+            period_ms = engine.options.period.as_millis() as u64,
+            "VM protected: epoch replication started"
+        );
+        Ok(engine)
+    }
+
+    fn add_peer(&mut self, id: u64, s: NewStandby) -> Result<(), EngineError> {
+        let NewStandby {
+            name, conn, link, ..
+        } = s;
+        let Link { reader, writer } = link;
+        let tx = self.events_tx.clone();
+        let waker = self.waker.clone();
+        let peer_name = name.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("standby-{id}"))
+            .spawn(move || read_peer(id, reader, tx, waker))
+            .map_err(|source| EngineError::SpawnReader {
+                peer: peer_name,
+                source,
+            })?;
+        self.peers.push(Peer {
+            id,
+            name,
+            writer,
+            conn,
+            in_flight: VecDeque::new(),
+            acked: 0,
+            reader: Some(handle),
+        });
+        Ok(())
+    }
+
+    /// The engine's figures, shared (they change as it runs).
+    pub fn metrics(&self) -> Arc<Mutex<Metrics>> {
+        self.metrics.clone()
+    }
+
+    /// Whether some standby still holds the VM.
+    pub fn is_protected(&self) -> bool {
+        self.protected
+    }
+
+    /// The last epoch every standby acknowledged.
+    pub fn committed_epoch(&self) -> u64 {
+        self.released
+    }
+
+    /// The next epoch to be taken.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    fn update_metrics(&self, f: impl FnOnce(&mut Metrics)) {
+        f(&mut lock(&self.metrics));
+    }
+
+    /// Runs the loop until `stop` is set or the VM is unprotected. A checkpoint that fails
+    /// (its pages stay in the dirty set, the devices stay in their epoch) is logged and taken
+    /// again at the next period.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
+        while self.protected && !stop.load(Ordering::Relaxed) {
+            match self.step() {
+                Ok(_) => {}
+                Err(e @ EngineError::Checkpoint(_)) if self.protected => {
+                    tracing::error!("{e}: retrying at the next epoch");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the loop ([`Engine::run`]) on a thread of its own.
+    pub fn spawn(mut self) -> Result<EngineHandle, EngineError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let metrics = self.metrics();
+        let waker = self.waker.clone();
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epochs".into())
+            .spawn(move || {
+                let result = self.run(&flag);
+                if let Err(e) = &result {
+                    tracing::error!("the epoch engine stopped: {e}");
+                }
+                self.shutdown();
+                result
+            })
+            .map_err(EngineError::SpawnEngine)?;
+        Ok(EngineHandle {
+            stop,
+            waker,
+            metrics,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits for the end of the current epoch (its period, or an event that ends it early),
+    /// handling acks meanwhile, then takes and ships it. Returns the epoch shipped, if any.
+    pub fn step(&mut self) -> Result<Option<u64>, EngineError> {
+        let early = self.wait_epoch_end()?;
+        if !self.protected {
+            return Ok(None);
+        }
+        self.epoch(early, None).map(|(n, _)| Some(n))
+    }
+
+    /// Takes and ships one epoch now with `options`; returns its number and, if `options` ask
+    /// for one, its [`Reference`] (test path).
+    pub fn epoch_now(
+        &mut self,
+        options: EpochOptions,
+    ) -> Result<(u64, Option<Reference>), EngineError> {
+        self.handle_events();
+        self.epoch(false, Some(options))
+    }
+
+    /// Handles acks until epoch `epoch` is committed by every standby or `timeout` passes
+    /// (or the VM is unprotected); whether it was.
+    pub fn wait_committed(&mut self, epoch: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.released < epoch && self.protected && Instant::now() < deadline {
+            if let Ok(ev) = self.events.recv_timeout(Duration::from_millis(5)) {
+                self.handle_event(ev);
+            }
+            self.handle_events();
+        }
+        self.released >= epoch
+    }
+
+    /// Waits until the epoch should end; whether an event (not the period) ended it.
+    fn wait_epoch_end(&mut self) -> Result<bool, EngineError> {
+        let mut fds = vec![libc::pollfd {
+            fd: self.waker.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if self.options.early_on_events {
+            for n in &self.ports.net {
+                fds.push(libc::pollfd {
+                    fd: n.waiting_event().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            for b in &self.ports.block {
+                fds.push(libc::pollfd {
+                    fd: b.flush_event().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+        }
+        loop {
+            self.handle_events();
+            if !self.protected {
+                return Ok(false);
+            }
+            let deadline = self.last_epoch_at + self.options.period;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let ms = left.as_micros().div_ceil(1000) as libc::c_int;
+            for fd in fds.iter_mut() {
+                fd.revents = 0;
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(EngineError::Poll(e));
+            }
+            if fds[0].revents != 0 {
+                let _ = self.waker.read();
+            }
+            let mut early = false;
+            for fd in &fds[1..] {
+                if fd.revents != 0 {
+                    early = true;
+                    // Read the eventfd: re-armed for the next epoch.
+                    let mut v = 0u64;
+                    // SAFETY: reads 8 bytes into `v` from an eventfd the ports own.
+                    unsafe { libc::read(fd.fd, (&mut v as *mut u64).cast(), 8) };
+                }
+            }
+            if early {
+                self.handle_events();
+                return Ok(true);
+            }
+        }
+    }
+
+    fn handle_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            self.handle_event(ev);
+        }
+        self.check_timeouts();
+    }
+
+    fn handle_event(&mut self, ev: PeerEvent) {
+        match ev {
+            PeerEvent::Ack { peer, epoch } => {
+                let Some(p) = self.peers.iter_mut().find(|p| p.id == peer) else {
+                    return;
+                };
+                let mut latency = None;
+                while let Some(&(e, at)) = p.in_flight.front() {
+                    if e > epoch {
+                        break;
+                    }
+                    if e == epoch {
+                        latency = Some(at.elapsed());
+                    }
+                    p.in_flight.pop_front();
+                }
+                p.acked = p.acked.max(epoch);
+                if let Some(l) = latency {
+                    let us = l.as_micros() as u64;
+                    self.update_metrics(|m| {
+                        m.last_ack_latency_us = us;
+                        m.max_ack_latency_us = m.max_ack_latency_us.max(us);
+                    });
+                }
+                self.release();
+            }
+            PeerEvent::Lost { peer, reason } => {
+                if let Some(i) = self.peers.iter().position(|p| p.id == peer) {
+                    self.drop_standby(i, &reason);
+                }
+            }
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let timeout = self.options.standby_timeout;
+        while let Some(i) = self.peers.iter().position(|p| {
+            p.in_flight
+                .front()
+                .is_some_and(|(_, at)| at.elapsed() > timeout)
+        }) {
+            let epoch = self.peers[i].in_flight.front().map(|e| e.0).unwrap_or(0);
+            let reason = format!("no ack of epoch {epoch} within {timeout:?}");
+            self.drop_standby(i, &reason);
+        }
+    }
+
+    /// Releases the output of every epoch all standbys acknowledged.
+    fn release(&mut self) {
+        let Some(all) = self.peers.iter().map(|p| p.acked).min() else {
+            return;
+        };
+        if all > self.released {
+            let frames = self.ports.release_through(all);
+            self.released = all;
+            tracing::trace!(epoch = all, frames, "epoch committed: output released");
+            self.update_metrics(|m| m.last_committed_epoch = all);
+        }
+    }
+
+    /// Drops standby `index` (lost, refused, failed or too slow) and decides what that means
+    /// for the VM. The one place where losing a standby is decided: the failover work puts
+    /// its fencing check here.
+    pub fn drop_standby(&mut self, index: usize, reason: &str) -> Decision {
+        let mut peer = self.peers.remove(index);
+        peer.close();
+        tracing::warn!(
+            standby = peer.name,
+            acked = peer.acked,
+            "standby dropped: {reason}"
+        );
+        let left = self.peers.len();
+        self.update_metrics(|m| {
+            m.dropped.push(format!("{}: {reason}", peer.name));
+            m.standbys = left;
+        });
+        if left > 0 {
+            // The slowest may be gone: the others' acks may release more.
+            self.release();
+            return Decision::Continue;
+        }
+        self.go_unprotected("no standby left");
+        Decision::Unprotected
+    }
+
+    /// No standby is left: replication off on the devices, held output released, the loop
+    /// ends; the VM runs on unprotected.
+    fn go_unprotected(&mut self, why: &str) {
+        self.protected = false;
+        if let Err(e) = self.vm.run(|m| {
+            m.set_replication(ReplicationMode::Off);
+        }) {
+            tracing::error!("cannot turn replication off on the devices: {e}");
+        }
+        let frames = self.ports.release_through(u64::MAX);
+        tracing::error!(
+            released_frames = frames,
+            last_committed_epoch = self.released,
+            "{why}: the VM runs on UNPROTECTED (held output released)"
+        );
+        self.update_metrics(|m| {
+            m.protected = false;
+            m.held_frames = 0;
+            m.held_bytes = 0;
+        });
+    }
+
+    /// Takes epoch `self.next_epoch` and ships it to every standby.
+    fn epoch(
+        &mut self,
+        early: bool,
+        options: Option<EpochOptions>,
+    ) -> Result<(u64, Option<Reference>), EngineError> {
+        let n = self.next_epoch;
+        let mut options = options.unwrap_or_else(|| self.options.epoch.clone());
+        if !self.full_sent {
+            options.full = true;
+        }
+        let tracker = self.tracker.clone();
+        let switch = self.switch.clone();
+        self.last_epoch_at = Instant::now();
+        let cp = self
+            .vm
+            .run(move |m| checkpoint(m, &tracker, &options, &switch, n + 1))?
+            .map_err(EngineError::Checkpoint)?;
+        self.next_epoch += 1;
+        let inbound = self.drain_inbound();
+        let capture = match cp.pending.wait() {
+            Ok(c) => c,
+            Err(e) => {
+                // Its output and disk writes cannot be shipped without its pages: nobody can
+                // hold this epoch.
+                let reason = format!("epoch {n} could not be captured: {e}");
+                while !self.peers.is_empty() {
+                    self.drop_standby(0, &reason);
+                }
+                return Err(EngineError::Checkpoint(e));
+            }
+        };
+        let sent = self.ship(n, &capture, &cp.writes, &inbound);
+        if sent == 0 {
+            // Nobody has these pages: the next epoch (or a new pairing) must carry them.
+            self.tracker.give_back(&capture);
+        } else {
+            self.full_sent = true;
+        }
+        let reference = capture.reference_image.as_ref().map(|img| Reference {
+            image: img.clone(),
+            state: capture.state.clone(),
+        });
+        let pause_us = cp.pause.as_micros() as u64;
+        let pages = capture.pfns.len() as u64;
+        let raw = capture.raw_bytes() + capture.state.len() as u64;
+        let held_frames = self.ports.net.iter().map(|p| p.held_frames()).sum();
+        let held_bytes = self.ports.net.iter().map(|p| p.held_bytes()).sum();
+        self.update_metrics(|m| {
+            m.epochs += 1;
+            m.early_epochs += u64::from(early);
+            m.last_sent_epoch = n;
+            m.last_pause_us = pause_us;
+            m.max_pause_us = m.max_pause_us.max(pause_us);
+            m.last_dirty_pages = pages;
+            m.dirty_pages += pages;
+            m.bytes_raw += raw;
+            m.held_frames = held_frames;
+            m.held_bytes = held_bytes;
+            m.inbound_frames += inbound.len() as u64;
+        });
+        tracing::debug!(epoch = n, pages, pause_us, early, "epoch shipped");
+        self.tracker.recycle(capture);
+        Ok((n, reference))
+    }
+
+    /// Every inbound frame delivered to the guest so far, as (epoch, net, frame).
+    fn drain_inbound(&mut self) -> Vec<(u64, u32, Vec<u8>)> {
+        let mut frames = Vec::new();
+        for (i, net) in self.ports.net.iter().enumerate() {
+            match net.drain_inbound() {
+                Ok(got) => frames.extend(got.into_iter().map(|f| (f.epoch, i as u32, f.data))),
+                Err(e) => tracing::error!(tap = net.tap_name(), "inbound mirror: {e}"),
+            }
+        }
+        frames
+    }
+
+    /// Sends epoch `n` to every standby, dropping those that fail; how many got it.
+    fn ship(
+        &mut self,
+        n: u64,
+        capture: &EpochCapture,
+        writes: &[EpochWrites],
+        inbound: &[(u64, u32, Vec<u8>)],
+    ) -> usize {
+        let term = self.options.term;
+        let mut sent = 0;
+        let mut bytes = 0;
+        let mut i = 0;
+        while i < self.peers.len() {
+            let p = &mut self.peers[i];
+            let before = p.writer.bytes_sent();
+            match send_epoch(&mut p.writer, n, term, capture, writes, inbound) {
+                Ok(()) => {
+                    p.in_flight.push_back((n, Instant::now()));
+                    bytes += p.writer.bytes_sent() - before;
+                    sent += 1;
+                    i += 1;
+                }
+                Err(e) => {
+                    let reason = format!("sending epoch {n} failed: {e}");
+                    if self.drop_standby(i, &reason) == Decision::Unprotected {
+                        break;
+                    }
+                }
+            }
+        }
+        self.update_metrics(|m| m.bytes_sent += bytes);
+        sent
+    }
+
+    /// Ends protection: closes every standby link (they keep their last commit) and turns
+    /// replication off, releasing the held output. Dropping the engine does the same.
+    pub fn shutdown(self) {}
+
+    fn close_all(&mut self) {
+        for p in &mut self.peers {
+            p.close();
+        }
+        self.peers.clear();
+        if self.protected {
+            self.update_metrics(|m| m.standbys = 0);
+            self.go_unprotected("protection ended");
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close_all();
+    }
+}
+
+/// An engine running on its own thread ([`Engine::spawn`]).
+pub struct EngineHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<EventFd>,
+    metrics: Arc<Mutex<Metrics>>,
+    thread: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl EngineHandle {
+    /// The engine's figures.
+    pub fn metrics(&self) -> Metrics {
+        lock(&self.metrics).clone()
+    }
+
+    /// Whether the loop still runs (it ends when the VM is unprotected).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stops the loop, closes the standby links and releases the held output; how the loop
+    /// ended.
+    pub fn stop(mut self) -> Result<(), EngineError> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<(), EngineError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.waker.write(1);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| EngineError::EnginePanicked)?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for EngineHandle {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+/// One epoch on one link: inbound frames, then the epoch (pages, state, disk writes, end).
+fn send_epoch(
+    out: &mut FrameWriter<Conn>,
+    n: u64,
+    term: u64,
+    capture: &EpochCapture,
+    writes: &[EpochWrites],
+    inbound: &[(u64, u32, Vec<u8>)],
+) -> Result<(), FrameError> {
+    for (epoch, net, frame) in inbound {
+        out.send(&Message::Inbound {
+            epoch: *epoch,
+            net: *net,
+            frame: frame.clone(),
+        })?;
+    }
+    let mut e = EpochWriter::begin(out, n, term)?;
+    for (pfn, contents) in capture.pages() {
+        e.page(pfn, contents)?;
+    }
+    e.state(capture.state.clone())?;
+    for (disk, w) in writes.iter().enumerate() {
+        for write in &w.writes {
+            e.disk_write(disk as u32, write.offset, write.bytes.clone())?;
+        }
+    }
+    e.end()?;
+    Ok(())
+}
+
+/// A standby's reader: acks and refusals become events for the engine.
+fn read_peer(id: u64, mut reader: FrameReader<Conn>, tx: Sender<PeerEvent>, waker: Arc<EventFd>) {
+    let event = loop {
+        match reader.recv() {
+            Ok(Message::Ack { epoch }) => {
+                if tx.send(PeerEvent::Ack { peer: id, epoch }).is_err() {
+                    return;
+                }
+                let _ = waker.write(1);
+            }
+            Ok(Message::Heartbeat { .. }) => {}
+            Ok(Message::Refuse { reason }) => {
+                break PeerEvent::Lost {
+                    peer: id,
+                    reason: format!("the standby gave up: {reason}"),
+                }
+            }
+            Ok(other) => {
+                break PeerEvent::Lost {
+                    peer: id,
+                    reason: format!("unexpected {} from the standby", other.name()),
+                }
+            }
+            Err(e) => {
+                break PeerEvent::Lost {
+                    peer: id,
+                    reason: format!("link lost: {e}"),
+                }
+            }
+        }
+    };
+    let _ = tx.send(event);
+    let _ = waker.write(1);
+}

@@ -1,0 +1,259 @@
+//! A protected microVM on a monitor thread of its own, which runs jobs the epoch engine sends
+//! it between two rounds of device events: the pause of an epoch must start the next epoch on
+//! the devices (egress gates, disk journals) *inside* the pause, after the devices were saved,
+//! which [`vmm::microvm::FreezeHandle::epoch`] alone does not do.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use virtio_net_tap::Egress;
+use vmm::config::VmConfig;
+use vmm::devices::replication::{BlockPort, Epoch, EpochWrites, ReplicationMode, ReplicationPorts};
+use vmm::epoch::{EpochError, EpochOptions, EpochTracker, PendingEpoch};
+use vmm::microvm::{freeze_channel, FreezeHandle, MicroVm, VmPhase};
+use vmm::vstate::vcpu::{ExitReason, VmRunState};
+use vmm::vstate::vm::Vm;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Errors of the monitor thread.
+#[derive(Debug, thiserror::Error)]
+pub enum VmThreadError {
+    /// The microVM could not be built.
+    #[error("cannot build the microVM: {0}")]
+    Build(String),
+    /// The wake-up eventfd could not be made.
+    #[error("cannot make the monitor's wake-up eventfd: {0}")]
+    Wakeup(std::io::Error),
+    /// The monitor thread could not be started.
+    #[error("cannot start the monitor thread: {0}")]
+    Spawn(std::io::Error),
+    /// The monitor thread is gone (the VM ended).
+    #[error("the VM's monitor thread is gone")]
+    Gone,
+    /// The monitor thread panicked.
+    #[error("the VM's monitor thread panicked")]
+    Panicked,
+}
+
+type Job = Box<dyn FnOnce(&mut MicroVm) + Send>;
+
+/// A microVM running on its own thread, taking jobs ([`VmThread::run`]) and freeze requests.
+pub struct VmThread {
+    /// The VM (memory, dirty tracking).
+    pub vm: Arc<Vm>,
+    /// Freezes (migration) and plain epochs.
+    pub freezes: FreezeHandle,
+    jobs: Sender<Job>,
+    wake: Arc<EventFd>,
+    run_state: Arc<VmRunState>,
+    thread: Option<JoinHandle<Result<ExitReason, String>>>,
+}
+
+impl VmThread {
+    /// Builds the microVM of `config` on a new thread and runs it there; `setup` runs on that
+    /// thread after the build, before the vCPUs start.
+    pub fn spawn(
+        config: VmConfig,
+        setup: impl FnOnce(&MicroVm) + Send + 'static,
+    ) -> Result<Self, VmThreadError> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmThreadError::Wakeup)?;
+        let their_wake = wake.try_clone().map_err(VmThreadError::Wakeup)?;
+        let (jobs, job_rx) = channel::<Job>();
+        let (tx, rx) = channel();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let built = vmm::builder::build_microvm(&config)
+                    .map_err(|e| e.to_string())
+                    .and_then(|vm| freeze_channel().map(|c| (vm, c)).map_err(|e| e.to_string()));
+                let (mut microvm, (chan, handle)) = match built {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                microvm.add_wakeup(chan.fd());
+                microvm.add_wakeup(std::os::unix::io::AsRawFd::as_raw_fd(&their_wake));
+                setup(&microvm);
+                let _ = tx.send(Ok((microvm.vm().clone(), handle, microvm.run_state())));
+                microvm
+                    .run_with(|m| {
+                        m.serve_freeze(&chan);
+                        let _ = their_wake.read();
+                        while let Ok(job) = job_rx.try_recv() {
+                            job(m);
+                        }
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(VmThreadError::Spawn)?;
+        let (vm, freezes, run_state) = rx
+            .recv()
+            .map_err(|_| VmThreadError::Gone)?
+            .map_err(VmThreadError::Build)?;
+        Ok(Self {
+            vm,
+            freezes,
+            jobs,
+            wake: Arc::new(wake),
+            run_state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `job` on the monitor thread and returns its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut MicroVm) -> T + Send + 'static,
+    ) -> Result<T, VmThreadError> {
+        self.control().run(job)
+    }
+
+    /// A handle to send jobs from another thread.
+    pub fn control(&self) -> VmControl {
+        VmControl {
+            jobs: self.jobs.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+
+    /// Stops the guest and waits for the thread; why the VM ended.
+    pub fn stop(mut self) -> Result<ExitReason, VmThreadError> {
+        self.end()
+    }
+
+    fn end(&mut self) -> Result<ExitReason, VmThreadError> {
+        self.run_state.request_exit(ExitReason::Stopped);
+        self.freezes.wake();
+        match self.thread.take() {
+            Some(t) => match t.join() {
+                Ok(r) => r.map_err(VmThreadError::Build),
+                Err(_) => Err(VmThreadError::Panicked),
+            },
+            None => Ok(ExitReason::Stopped),
+        }
+    }
+}
+
+impl Drop for VmThread {
+    fn drop(&mut self) {
+        let _ = self.end();
+    }
+}
+
+/// Sends jobs to a [`VmThread`]'s monitor thread (cheap to clone, usable from any thread).
+#[derive(Clone)]
+pub struct VmControl {
+    jobs: Sender<Job>,
+    wake: Arc<EventFd>,
+}
+
+impl VmControl {
+    /// Runs `job` on the monitor thread and returns its result.
+    pub fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut MicroVm) -> T + Send + 'static,
+    ) -> Result<T, VmThreadError> {
+        let (tx, rx) = channel();
+        self.jobs
+            .send(Box::new(move |m| {
+                let _ = tx.send(job(m));
+            }))
+            .map_err(|_| VmThreadError::Gone)?;
+        if let Err(e) = self.wake.write(1) {
+            tracing::error!("cannot wake the monitor thread: {e}");
+        }
+        rx.recv().map_err(|_| VmThreadError::Gone)
+    }
+}
+
+/// What the pause needs of the devices' ports, cheap to send to the monitor thread: their
+/// egress gates and disk journals.
+#[derive(Clone)]
+pub struct EpochSwitch {
+    egress: Vec<Egress>,
+    blocks: Vec<BlockPort>,
+}
+
+impl EpochSwitch {
+    /// The switch of `ports`.
+    pub fn of(ports: &ReplicationPorts) -> Self {
+        Self {
+            egress: ports.net.iter().map(|n| n.egress().clone()).collect(),
+            blocks: ports.block.clone(),
+        }
+    }
+
+    /// The pause's device step (as [`ReplicationPorts::begin_epoch`]): starts epoch `next`,
+    /// returns the writes of the epoch that ends, per disk.
+    fn begin_epoch(&self, next: Epoch) -> Vec<EpochWrites> {
+        for e in &self.egress {
+            e.set_epoch(next);
+        }
+        self.blocks.iter().map(|b| b.take_epoch(next)).collect()
+    }
+}
+
+/// One epoch's pause, done: its copy goes on in `pending`.
+pub struct Checkpoint {
+    /// The epoch whose pages are being copied.
+    pub pending: PendingEpoch,
+    /// The disk writes of the epoch that ended, per disk.
+    pub writes: Vec<EpochWrites>,
+    /// The whole pause as the guest saw it (vCPUs stopped to running).
+    pub pause: Duration,
+}
+
+/// On the monitor thread: pauses the vCPUs, takes the epoch (dirty set, state, protection),
+/// starts epoch `next` on the devices, resumes.
+pub fn checkpoint(
+    m: &mut MicroVm,
+    tracker: &EpochTracker,
+    options: &EpochOptions,
+    switch: &EpochSwitch,
+    next: Epoch,
+) -> Result<Checkpoint, EpochError> {
+    let t0 = Instant::now();
+    let was_running = m.phase() == VmPhase::Running;
+    if was_running {
+        m.pause()?;
+    }
+    let result = m.checkpoint_epoch(tracker, options);
+    let writes = match &result {
+        Ok(_) => switch.begin_epoch(next),
+        Err(_) => Vec::new(),
+    };
+    if was_running {
+        m.resume()?;
+    }
+    let pause = t0.elapsed();
+    Ok(Checkpoint {
+        pending: result?,
+        writes,
+        pause,
+    })
+}
+
+/// On the monitor thread: turns replication on from epoch `first` (vCPUs paused, so the
+/// first epoch's boundary is exact) and returns the ports.
+pub fn replication_on(m: &mut MicroVm, first: Epoch, inbound_capacity: usize) -> ReplicationPorts {
+    let was_running = m.phase() == VmPhase::Running;
+    if was_running {
+        if let Err(e) = m.pause() {
+            tracing::warn!("cannot pause to turn replication on: {e}");
+        }
+    }
+    let ports = m.set_replication(ReplicationMode::On {
+        epoch: first,
+        inbound_capacity,
+    });
+    if was_running && m.phase() == VmPhase::Paused {
+        if let Err(e) = m.resume() {
+            tracing::error!("cannot resume after turning replication on: {e}");
+        }
+    }
+    ports
+}
