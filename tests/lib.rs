@@ -68,7 +68,7 @@ pub fn vmr_bin() -> PathBuf {
             return bin;
         }
     }
-    panic!("no vmr binary: run `cargo build --release -p vmm` first (or set VMR_BIN)");
+    panic!("no vmr binary: run `cargo build --release -p vmr` first (or set VMR_BIN)");
 }
 
 /// How a run of a scenario ended.

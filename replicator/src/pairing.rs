@@ -32,6 +32,10 @@ pub enum PairError {
         /// The term of the standby's last commit.
         committed_term: u64,
     },
+    /// The standby declined the VM for a reason of its own (it holds another VM, it cannot
+    /// make the memory...).
+    #[error("{0}")]
+    Declined(String),
     /// A message other than the one the pairing expects.
     #[error("unexpected {found} while pairing (expected {expected})")]
     Unexpected {
@@ -85,7 +89,8 @@ pub fn connect<R: Read, W: Write>(
             Ok((link, ack))
         }
         Message::Refuse { reason } => {
-            tracing::warn!("the standby refused the VM: {reason}");
+            // The caller reports it (one line, with the standby's name).
+            tracing::debug!("the standby refused the VM: {reason}");
             Err(PairError::Refused(reason))
         }
         other => Err(PairError::Unexpected {
@@ -99,13 +104,31 @@ pub fn connect<R: Read, W: Write>(
 /// answers `HelloAck` (with the last committed epoch and its term) or `Refuse`. A primary of
 /// a term older than `committed`'s (epoch, term) is refused: it was deposed.
 pub fn accept<R: Read, W: Write>(
-    mut input: R,
-    mut output: W,
+    input: R,
+    output: W,
     key: &ReplicationKey,
     profile: &StandbyProfile,
     committed: (u64, u64),
     zstd_level: Option<i32>,
 ) -> Result<(Link<R, W>, Hello), PairError> {
+    accept_with(input, output, key, committed, zstd_level, |_| {
+        Ok(profile.clone())
+    })
+    .map(|(link, hello, _)| (link, hello))
+}
+
+/// As [`accept`], for a standby sized from the VM it is asked to hold: `profile_for` sees the
+/// primary's `Hello` (after authentication, before any check) and gives what this standby can
+/// hold for it, or a one-line reason to decline it (sent to the primary in `Refuse`). The
+/// profile is then checked against the `Hello` as [`accept`] does.
+pub fn accept_with<R: Read, W: Write>(
+    mut input: R,
+    mut output: W,
+    key: &ReplicationKey,
+    committed: (u64, u64),
+    zstd_level: Option<i32>,
+    profile_for: impl FnOnce(&Hello) -> Result<StandbyProfile, String>,
+) -> Result<(Link<R, W>, Hello, StandbyProfile), PairError> {
     let session = auth::authenticate_standby(&mut input, &mut output, key)?;
     let mut link = Link {
         reader: FrameReader::new(input, session.recv),
@@ -120,23 +143,28 @@ pub fn accept<R: Read, W: Write>(
             })
         }
     };
+    let refuse = |link: &mut Link<R, W>,
+                  err: PairError|
+     -> Result<(Link<R, W>, Hello, StandbyProfile), PairError> {
+        tracing::warn!(vm = %hello.vm_id, "refused to stand by: {err}");
+        link.writer.send_now(&Message::Refuse {
+            reason: err.to_string(),
+        })?;
+        Err(err)
+    };
     if hello.term < committed.1 {
         let err = PairError::StaleTerm {
             term: hello.term,
             committed_term: committed.1,
         };
-        tracing::warn!(vm = %hello.vm_id, "refused to stand by: {err}");
-        link.writer.send_now(&Message::Refuse {
-            reason: err.to_string(),
-        })?;
-        return Err(err);
+        return refuse(&mut link, err);
     }
+    let profile = match profile_for(&hello) {
+        Ok(profile) => profile,
+        Err(reason) => return refuse(&mut link, PairError::Declined(reason)),
+    };
     if let Err(err) = profile.check(&hello, PROTOCOL) {
-        tracing::warn!(vm = %hello.vm_id, "refused to stand by: {err}");
-        link.writer.send_now(&Message::Refuse {
-            reason: err.to_string(),
-        })?;
-        return Err(err.into());
+        return refuse(&mut link, err.into());
     }
     link.writer.send_now(&Message::HelloAck(HelloAck {
         protocol: PROTOCOL,
@@ -145,7 +173,7 @@ pub fn accept<R: Read, W: Write>(
         profile: profile.clone(),
     }))?;
     tracing::info!(vm = %hello.vm_id, term = hello.term, protocol = %hello.protocol, "standing by");
-    Ok((link, hello))
+    Ok((link, hello, profile))
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ pub fn images() -> Result<HashMap<String, String>, String> {
 /// Builds the release `vmr` binary; returns its path.
 pub fn build_vmr() -> Result<std::path::PathBuf, String> {
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "-p", "vmm", "--bin", "vmr"])
+        .args(["build", "--release", "--quiet", "-p", "vmr", "--bin", "vmr"])
         .current_dir(repo_root())
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;

@@ -295,6 +295,8 @@ pub struct Engine {
     full_sent: bool,
     metrics: Arc<Mutex<Metrics>>,
     protected: bool,
+    /// Protection is being ended on purpose ([`Engine::shutdown`]): not a loss.
+    stopping: bool,
 }
 
 impl Engine {
@@ -337,6 +339,7 @@ impl Engine {
             full_sent: false,
             metrics: Arc::new(Mutex::new(Metrics::default())),
             protected: true,
+            stopping: false,
         };
         for (id, s) in standbys.into_iter().enumerate() {
             engine.add_peer(id as u64, s)?;
@@ -640,17 +643,28 @@ impl Engine {
     /// ends; the VM runs on unprotected.
     fn go_unprotected(&mut self, why: &str) {
         self.protected = false;
-        if let Err(e) = self.vm.run(|m| {
+        match self.vm.run(|m| {
             m.set_replication(ReplicationMode::Off);
         }) {
-            tracing::error!("cannot turn replication off on the devices: {e}");
+            Ok(()) => {}
+            // The VM ended (the engine is stopped after it): nothing runs on.
+            Err(VmThreadError::Gone) => {}
+            Err(e) => tracing::error!("cannot turn replication off on the devices: {e}"),
         }
         let frames = self.ports.release_through(u64::MAX);
-        tracing::error!(
-            released_frames = frames,
-            last_committed_epoch = self.released,
-            "{why}: the VM runs on UNPROTECTED (held output released)"
-        );
+        if self.stopping {
+            tracing::info!(
+                released_frames = frames,
+                last_committed_epoch = self.released,
+                "{why}"
+            );
+        } else {
+            tracing::error!(
+                released_frames = frames,
+                last_committed_epoch = self.released,
+                "{why}: the VM runs on UNPROTECTED (held output released)"
+            );
+        }
         self.update_metrics(|m| {
             m.protected = false;
             m.held_frames = 0;
@@ -775,6 +789,7 @@ impl Engine {
     pub fn shutdown(self) {}
 
     fn close_all(&mut self) {
+        self.stopping = true;
         for p in &mut self.peers {
             p.close();
         }

@@ -35,6 +35,12 @@ pub enum VmThreadError {
     /// The monitor thread panicked.
     #[error("the VM's monitor thread panicked")]
     Panicked,
+    /// The setup on the monitor thread failed (its one-line reason).
+    #[error("{0}")]
+    Setup(String),
+    /// The VM's run loop failed.
+    #[error("the VM's run loop failed: {0}")]
+    Run(String),
 }
 
 type Job = Box<dyn FnOnce(&mut MicroVm) + Send>;
@@ -48,7 +54,7 @@ pub struct VmThread {
     jobs: Sender<Job>,
     wake: Arc<EventFd>,
     run_state: Arc<VmRunState>,
-    thread: Option<JoinHandle<Result<ExitReason, String>>>,
+    thread: Option<JoinHandle<Result<ExitReason, VmThreadError>>>,
 }
 
 impl VmThread {
@@ -58,6 +64,22 @@ impl VmThread {
         config: VmConfig,
         setup: impl FnOnce(&MicroVm) + Send + 'static,
     ) -> Result<Self, VmThreadError> {
+        Self::spawn_with(config, move |m| {
+            setup(m);
+            Ok(|_: &mut MicroVm| {})
+        })
+    }
+
+    /// As [`VmThread::spawn`], but `setup` may fail (the spawn then fails with its reason, the
+    /// guest never ran) and returns the hook the monitor thread calls after every round of
+    /// device events, beside the jobs and freezes: the API's
+    /// [`vmm::controller::Controller::poll`], for one. It is made on the monitor thread, so it
+    /// need not be `Send`.
+    pub fn spawn_with<S, H>(config: VmConfig, setup: S) -> Result<Self, VmThreadError>
+    where
+        S: FnOnce(&mut MicroVm) -> Result<H, String> + Send + 'static,
+        H: FnMut(&mut MicroVm) + 'static,
+    {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmThreadError::Wakeup)?;
         let their_wake = wake.try_clone().map_err(VmThreadError::Wakeup)?;
         let (jobs, job_rx) = channel::<Job>();
@@ -66,18 +88,28 @@ impl VmThread {
             .name("vmm".into())
             .spawn(move || {
                 let built = vmm::builder::build_microvm(&config)
-                    .map_err(|e| e.to_string())
-                    .and_then(|vm| freeze_channel().map(|c| (vm, c)).map_err(|e| e.to_string()));
+                    .map_err(|e| VmThreadError::Build(e.to_string()))
+                    .and_then(|vm| {
+                        freeze_channel()
+                            .map(|c| (vm, c))
+                            .map_err(|e| VmThreadError::Build(e.to_string()))
+                    });
                 let (mut microvm, (chan, handle)) = match built {
                     Ok(b) => b,
                     Err(e) => {
-                        let _ = tx.send(Err(e.clone()));
-                        return Err(e);
+                        let _ = tx.send(Err(e));
+                        return Err(VmThreadError::Gone);
                     }
                 };
                 microvm.add_wakeup(chan.fd());
                 microvm.add_wakeup(std::os::unix::io::AsRawFd::as_raw_fd(&their_wake));
-                setup(&microvm);
+                let mut hook = match setup(&mut microvm) {
+                    Ok(hook) => hook,
+                    Err(e) => {
+                        let _ = tx.send(Err(VmThreadError::Setup(e)));
+                        return Err(VmThreadError::Gone);
+                    }
+                };
                 let _ = tx.send(Ok((microvm.vm().clone(), handle, microvm.run_state())));
                 microvm
                     .run_with(|m| {
@@ -86,14 +118,24 @@ impl VmThread {
                         while let Ok(job) = job_rx.try_recv() {
                             job(m);
                         }
+                        hook(m);
                     })
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| VmThreadError::Run(e.to_string()))
             })
             .map_err(VmThreadError::Spawn)?;
-        let (vm, freezes, run_state) = rx
-            .recv()
-            .map_err(|_| VmThreadError::Gone)?
-            .map_err(VmThreadError::Build)?;
+        let (vm, freezes, run_state) = match rx.recv() {
+            Ok(Ok(parts)) => parts,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                return Err(match thread.join() {
+                    Ok(_) => VmThreadError::Gone,
+                    Err(_) => VmThreadError::Panicked,
+                })
+            }
+        };
         Ok(Self {
             vm,
             freezes,
@@ -125,14 +167,25 @@ impl VmThread {
         self.end()
     }
 
+    /// Waits until the VM ends by itself (the guest powers off or resets, or fails); why.
+    pub fn wait(mut self) -> Result<ExitReason, VmThreadError> {
+        self.join()
+    }
+
+    /// Whether the VM has ended (its monitor thread is done).
+    pub fn has_ended(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     fn end(&mut self) -> Result<ExitReason, VmThreadError> {
         self.run_state.request_exit(ExitReason::Stopped);
         self.freezes.wake();
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<ExitReason, VmThreadError> {
         match self.thread.take() {
-            Some(t) => match t.join() {
-                Ok(r) => r.map_err(VmThreadError::Build),
-                Err(_) => Err(VmThreadError::Panicked),
-            },
+            Some(t) => t.join().map_err(|_| VmThreadError::Panicked)?,
             None => Ok(ExitReason::Stopped),
         }
     }

@@ -16,7 +16,7 @@ use super::{serve_on, ServeError};
 use crate::auth::ReplicationKey;
 use crate::compat::{Hello, StandbyProfile};
 use crate::conn::Conn;
-use crate::pairing::{self, PairError};
+use crate::pairing::{self, Link, PairError};
 
 /// Errors of a standby host. One variant per failing call.
 #[derive(Debug, thiserror::Error)]
@@ -83,14 +83,28 @@ impl<D: CommittedDisk> Standby<D> {
         };
         let (mut link, hello) =
             pairing::accept(reader, conn, &self.key, &self.profile, committed, None)?;
-        tracing::info!(vm = %hello.vm_id, committed = committed.0, "serving a primary");
-        let end = serve_on(&mut link, &self.staging);
+        let end = self.serve_link(&mut link, &hello);
+        Ok((hello, end))
+    }
+
+    /// Serves the epochs of the primary of `hello` on `link`, paired already (as
+    /// [`pairing::accept_with`] does for a standby sized from the `Hello`), until the link
+    /// ends; why it ended.
+    pub fn serve_link(&self, link: &mut Link<Conn, Conn>, hello: &Hello) -> ServeError {
+        let committed = self.committed().committed_epoch();
+        tracing::info!(vm = %hello.vm_id, committed, "serving a primary");
+        let end = serve_on(link, &self.staging);
         tracing::warn!(
             vm = %hello.vm_id,
             committed_epoch = self.committed().committed_epoch(),
             "the primary's link ended: {end}"
         );
-        Ok((hello, end))
+        end
+    }
+
+    /// What this standby holds.
+    pub fn profile(&self) -> &StandbyProfile {
+        &self.profile
     }
 
     /// The committed state (memory, disks, machine state, epoch), locked: while it is held,

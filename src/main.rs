@@ -6,15 +6,26 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+
 use clap::{Args, Parser, Subcommand};
+use replicator::primary::vm::{VmThread, VmThreadError};
+use replicator::primary::{Engine, EngineOptions};
 use vmm::api::{ApiClient, ApiServer, MigrateParams, SnapshotType};
-use vmm::builder::{build_microvm, restore_microvm, RestoreOptions};
+use vmm::builder::{restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
 
+mod config;
+mod protect;
 #[cfg(test)]
 mod readme_tests;
+mod standby;
+
+use config::ReplicationConfig;
+use protect::Protection;
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
@@ -25,7 +36,9 @@ mod readme_tests;
     after_help = "Examples:\n  \
     vmr run --kernel bzImage --initrd initramfs.cpio --net tap=tap0 --api /run/vm.sock\n  \
     vmr ctl --api /run/vm.sock status\n  \
-    vmr ctl --api /run/vm.sock migrate desthost:7070\n\n\
+    vmr ctl --api /run/vm.sock migrate desthost:7070\n  \
+    vmr standby --listen 0.0.0.0:7171 --key-file /etc/vmr/key   # on the standby host\n  \
+    vmr run --config vm.toml --protect standby1:7171 --key-file /etc/vmr/key\n\n\
     Logs go to stderr; VMR_LOG=debug shows more."
 )]
 struct Cli {
@@ -40,7 +53,9 @@ enum Command {
         vmr run --kernel bzImage --initrd initramfs.cpio --vcpus 2 --mem 256 \\\n      \
         --net tap=tap0,mac=06:00:0a:00:02:02 --disk data.raw --api /run/vm.sock \\\n      \
         --cmdline 'vmr.ip=10.0.2.2/24 vmr.run=\"redis-server --protected-mode no\"'\n  \
-        vmr run --config vm.toml --serial file:/tmp/console")]
+        vmr run --config vm.toml --serial file:/tmp/console\n  \
+        vmr run --config vm.toml --protect standby1:7171 --protect standby2:7171 \\\n      \
+        --key-file /etc/vmr/key --epoch-ms 10")]
     Run(RunArgs),
     /// Bring a snapshot back to life in this process: the guest continues where it was.
     #[command(
@@ -53,6 +68,21 @@ enum Command {
         vmr receive --listen 0.0.0.0:7070 --net tap=tap1 --api /run/vm.sock"
     )]
     Receive(ReceiveArgs),
+    /// Stand by for one VM: receive the epochs of a protected VM (`vmr run --protect`) and
+    /// keep the last one committed, for failover.
+    #[command(
+        after_help = "Example (then, on the primary: vmr run ... --protect HOST:7171 \
+        --key-file KEY):\n  \
+        vmr standby --listen 0.0.0.0:7171 --key-file /etc/vmr/key --disk /srv/vm1/data.raw \\\n      \
+        --net tap=tap1 --api /run/standby.sock\n\n\
+        The standby sizes itself from the VM the primary describes, and refuses (in one line, on \
+        both sides) a VM it cannot hold: a different number or size of disks (--disk, in the \
+        VM's order), of network devices (--net), or too little memory. A connection without \
+        the key is refused and logged. When the primary's link ends, the committed state is \
+        kept for failover and later pairings are refused: start a fresh `vmr standby` to \
+        protect a VM again."
+    )]
+    Standby(StandbyArgs),
     /// Drive a running VM through its API socket.
     #[command(after_help = "Examples:\n  \
         vmr ctl --api /run/vm.sock status\n  \
@@ -86,6 +116,25 @@ impl HostArgs {
             allow_pvm: self.allow_pvm,
         }
     }
+}
+
+#[derive(Args)]
+struct StandbyArgs {
+    /// Address to listen on for the primary, e.g. 0.0.0.0:7171.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// The replication key (the primary's --key-file).
+    #[arg(long, value_name = "PATH")]
+    key_file: PathBuf,
+    /// Disk image each of the VM's disks is replicated to, in the VM's order. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
+    /// TAP for each of the VM's network devices here, in order. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<NetConfig>,
+    /// Serve the API on this Unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -192,18 +241,43 @@ struct RunArgs {
     /// Serve the API on this Unix socket.
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// Protect the VM with the standby (`vmr standby`) at HOST:PORT. Repeatable.
+    #[arg(long, value_name = "HOST:PORT")]
+    protect: Vec<String>,
+    /// The replication key the standbys hold (needed by --protect and `vmr ctl protect`).
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Longest epoch in ms (default 10).
+    #[arg(long, value_name = "N")]
+    epoch_ms: Option<u64>,
+    /// A standby that does not acknowledge an epoch within N ms is dropped (default 2000).
+    #[arg(long, value_name = "N")]
+    standby_timeout_ms: Option<u64>,
 }
 
 impl RunArgs {
-    fn into_config(self) -> Result<VmConfig, String> {
-        let mut config = match &self.config {
-            Some(path) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
-            None => VmConfig::new(
-                self.kernel
-                    .clone()
-                    .ok_or("no kernel given: pass --kernel PATH or --config FILE")?,
+    fn into_config(self) -> Result<(VmConfig, ReplicationConfig), String> {
+        let (mut config, mut replication) = match &self.config {
+            Some(path) => config::from_file(path).map_err(|e| e.to_string())?,
+            None => (
+                VmConfig::new(
+                    self.kernel
+                        .clone()
+                        .ok_or("no kernel given: pass --kernel PATH or --config FILE")?,
+                ),
+                ReplicationConfig::default(),
             ),
         };
+        replication.standbys.extend(self.protect);
+        if self.key_file.is_some() {
+            replication.key_file = self.key_file;
+        }
+        if self.epoch_ms.is_some() {
+            replication.epoch_ms = self.epoch_ms;
+        }
+        if self.standby_timeout_ms.is_some() {
+            replication.standby_timeout_ms = self.standby_timeout_ms;
+        }
         if let Some(kernel) = self.kernel {
             config.kernel = kernel;
         }
@@ -228,15 +302,134 @@ impl RunArgs {
             config.serial = serial;
         }
         config.allow_pvm |= self.allow_pvm;
-        Ok(config)
+        Ok((config, replication))
     }
+}
+
+/// The engine's options of a `[replication]` table.
+fn engine_options(r: &ReplicationConfig) -> Result<EngineOptions, String> {
+    let mut options = EngineOptions::default();
+    if let Some(ms) = r.epoch_ms {
+        if ms == 0 {
+            return Err("--epoch-ms 0: an epoch lasts at least 1 ms".into());
+        }
+        options.period = Duration::from_millis(ms);
+    }
+    if let Some(ms) = r.standby_timeout_ms {
+        if ms == 0 {
+            return Err("--standby-timeout-ms 0: give a standby at least 1 ms".into());
+        }
+        options.standby_timeout = Duration::from_millis(ms);
+    }
+    Ok(options)
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     let api = args.api.clone();
-    let config = args.into_config()?;
-    let microvm = build_microvm(&config).map_err(|e| e.to_string())?;
-    run_microvm(microvm, api.as_deref())
+    let (config, replication) = args.into_config()?;
+    let options = engine_options(&replication)?;
+    let key = protect::load_key(replication.key_file.as_deref(), &replication.standbys)
+        .map_err(|e| e.to_string())?;
+    let protection = key.map(|key| Protection {
+        standbys: replication.standbys,
+        key,
+        options,
+    });
+    run_protected(config, api.as_deref(), protection)
+}
+
+/// Boots the VM of `config` on its monitor thread, with the API in its loop; with standbys,
+/// pairs with each before the guest runs and protects it with the epoch engine on a thread of
+/// its own.
+fn run_protected(
+    config: VmConfig,
+    api: Option<&Path>,
+    protection: Option<Protection>,
+) -> Result<ExitCode, String> {
+    let id = format!("vmr-{}", std::process::id());
+    let (server, receiver) = match api {
+        Some(socket) => {
+            let (server, receiver) = ApiServer::start(socket).map_err(|e| e.to_string())?;
+            (Some(server), Some(receiver))
+        }
+        None => (None, None),
+    };
+    let (paired_tx, paired_rx) = channel();
+    let pairing = protection.clone().filter(|p| !p.standbys.is_empty());
+    let vm_id = id.clone();
+    let vm = VmThread::spawn_with(config, move |m| {
+        // The standbys are paired once the VM is built, before the guest runs.
+        if let Some(p) = &pairing {
+            let hello = protect::hello(m.config(), &vm_id).map_err(|e| e.to_string())?;
+            let standbys = protect::pair_all(p, &hello).map_err(|e| e.to_string())?;
+            let _ = paired_tx.send(standbys);
+        }
+        let mut controller = receiver
+            .map(|r| Controller::new(r, m, vm_id))
+            .transpose()
+            .map_err(|e| format!("cannot serve the API: {e}"))?;
+        Ok(move |m: &mut MicroVm| {
+            if let Some(c) = controller.as_mut() {
+                c.poll(m);
+            }
+        })
+    })
+    .map_err(|e| match e {
+        // The build's own message says what is wrong with the input.
+        VmThreadError::Build(message) => message,
+        e => e.to_string(),
+    })?;
+    let engine = match (paired_rx.try_recv(), protection) {
+        (Ok(standbys), Some(p)) => {
+            let started = Engine::start(&vm, standbys, p.options).and_then(Engine::spawn);
+            match started {
+                Ok(engine) => Some(engine),
+                Err(e) => {
+                    let _ = vm.stop();
+                    return Err(format!("cannot protect the VM: {e}"));
+                }
+            }
+        }
+        _ => None,
+    };
+    let reason = vm.wait();
+    if let Some(engine) = engine {
+        if let Err(e) = engine.stop() {
+            tracing::error!("the epoch engine: {e}");
+        }
+    }
+    if let Some(server) = server {
+        // Let the server deliver answers given in the last round (a migration's) before it
+        // closes every connection.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(server);
+    }
+    exit_code(reason.map_err(|e| e.to_string())?)
+}
+
+fn exit_code(reason: vmm::vstate::vcpu::ExitReason) -> Result<ExitCode, String> {
+    tracing::info!(?reason, "VM ended");
+    if reason.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!("the VM ended abnormally: {reason:?}"))
+    }
+}
+
+fn run_standby(args: StandbyArgs) -> Result<ExitCode, String> {
+    let host = standby::StandbyHost::new(standby::StandbyOptions {
+        listen: args.listen,
+        key_file: args.key_file,
+        disks: args.disk,
+        nets: args.net,
+    })
+    .map_err(|e| e.to_string())?;
+    let host = Arc::new(host);
+    if args.api.is_some() {
+        return Err("vmr standby --api: not available yet".into());
+    }
+    standby::run(host).map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
@@ -295,12 +488,7 @@ fn run_microvm(mut microvm: MicroVm, api: Option<&Path>) -> Result<ExitCode, Str
         }
     }
     .map_err(|e| e.to_string())?;
-    tracing::info!(?reason, "VM ended");
-    if reason.is_clean() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(format!("the VM ended abnormally: {reason:?}"))
-    }
+    exit_code(reason)
 }
 
 fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
@@ -391,21 +579,27 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    // A standby has no console: its progress is logged at info level.
+    let default_filter = match cli.command {
+        Command::Standby(_) => "warn,vmr=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: a log file gets plain text.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => return usage_error(&e),
-    };
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Standby(args) => run_standby(args),
         Command::Restore(args) => restore(args),
         Command::Receive(args) => receive(args),
         Command::Ctl(args) => ctl(args),

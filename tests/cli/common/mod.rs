@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)] // for `openapi`, which names them through `super::`
 use vmm::api::{HttpResponse, OPENAPI_YAML};
 
+/// vmm's OpenAPI oracle, shared with vmm's API unit tests.
+#[path = "../../../vmm/tests/common/openapi.rs"]
 pub mod openapi;
 
 /// Runs `vmr ARGS` to completion.
@@ -28,12 +30,12 @@ pub fn scratch(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Links `tests/guests/NAME.S` into an ELF executable at 2 MiB: a kernel `vmr run` can load.
+/// Links `vmm/tests/guests/NAME.S` into an ELF executable at 2 MiB: a kernel `vmr run` can load.
 /// Each call makes its own files: tests run in parallel.
 pub fn tiny_elf(name: &str) -> PathBuf {
     static BUILDS: AtomicUsize = AtomicUsize::new(0);
     let n = BUILDS.fetch_add(1, Ordering::SeqCst);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.S"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("vmm/tests/guests/{name}.S"));
     let obj = scratch(&format!("{name}-{n}.o"));
     let elf = scratch(&format!("{name}-{n}.elf"));
     for cmd in [
