@@ -280,7 +280,7 @@ pub fn authenticate_primary<R: Read, W: Write>(
             output,
             "the primary refused this standby: its proof of the replication key is wrong (key files differ)",
         );
-        tracing::warn!("refused a standby that does not hold the replication key");
+        tracing::debug!("refused a standby that does not hold the replication key");
         return Err(AuthError::PeerLacksKey);
     }
     let proof = key.proof(LABEL_PRIMARY, &nonce).finalize().into_bytes();
@@ -309,7 +309,7 @@ pub fn authenticate_standby<R: Read, W: Write>(
             output,
             "the standby refused this primary: its proof of the replication key is wrong (key files differ)",
         );
-        tracing::warn!("refused a primary that does not hold the replication key");
+        tracing::debug!("refused a primary that does not hold the replication key");
         return Err(AuthError::PeerLacksKey);
     }
     Ok(Session::new(key, nonce, Direction::ToPrimary))

@@ -146,7 +146,7 @@ pub fn accept_with<R: Read, W: Write>(
     let refuse = |link: &mut Link<R, W>,
                   err: PairError|
      -> Result<(Link<R, W>, Hello, StandbyProfile), PairError> {
-        tracing::warn!(vm = %hello.vm_id, "refused to stand by: {err}");
+        tracing::debug!(vm = %hello.vm_id, "refused to stand by: {err}");
         link.writer.send_now(&Message::Refuse {
             reason: err.to_string(),
         })?;

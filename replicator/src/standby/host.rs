@@ -94,7 +94,7 @@ impl<D: CommittedDisk> Standby<D> {
         let committed = self.committed().committed_epoch();
         tracing::info!(vm = %hello.vm_id, committed, "serving a primary");
         let end = serve_on(link, &self.staging);
-        tracing::warn!(
+        tracing::debug!(
             vm = %hello.vm_id,
             committed_epoch = self.committed().committed_epoch(),
             "the primary's link ended: {end}"
