@@ -46,9 +46,23 @@ pub fn parse(text: &str) -> Result<(VmConfig, ReplicationConfig), String> {
     let mut table: toml::Table = toml::from_str(text).map_err(|e| one_line(e.message()))?;
     let replication = match table.remove(REPLICATION) {
         None => ReplicationConfig::default(),
-        Some(value @ toml::Value::Table(_)) => value
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("[{REPLICATION}]: {}", one_line(e.message())))?,
+        Some(toml::Value::Table(_)) => {
+            /// The file seen for its `[replication]` table only, so that an error points at
+            /// its line.
+            #[derive(Deserialize)]
+            struct Replication {
+                replication: ReplicationConfig,
+            }
+            toml::from_str::<Replication>(text)
+                .map_err(|e| {
+                    let line = e
+                        .span()
+                        .map(|s| format!(" line {}", text[..s.start].lines().count().max(1)))
+                        .unwrap_or_default();
+                    format!("[{REPLICATION}]{line}: {}", one_line(e.message()))
+                })?
+                .replication
+        }
         Some(_) => return Err(format!("`{REPLICATION}` must be a table ([{REPLICATION}])")),
     };
     let vm = toml::Value::Table(table)
@@ -101,7 +115,7 @@ mod tests {
             ),
             (
                 "kernel = \"/k\"\n[replication]\nepoch_ms = \"ten\"\n",
-                "epoch_ms",
+                "line 3",
             ),
             ("kernel = \"/k\"\nreplication = 3\n", "must be a table"),
             ("kernel = \"/k\"\nbogus = 1\n", "bogus"),
