@@ -646,6 +646,73 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     );
 }
 
+#[test]
+fn a_standby_promoted_while_serving_refuses_the_primarys_next_epochs() {
+    let vm = writer(256);
+    let standby: Arc<Standby<Vec<u8>>> =
+        Arc::new(Standby::new(profile(), key(9), Vec::new(), StagingOptions::default()).unwrap());
+    let (a, b) = UnixStream::pair().unwrap();
+    let serving = standby.clone();
+    let server =
+        std::thread::spawn(move || serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string()));
+    let (conn, link, ack) = pair_standby(
+        "s",
+        Conn::Unix(a),
+        &key(9),
+        &hello(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut engine = Engine::start(
+        &vm,
+        vec![NewStandby {
+            name: "s".into(),
+            conn,
+            link,
+            ack,
+        }],
+        EngineOptions::default(),
+    )
+    .unwrap();
+    while engine.next_epoch() <= 5 {
+        engine.step().unwrap();
+    }
+    assert!(engine.wait_committed(5, Duration::from_secs(5)));
+    // Promoted between two messages of the link: the primary still runs and sends epochs.
+    let mut promoted = standby.promote(&restore_options()).unwrap();
+    let epoch = standby.info().committed_epoch;
+    assert!(epoch >= 5);
+    let at_promotion = progress_in(promoted.vm().memory());
+    let t0 = Instant::now();
+    while engine.is_protected() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the promoted standby still takes epochs"
+        );
+        engine.step().unwrap();
+    }
+    // The standby refused the epoch and hung up: the primary sees the refusal or the closed
+    // link, whichever comes first.
+    let dropped = engine.metrics().lock().unwrap().dropped.clone();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    engine.shutdown();
+    let end = server.join().unwrap().unwrap();
+    assert!(end.contains("promoted"), "{end}");
+    let info = standby.info();
+    assert!(info.promoted && info.open_epoch.is_none());
+    assert_eq!(info.committed_epoch, epoch);
+    vm.stop().unwrap();
+    assert_eq!(
+        run_for(&mut promoted, Duration::from_millis(300)),
+        ExitReason::Stopped
+    );
+    let ran = progress_in(promoted.vm().memory());
+    assert!(
+        ran > at_promotion + 1000,
+        "the promoted guest did not run on: {at_promotion} -> {ran}"
+    );
+}
+
 /// A measurement, not a test: the pause and ack latency of the engine's epochs (one standby
 /// over a Unix socket, the writer guest dirtying `pages` pages).
 #[test]

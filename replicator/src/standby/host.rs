@@ -243,6 +243,9 @@ impl<D: CommittedDisk> Standby<D> {
     /// ([`MicroVm::run`] resumes the guest). From then on the standby takes no epochs
     /// ([`StandbyError::Promoted`] to a new primary, a refusal to a connected one): they would
     /// write into the running guest. On failure nothing changes and the standby goes on.
+    /// The inbound frames logged after that epoch stay readable in [`Standby::committed`]
+    /// ([`Staging::inbound`]) for the caller to re-inject; taking the VIP and the term is the
+    /// caller's too.
     pub fn promote(&self, options: &RestoreOptions) -> Result<MicroVm, StandbyError> {
         let mut staging = self.committed();
         let epoch = staging.committed_epoch();
