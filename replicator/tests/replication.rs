@@ -70,15 +70,17 @@ fn tiny_elf(name: &str) -> PathBuf {
 
 /// The epoch writer guest in a 64 MiB VM, writing records continuously into `pages` pages.
 fn writer(pages: u64) -> VmThread {
-    writer_with_disks(pages, Vec::new())
+    writer_with_disks(pages, None, Vec::new())
 }
 
-/// [`writer`] with virtio-blk disks on the images `disks` (the guest never touches them).
-fn writer_with_disks(pages: u64, disks: Vec<PathBuf>) -> VmThread {
+/// [`writer`] with a root file system on the image `rootfs` and virtio-blk disks on the images
+/// `disks` (the guest never touches them).
+fn writer_with_disks(pages: u64, rootfs: Option<PathBuf>, disks: Vec<PathBuf>) -> VmThread {
     let mut config = VmConfig::new(tiny_elf("epoch_writer"));
     config.mem_mib = MEM >> 20;
     config.allow_pvm = true;
     config.serial = SerialConfig::None;
+    config.rootfs = rootfs;
     config.disks = disks
         .into_iter()
         .map(|path| DiskConfig {
@@ -431,19 +433,26 @@ fn the_engine_runs_on_its_own_thread_at_its_period() {
 
 #[test]
 fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
-    const DISK: u64 = 1 << 20;
+    // Of two sizes: a restore opening them in the wrong order fails.
+    const ROOT: u64 = 1 << 20;
+    const DISK: u64 = 2 << 20;
     let dir = tempfile::tempdir().unwrap();
+    let primary_root = image(&dir.path().join("primary-root.img"), ROOT);
     let primary_disk = image(&dir.path().join("primary.img"), DISK);
+    let standby_root = image(&dir.path().join("standby-root.img"), ROOT);
     let standby_disk = image(&dir.path().join("standby.img"), DISK);
-    let vm = writer_with_disks(1024, vec![primary_disk.clone()]);
+    let vm = writer_with_disks(1024, Some(primary_root.clone()), vec![primary_disk.clone()]);
     let standby = Arc::new(
         Standby::new(
             StandbyProfile {
-                disk_sizes: vec![DISK],
+                disk_sizes: vec![ROOT, DISK],
                 ..profile()
             },
             key(6),
-            vec![DiskImage::open(&standby_disk).unwrap()],
+            vec![
+                DiskImage::open(&standby_root).unwrap(),
+                DiskImage::open(&standby_disk).unwrap(),
+            ],
             StagingOptions::default(),
         )
         .unwrap(),
@@ -466,7 +475,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     let server =
         std::thread::spawn(move || serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string()));
     let hello = Hello {
-        disk_sizes: vec![DISK],
+        disk_sizes: vec![ROOT, DISK],
         ..hello()
     };
     let (conn, link, ack) =
@@ -522,6 +531,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     let saved = &loaded.newest().microvm;
     assert_eq!(saved.vcpus.len(), 1);
     assert_eq!(saved.config.disks.len(), 1);
+    assert_eq!(saved.config.rootfs.as_ref(), Some(&standby_root));
     assert_eq!(saved.config.disks[0].path, standby_disk);
     let blocks: Vec<_> = saved
         .devices
@@ -532,14 +542,17 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
             VirtioDeviceState::Net(_) => None,
         })
         .collect();
-    assert_eq!(blocks, vec![standby_disk.clone()]);
+    assert_eq!(blocks, vec![standby_root.clone(), standby_disk.clone()]);
     // The state is the primary's at that epoch but for the disk's path.
     let mut expected: MicroVmState = decode_payload(&state).unwrap();
+    assert_eq!(expected.config.rootfs.as_ref(), Some(&primary_root));
     assert_eq!(expected.config.disks[0].path, primary_disk);
+    expected.config.rootfs = Some(standby_root.clone());
     expected.config.disks[0].path = standby_disk.clone();
+    let mut standby_images = [&standby_root, &standby_disk].into_iter();
     for m in &mut expected.devices.virtio {
         if let VirtioDeviceState::Block(b) = &mut m.device {
-            b.path = standby_disk.clone();
+            b.path = standby_images.next().unwrap().clone();
         }
     }
     assert_eq!(
@@ -573,7 +586,17 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["primary.img", "snap", "standby.img", "taken"]);
+    assert_eq!(
+        names,
+        [
+            "primary-root.img",
+            "primary.img",
+            "snap",
+            "standby-root.img",
+            "standby.img",
+            "taken"
+        ]
+    );
 
     // Restored, the guest runs on from the committed epoch.
     let at_commit = progress_in(&mem);
@@ -608,6 +631,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
             .as_ptr()
     ));
     assert_eq!(progress_in(promoted.vm().memory()), at_commit);
+    assert_eq!(promoted.config().rootfs.as_ref(), Some(&standby_root));
     assert_eq!(promoted.config().disks[0].path, standby_disk);
     assert_eq!(
         run_for(&mut promoted, Duration::from_millis(300)),
@@ -644,6 +668,88 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
          {restore_time:?}; promoted in {promote_time:?}",
         written.pages
     );
+}
+
+#[test]
+fn a_committed_epoch_whose_disks_the_standby_cannot_open_is_refused() {
+    const DISK: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let vm = writer_with_disks(64, None, vec![image(&dir.path().join("vm.img"), DISK)]);
+    // A standby told of no disk, and one holding its disk in memory.
+    let without: Arc<Standby<Vec<u8>>> =
+        Arc::new(Standby::new(profile(), key(2), Vec::new(), StagingOptions::default()).unwrap());
+    let in_memory: Arc<Standby<Vec<u8>>> = Arc::new(
+        Standby::new(
+            StandbyProfile {
+                disk_sizes: vec![DISK],
+                ..profile()
+            },
+            key(2),
+            vec![vec![0; DISK as usize]],
+            StagingOptions::default(),
+        )
+        .unwrap(),
+    );
+    let mut peers = Vec::new();
+    let mut servers = Vec::new();
+    for (name, standby, disks) in [
+        ("without", &without, vec![]),
+        ("in-memory", &in_memory, vec![DISK]),
+    ] {
+        let (a, b) = UnixStream::pair().unwrap();
+        let serving = standby.clone();
+        servers.push(std::thread::spawn(move || {
+            serving.serve(Conn::Unix(b)).map(|_| ())
+        }));
+        let hello = Hello {
+            disk_sizes: disks,
+            ..hello()
+        };
+        let (conn, link, ack) =
+            pair_standby(name, Conn::Unix(a), &key(2), &hello, Duration::from_secs(2)).unwrap();
+        peers.push(NewStandby {
+            name: name.into(),
+            conn,
+            link,
+            ack,
+        });
+    }
+    let mut engine = Engine::start(&vm, peers, EngineOptions::default()).unwrap();
+    while engine.next_epoch() <= 3 {
+        engine.step().unwrap();
+    }
+    assert!(engine.wait_committed(3, Duration::from_secs(5)));
+    engine.shutdown();
+    vm.stop().unwrap();
+    for s in servers {
+        s.join().unwrap().unwrap();
+    }
+    let snap = dir.path().join("snap");
+    let err = without.write_snapshot(&snap).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StandbyError::DiskCount {
+                configured: 1,
+                devices: 1,
+                standby: 0
+            }
+        ),
+        "{err}"
+    );
+    let err = without
+        .promote(&restore_options())
+        .err()
+        .expect("promoted without the VM's disk");
+    assert!(matches!(err, StandbyError::DiskCount { .. }), "{err}");
+    let err = in_memory.write_snapshot(&snap).unwrap_err();
+    assert!(
+        matches!(err, StandbyError::DiskNotAFile { index: 0 }),
+        "{err}"
+    );
+    assert!(!snap.exists());
+    // Refused, neither was handed over: both still serve.
+    assert!(!without.info().promoted && !in_memory.info().promoted);
 }
 
 #[test]
