@@ -1,15 +1,18 @@
 //! Serves the API socket's requests on the monitor's thread: status, the resource graph,
 //! pause and resume, snapshots, live migration (on its own thread, freezing the VM through the
-//! monitor thread at the end) and metrics.
+//! monitor thread at the end), metrics and replication (through the [`ReplicationHook`] the
+//! `vmr` binary plugs in). A standby, which runs no VM, answers with [`answer_without_vm`].
 
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::{
     ApiCall, ApiError, ApiReceiver, ApiReply, ApiRequest, ApiResult, Metric, MetricKind,
-    MigrateParams, MigrationInfo, Relation, ResourceEdge, ResourceGraph, ResourceKind,
-    ResourceNode, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, VmState,
+    MigrateParams, MigrationInfo, PeerState, ProtectParams, ProtectReply, Relation,
+    ReplicationHook, ReplicationRole, ReplicationStatus, ResourceEdge, ResourceGraph, ResourceKind,
+    ResourceNode, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, VmState, NO_KEY_MESSAGE,
 };
 use crate::microvm::{
     freeze_channel, lock, ControlError, FreezeChannel, FreezeHandle, MicroVm, VmPhase,
@@ -17,6 +20,9 @@ use crate::microvm::{
 use crate::migration::source::{self, MigrateOptions, MigrationError, MigrationReport};
 use crate::snapshot::{SnapshotError, SnapshotKind};
 use crate::vstate::memory::PAGE_SIZE;
+
+/// Why a monitor that runs no VM (a standby) refuses a request.
+pub const STANDBY_MESSAGE: &str = "this is a standby: no VM runs here (see GET /replication)";
 
 /// A migration under way.
 struct Migration {
@@ -35,6 +41,7 @@ pub struct Controller {
     snapshots: u64,
     last_snapshot: Option<(f64, f64)>,
     migrations_failed: u64,
+    replication: Replication,
 }
 
 impl Controller {
@@ -52,7 +59,15 @@ impl Controller {
             snapshots: 0,
             last_snapshot: None,
             migrations_failed: 0,
+            replication: Replication::default(),
         })
+    }
+
+    /// Plugs the replicator in: `GET /replication` and `PUT /replication/protect` go to `hook`,
+    /// and the metrics and the resource graph show the replication. Without a hook the
+    /// monitor is unprotected and refuses to be protected ([`NO_KEY_MESSAGE`]).
+    pub fn set_replication(&mut self, hook: Arc<dyn ReplicationHook>) {
+        self.replication = Replication::new(Some(hook));
     }
 
     /// Serves what is pending: freeze requests of a migration, its end, and API calls.
@@ -68,6 +83,13 @@ impl Controller {
                     let params = params.clone();
                     self.start_migration(vm, call, params);
                 }
+                ApiRequest::Protect(_) if self.migration.is_some() => {
+                    call.respond(Err(ApiError::conflict("a migration is under way")));
+                }
+                ApiRequest::Protect(params) => {
+                    let params = params.clone();
+                    self.replication.protect(call, params);
+                }
                 request => {
                     let result = self.handle(vm, request);
                     call.respond(result);
@@ -80,19 +102,30 @@ impl Controller {
         if self.migration.is_some()
             && !matches!(
                 request,
-                ApiRequest::GetVm | ApiRequest::GetResources | ApiRequest::GetMetrics
+                ApiRequest::GetVm
+                    | ApiRequest::GetResources
+                    | ApiRequest::GetMetrics
+                    | ApiRequest::GetReplication
             )
         {
             return Err(ApiError::conflict("a migration is under way"));
         }
         match request {
             ApiRequest::GetVm => Ok(ApiReply::Vm(self.info(vm))),
-            ApiRequest::GetResources => Ok(ApiReply::Resources(resources(vm))),
+            ApiRequest::GetResources => {
+                let mut graph = resources(vm);
+                self.replication.add_resources(&mut graph);
+                Ok(ApiReply::Resources(graph))
+            }
             ApiRequest::Pause => vm.pause().map(|()| ApiReply::Done).map_err(control_error),
             ApiRequest::Resume => vm.resume().map(|()| ApiReply::Done).map_err(control_error),
             ApiRequest::CreateSnapshot(params) => self.snapshot(vm, params),
             ApiRequest::GetMetrics => Ok(ApiReply::Metrics(self.metrics(vm))),
-            ApiRequest::Migrate(_) => Err(ApiError::internal("migrations are served apart")),
+            ApiRequest::GetReplication => Ok(ApiReply::Replication(self.replication.status())),
+            ApiRequest::Migrate(_) | ApiRequest::Protect(_) => Err(ApiError::internal(format!(
+                "{} requests are served apart",
+                request.name()
+            ))),
         }
     }
 
@@ -288,8 +321,101 @@ impl Controller {
                 .with_label("device", format!("{kind}{i}")),
             );
         }
+        m.extend(self.replication.metrics());
         m
     }
+}
+
+/// The replication side of a monitor running a VM: its [`ReplicationHook`], if the `vmr`
+/// binary plugged one in.
+#[derive(Clone, Default)]
+pub(crate) struct Replication {
+    hook: Option<Arc<dyn ReplicationHook>>,
+}
+
+impl Replication {
+    /// With `hook`, or unprotected for good without one.
+    pub(crate) fn new(hook: Option<Arc<dyn ReplicationHook>>) -> Self {
+        Self { hook }
+    }
+
+    /// The hook's status, or that of a monitor without a key.
+    pub(crate) fn status(&self) -> ReplicationStatus {
+        self.hook
+            .as_ref()
+            .map_or_else(ReplicationStatus::without_key, |hook| hook.status())
+    }
+
+    /// Hands a protect to the hook, which answers `call` later from its own thread (once
+    /// the standby is synchronised); without a hook, answers 409 [`NO_KEY_MESSAGE`] at once.
+    pub(crate) fn protect(&self, call: ApiCall, params: ProtectParams) {
+        let Some(hook) = &self.hook else {
+            call.respond(Err(ApiError::conflict(NO_KEY_MESSAGE)));
+            return;
+        };
+        tracing::info!(standby = %params.standby, "protecting the VM");
+        hook.protect(params, protect_reply(call));
+    }
+
+    /// The replication's metrics (none without a hook).
+    pub(crate) fn metrics(&self) -> Vec<Metric> {
+        self.hook
+            .as_ref()
+            .map(|hook| hook.status().metrics())
+            .unwrap_or_default()
+    }
+
+    /// Adds the replication to the VM's resource graph (see [`replication_resources`]).
+    pub(crate) fn add_resources(&self, graph: &mut ResourceGraph) {
+        if let Some(hook) = &self.hook {
+            replication_resources(graph, &hook.status());
+        }
+    }
+}
+
+/// The way back for a protect handed to a hook: answers `call`, from whatever thread the
+/// hook calls it on.
+fn protect_reply(call: ApiCall) -> ProtectReply {
+    Box::new(move |result| {
+        let result = match result {
+            Ok(status) => {
+                tracing::info!(term = status.term, "the VM is protected");
+                Ok(ApiReply::Replication(status))
+            }
+            Err(reason) => {
+                tracing::warn!("the VM could not be protected: {reason}");
+                Err(ApiError::bad_gateway(reason))
+            }
+        };
+        call.respond(result);
+    })
+}
+
+/// Answers one call on a monitor that holds no running VM (a standby), given its
+/// replication `hook` and a way to write its committed state as a `snapshot`:
+///
+/// - `GET /replication`: the hook's status;
+/// - `GET /metrics`: the replication's metrics only;
+/// - `PUT /snapshot/create`: what `snapshot` answers;
+/// - anything else: 409 [`STANDBY_MESSAGE`].
+///
+/// The caller loops over its [`ApiReceiver`]'s calls; this never blocks on more than the
+/// hook's status and `snapshot`.
+pub fn answer_without_vm(
+    call: ApiCall,
+    hook: &dyn ReplicationHook,
+    snapshot: &dyn Fn(&SnapshotParams) -> Result<SnapshotInfo, ApiError>,
+) {
+    if call.is_abandoned() {
+        return;
+    }
+    let result = match &call.request {
+        ApiRequest::GetReplication => Ok(ApiReply::Replication(hook.status())),
+        ApiRequest::GetMetrics => Ok(ApiReply::Metrics(hook.status().metrics())),
+        ApiRequest::CreateSnapshot(params) => snapshot(params).map(ApiReply::Snapshot),
+        _ => Err(ApiError::conflict(STANDBY_MESSAGE)),
+    };
+    call.respond(result);
 }
 
 fn ms(d: Duration) -> f64 {
@@ -328,6 +454,95 @@ fn migration_error(e: MigrationError) -> ApiError {
         | MigrationError::Protocol(_)
         | MigrationError::FreezeDeadline(_) => ApiError::bad_gateway(e.to_string()),
         _ => ApiError::internal(e.to_string()),
+    }
+}
+
+/// Adds the replication to a VM's resource `graph` when `status` is a primary's or a
+/// standby's: a `replication-link` node (kind `link`) and a node per peer
+/// (`standby:host:port` of kind `standby` on a primary, `primary:host:port` of kind `primary`
+/// on a standby), with the peer's state. The guest memory and the virtio devices (whose
+/// output waits for the standbys' acks) depend on the link; on a primary the link replicates
+/// to every standby not dropped, on a standby the primary replicates to the link.
+pub fn replication_resources(graph: &mut ResourceGraph, status: &ReplicationStatus) {
+    let (prefix, kind) = match status.role {
+        ReplicationRole::Unprotected => return,
+        ReplicationRole::Primary => ("standby", ResourceKind::Standby),
+        ReplicationRole::Standby => ("primary", ResourceKind::Primary),
+    };
+    let attrs = |value: serde_json::Value| match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    const LINK: &str = "replication-link";
+    let dependents: Vec<String> = graph
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.kind == ResourceKind::Memory
+                || (n.kind == ResourceKind::Device && n.id.starts_with("virtio-"))
+        })
+        .map(|n| n.id.clone())
+        .collect();
+    graph.nodes.push(ResourceNode {
+        id: LINK.to_string(),
+        kind: ResourceKind::Link,
+        attrs: attrs(serde_json::json!({
+            "role": status.role, "protected": status.protected, "term": status.term,
+            "period_ms": status.period_ms, "last_committed_epoch": status.last_committed_epoch,
+            "last_sent_epoch": status.last_sent_epoch, "lag_epochs": status.lag_epochs,
+            "held_egress_frames": status.held_egress_frames,
+        })),
+    });
+    for id in dependents {
+        graph.edges.push(ResourceEdge {
+            from: id,
+            to: LINK.to_string(),
+            relation: Relation::DependsOn,
+        });
+    }
+    let mut peers: Vec<(String, serde_json::Value, bool)> = status
+        .peers
+        .iter()
+        .map(|peer| {
+            (
+                peer.name.clone(),
+                serde_json::json!({
+                    "address": peer.name, "state": peer.state, "acked_epoch": peer.acked_epoch,
+                    "lag_epochs": peer.lag_epochs, "reason": peer.reason,
+                }),
+                peer.state != PeerState::Dropped,
+            )
+        })
+        .collect();
+    if let Some(primary) = &status.primary {
+        if !peers.iter().any(|(name, ..)| name == primary) {
+            peers.push((
+                primary.clone(),
+                serde_json::json!({"address": primary}),
+                true,
+            ));
+        }
+    }
+    for (name, peer_attrs, live) in peers {
+        let id = format!("{prefix}:{name}");
+        graph.nodes.push(ResourceNode {
+            id: id.clone(),
+            kind,
+            attrs: attrs(peer_attrs),
+        });
+        if live {
+            // A primary replicates through the link to its standbys; a standby's link is
+            // what its primary replicates to.
+            let (from, to) = match status.role {
+                ReplicationRole::Standby => (id, LINK.to_string()),
+                _ => (LINK.to_string(), id),
+            };
+            graph.edges.push(ResourceEdge {
+                from,
+                to,
+                relation: Relation::ReplicatesTo,
+            });
+        }
     }
 }
 

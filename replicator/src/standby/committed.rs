@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vmm::vstate::memory::{GuestMemoryMmap, PageMap, PageSlice, PAGE_SIZE};
 
@@ -146,6 +146,11 @@ pub trait CommittedDisk {
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
     /// Makes the writes durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// The image's file on this host, if it is one (a snapshot of the committed state, or
+    /// the VM promoted from it, opens the disk there).
+    fn path(&self) -> Option<&Path> {
+        None
+    }
 }
 
 /// A disk image file.
@@ -153,6 +158,7 @@ pub trait CommittedDisk {
 pub struct DiskImage {
     file: File,
     size: u64,
+    path: PathBuf,
 }
 
 impl DiskImage {
@@ -160,7 +166,11 @@ impl DiskImage {
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let size = file.metadata()?.len();
-        Ok(Self { file, size })
+        Ok(Self {
+            file,
+            size,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The image file.
@@ -180,6 +190,10 @@ impl CommittedDisk for DiskImage {
 
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
     }
 }
 
@@ -241,6 +255,8 @@ mod tests {
         f.as_file().set_len(4096).unwrap();
         let mut d = DiskImage::open(f.path()).unwrap();
         assert_eq!(d.size(), 4096);
+        assert_eq!(d.path(), Some(f.path()));
+        assert_eq!(CommittedDisk::path(&Vec::<u8>::new()), None);
         d.write_at(100, b"hello").unwrap();
         d.sync().unwrap();
         assert_eq!(&std::fs::read(f.path()).unwrap()[100..105], b"hello");

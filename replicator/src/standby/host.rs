@@ -5,10 +5,22 @@
 //! staged whole before it is applied, so the standby holds up to twice the VM's memory during
 //! it (acceptable for the tiny guests and small VMs of today; a large VM wants the initial
 //! synchronisation applied in place, before the first commit).
+//!
+//! The committed epoch can leave the standby two ways: written as an ordinary snapshot
+//! directory ([`Standby::write_snapshot`], for `vmr restore` here or elsewhere), or promoted
+//! into a running VM over the committed memory itself ([`Standby::promote`], the failover: no
+//! copy, no file). In both the VM's disks are the standby's images, not the primary's.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use vmm::builder::{restore_from_state, BuildError, PreparedVm, RestoreOptions};
+use vmm::devices::virtio::VirtioDeviceState;
+use vmm::microvm::MicroVm;
+use vmm::migration::wire::{decode_payload, WireError};
+use vmm::snapshot::{MicroVmState, SnapshotError, WrittenSnapshot};
 use vmm::vstate::memory::create_guest_memory;
+use vmm::vstate::vm::ClockRestore;
 
 use super::committed::{CommittedDisk, GuestRam};
 use super::staging::{Staging, StagingOptions};
@@ -35,6 +47,88 @@ pub enum StandbyError {
     /// Pairing with the primary failed (refused, or not authenticated).
     #[error("pairing refused: {0}")]
     Pair(#[from] PairError),
+    /// No epoch is committed yet: there is no machine to snapshot or promote.
+    #[error("no epoch is committed yet: the standby holds no machine")]
+    NothingCommitted,
+    /// A failed apply damaged the committed state.
+    #[error(
+        "the committed state was damaged by a failed apply (epoch {epoch} or the next): \
+         a full resynchronisation is needed"
+    )]
+    Poisoned {
+        /// The last epoch committed whole.
+        epoch: u64,
+    },
+    /// The standby was promoted: its committed memory runs the VM now.
+    #[error("this standby was promoted at epoch {epoch}: its committed state runs as the VM")]
+    Promoted {
+        /// The epoch it was promoted at.
+        epoch: u64,
+    },
+    /// The committed machine state does not decode.
+    #[error("the machine state of committed epoch {epoch} does not decode: {source}")]
+    DecodeState {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        source: WireError,
+    },
+    /// The committed state's disks are not the standby's.
+    #[error(
+        "the committed state has {configured} disks configured and {devices} block devices, \
+         the standby holds {standby} images"
+    )]
+    DiskCount {
+        /// Disks in the VM's configuration (its root file system first).
+        configured: usize,
+        /// Block devices in its device state.
+        devices: usize,
+        /// Disk images of the standby.
+        standby: usize,
+    },
+    /// A disk of the standby is no file (an image in memory).
+    #[error("the standby's disk {index} is not a file: a VM cannot open it")]
+    DiskNotAFile {
+        /// The disk.
+        index: usize,
+    },
+    /// Writing the snapshot failed (nothing is left behind).
+    #[error("cannot write the committed epoch {epoch} as a snapshot: {source}")]
+    Snapshot {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        source: SnapshotError,
+    },
+    /// The VM could not be restored over the committed memory (the standby is unchanged).
+    #[error("cannot restore committed epoch {epoch} as a running VM: {source}")]
+    Restore {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        source: BuildError,
+    },
+}
+
+/// What a standby holds, for `GET /replication` on a standby host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StandbyInfo {
+    /// The last committed epoch (0: none).
+    pub committed_epoch: u64,
+    /// Its term.
+    pub committed_term: u64,
+    /// The epoch being staged, if any.
+    pub open_epoch: Option<u64>,
+    /// Whether a failed apply damaged the committed state.
+    pub poisoned: bool,
+    /// Whether the committed state was promoted into a running VM.
+    pub promoted: bool,
+    /// Inbound frames logged for replay (of epochs after the committed one).
+    pub inbound_frames: u64,
+    /// Their bytes.
+    pub inbound_bytes: u64,
+    /// Guest memory, in bytes.
+    pub mem_bytes: u64,
 }
 
 /// A standby of one VM: its committed state and what it can hold.
@@ -79,6 +173,11 @@ impl<D: CommittedDisk> Standby<D> {
         let reader = conn.try_clone().map_err(StandbyError::Conn)?;
         let committed = {
             let s = self.committed();
+            if s.is_handed_over() {
+                return Err(StandbyError::Promoted {
+                    epoch: s.committed_epoch(),
+                });
+            }
             (s.committed_epoch(), s.committed_term())
         };
         let (mut link, hello) =
@@ -112,4 +211,134 @@ impl<D: CommittedDisk> Standby<D> {
     pub fn committed(&self) -> MutexGuard<'_, Staging<GuestRam, D>> {
         self.staging.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// What the standby holds now.
+    pub fn info(&self) -> StandbyInfo {
+        let s = self.committed();
+        let (inbound_frames, inbound_bytes) = s
+            .inbound()
+            .fold((0, 0), |(n, b), (_, f)| (n + 1, b + f.frame.len() as u64));
+        StandbyInfo {
+            committed_epoch: s.committed_epoch(),
+            committed_term: s.committed_term(),
+            open_epoch: s.open_epoch(),
+            poisoned: s.is_poisoned(),
+            promoted: s.is_handed_over(),
+            inbound_frames,
+            inbound_bytes,
+            mem_bytes: self.profile.mem_bytes,
+        }
+    }
+
+    /// Writes the last committed epoch to the new directory `dir` as an ordinary full
+    /// snapshot, which `vmr restore --from DIR` (or [`vmm::snapshot::load`] and
+    /// [`vmm::builder::restore_microvm`]) brings back to life with the standby's disk images.
+    /// No epoch is committed while it is written: the snapshot is exactly one committed epoch.
+    /// Refused before the first commit, on a damaged or promoted standby, and if `dir` exists.
+    pub fn write_snapshot(&self, dir: &Path) -> Result<WrittenSnapshot, StandbyError> {
+        let staging = self.committed();
+        let epoch = staging.committed_epoch();
+        let state = committed_machine(&staging)?;
+        let written = vmm::snapshot::write(dir, state, staging.memory().guest_memory(), None)
+            .map_err(|source| StandbyError::Snapshot { epoch, source })?;
+        tracing::info!(
+            epoch,
+            term = staging.committed_term(),
+            dir = %dir.display(),
+            pages = written.pages,
+            "committed epoch written as a snapshot"
+        );
+        Ok(written)
+    }
+
+    /// Promotes the standby: restores the last committed epoch as a VM over the committed
+    /// memory itself (shared, not copied), with the standby's disk images, its clocks caught
+    /// up with the time since that epoch's pause. Its vCPUs are not started
+    /// ([`MicroVm::run`] resumes the guest). From then on the standby takes no epochs
+    /// ([`StandbyError::Promoted`] to a new primary, a refusal to a connected one): they would
+    /// write into the running guest. On failure nothing changes and the standby goes on.
+    /// The inbound frames logged after that epoch stay readable in [`Standby::committed`]
+    /// ([`Staging::inbound`]) for the caller to re-inject; taking the VIP and the term is the
+    /// caller's too.
+    pub fn promote(&self, options: &RestoreOptions) -> Result<MicroVm, StandbyError> {
+        let mut staging = self.committed();
+        let epoch = staging.committed_epoch();
+        let state = committed_machine(&staging)?;
+        // The same mappings: guest memory is reference-counted regions.
+        let mem = staging.memory().guest_memory().clone();
+        let vcpus = state.config.vcpus;
+        let microvm = restore_from_state(
+            &state,
+            || PreparedVm::new(vcpus, mem, false, options.allow_pvm),
+            options,
+            None,
+            ClockRestore::CatchUp,
+        )
+        .map_err(|source| StandbyError::Restore { epoch, source })?;
+        staging.hand_over();
+        tracing::info!(
+            epoch,
+            term = staging.committed_term(),
+            "promoted: the committed epoch is the VM now"
+        );
+        Ok(microvm)
+    }
+}
+
+/// The committed machine state of `staging`, decoded, its disks the standby's images.
+fn committed_machine<D: CommittedDisk>(
+    staging: &Staging<GuestRam, D>,
+) -> Result<MicroVmState, StandbyError> {
+    let epoch = staging.committed_epoch();
+    if staging.is_handed_over() {
+        return Err(StandbyError::Promoted { epoch });
+    }
+    if staging.is_poisoned() {
+        return Err(StandbyError::Poisoned { epoch });
+    }
+    if epoch == 0 {
+        return Err(StandbyError::NothingCommitted);
+    }
+    let mut state: MicroVmState = decode_payload(staging.committed_state())
+        .map_err(|source| StandbyError::DecodeState { epoch, source })?;
+    use_standby_disks(&mut state, staging.disks())?;
+    Ok(state)
+}
+
+/// Points every disk of `state` (configuration and block devices, in order: the root file
+/// system first) at the standby's images `disks`; the primary's paths mean nothing here.
+fn use_standby_disks<D: CommittedDisk>(
+    state: &mut MicroVmState,
+    disks: &[D],
+) -> Result<(), StandbyError> {
+    let config = &mut state.config;
+    let configured = usize::from(config.rootfs.is_some()) + config.disks.len();
+    let mut devices: Vec<&mut PathBuf> = state
+        .devices
+        .virtio
+        .iter_mut()
+        .filter_map(|m| match &mut m.device {
+            VirtioDeviceState::Block(block) => Some(&mut block.path),
+            VirtioDeviceState::Net(_) => None,
+        })
+        .collect();
+    if configured != disks.len() || devices.len() != disks.len() {
+        return Err(StandbyError::DiskCount {
+            configured,
+            devices: devices.len(),
+            standby: disks.len(),
+        });
+    }
+    let configured = config
+        .rootfs
+        .iter_mut()
+        .chain(config.disks.iter_mut().map(|d| &mut d.path));
+    for (index, ((disk, configured), device)) in
+        disks.iter().zip(configured).zip(&mut devices).enumerate()
+    {
+        let path = disk.path().ok_or(StandbyError::DiskNotAFile { index })?;
+        *configured = path.to_path_buf();
+        **device = path.to_path_buf();
+    }
+    Ok(())
 }

@@ -71,6 +71,9 @@ pub enum StagingError {
         "the committed state was damaged by a failed apply: a full resynchronisation is needed"
     )]
     Poisoned,
+    /// The committed memory was handed over to a VM promoted from it, which runs on it now.
+    #[error("this standby was promoted: its committed state runs as the VM, it takes no epochs")]
+    HandedOver,
     /// A message that is not part of an epoch stream.
     #[error("unexpected {message} in an epoch stream")]
     Unexpected {
@@ -325,6 +328,7 @@ pub struct Staging<M: CommittedMemory, D: CommittedDisk> {
     inbound_bytes: u64,
     options: StagingOptions,
     poisoned: bool,
+    handed_over: bool,
 }
 
 impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
@@ -348,6 +352,7 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             inbound_bytes: 0,
             options,
             poisoned: false,
+            handed_over: false,
         }
     }
 
@@ -386,6 +391,19 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
         self.poisoned
     }
 
+    /// Whether the committed memory was handed over to a running VM ([`Staging::hand_over`]).
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Marks the committed memory as handed over to a VM that runs on it (a promotion): the
+    /// open epoch is discarded and every message refused from now on
+    /// ([`StagingError::HandedOver`]), so nothing writes the running guest's memory.
+    pub fn hand_over(&mut self) {
+        self.abort_open("the standby was promoted");
+        self.handed_over = true;
+    }
+
     /// The logged inbound frames, by epoch, in order of arrival (all after the committed epoch).
     pub fn inbound(&self) -> impl Iterator<Item = (u64, &InboundFrame)> + '_ {
         self.inbound
@@ -407,6 +425,9 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
 
     /// Takes one message of the epoch stream.
     pub fn receive(&mut self, msg: Message) -> Result<Received, StagingError> {
+        if self.handed_over {
+            return Err(StagingError::HandedOver);
+        }
         if self.poisoned {
             return Err(StagingError::Poisoned);
         }
@@ -1062,6 +1083,27 @@ pub(crate) mod tests {
         fn sync(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_handed_over_staging_area_takes_nothing_more() {
+        let mut s = staging();
+        for m in messages(1, 1, &e1()) {
+            s.receive(m).unwrap();
+        }
+        let after_one = fingerprint(&s);
+        // Epoch 2 half received, then the promotion.
+        let two = messages(2, 1, &e1());
+        s.receive(two[0].clone()).unwrap();
+        assert_eq!(s.open_epoch(), Some(2));
+        s.hand_over();
+        assert!(s.is_handed_over());
+        assert_eq!(s.open_epoch(), None);
+        for m in two {
+            assert!(matches!(s.receive(m), Err(StagingError::HandedOver)));
+        }
+        assert_eq!(fingerprint(&s), after_one);
+        assert_eq!(s.committed_epoch(), 1);
     }
 
     #[test]

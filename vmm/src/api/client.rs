@@ -10,8 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    ErrorBody, MigrateParams, MigrationInfo, ResourceGraph, SnapshotInfo, SnapshotParams,
-    SnapshotType, VmInfo, MIGRATE_TIMEOUT, REQUEST_TIMEOUT,
+    ErrorBody, MigrateParams, MigrationInfo, ProtectParams, ReplicationStatus, ResourceGraph,
+    SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, MIGRATE_TIMEOUT, PROTECT_TIMEOUT,
+    REQUEST_TIMEOUT,
 };
 
 /// How much longer than the server the client waits, so the server's 504 arrives first.
@@ -146,6 +147,16 @@ impl ApiClient {
     /// `PUT /migrate`.
     pub fn migrate(&self, params: &MigrateParams) -> Result<MigrationInfo, ClientError> {
         self.json("PUT", "/migrate", Some(params), MIGRATE_TIMEOUT)
+    }
+
+    /// `GET /replication`.
+    pub fn replication(&self) -> Result<ReplicationStatus, ClientError> {
+        self.json("GET", "/replication", None::<&()>, REQUEST_TIMEOUT)
+    }
+
+    /// `PUT /replication/protect`: returns once the standby protects the VM.
+    pub fn protect(&self, params: &ProtectParams) -> Result<ReplicationStatus, ClientError> {
+        self.json("PUT", "/replication/protect", Some(params), PROTECT_TIMEOUT)
     }
 
     /// `GET /metrics`, in the Prometheus text format.

@@ -13,12 +13,17 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod replication;
 pub mod server;
 
 #[cfg(test)]
 mod tests;
 
 pub use client::{ApiClient, ClientError, HttpResponse};
+pub use replication::{
+    LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply, ReplicationHook,
+    ReplicationPeer, ReplicationRole, ReplicationStatus, NO_KEY_MESSAGE,
+};
 pub use server::{
     ApiCall, ApiReceiver, ApiServer, ApiServerConfig, ApiServerError, Route, RouteMethod, ROUTES,
 };
@@ -28,6 +33,9 @@ pub const OPENAPI_YAML: &str = include_str!("../../api/openapi.yaml");
 
 /// How long the server waits for the VM to answer a migration.
 pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the server waits for a VM to be protected (pairing with the standby and the initial
+/// synchronisation of the whole VM).
+pub const PROTECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long the server waits for the VM to answer any other request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -48,6 +56,10 @@ pub enum ApiRequest {
     Migrate(MigrateParams),
     /// `GET /metrics`: the monitor's metrics.
     GetMetrics,
+    /// `GET /replication`: the replication's status.
+    GetReplication,
+    /// `PUT /replication/protect`: start replicating the VM to a standby.
+    Protect(ProtectParams),
 }
 
 impl ApiRequest {
@@ -61,6 +73,8 @@ impl ApiRequest {
             ApiRequest::CreateSnapshot(_) => "create-snapshot",
             ApiRequest::Migrate(_) => "migrate",
             ApiRequest::GetMetrics => "get-metrics",
+            ApiRequest::GetReplication => "get-replication",
+            ApiRequest::Protect(_) => "protect",
         }
     }
 
@@ -68,6 +82,7 @@ impl ApiRequest {
     pub fn timeout(&self) -> Duration {
         match self {
             ApiRequest::Migrate(_) => MIGRATE_TIMEOUT,
+            ApiRequest::Protect(_) => PROTECT_TIMEOUT,
             _ => REQUEST_TIMEOUT,
         }
     }
@@ -82,6 +97,10 @@ impl ApiRequest {
                 | (ApiRequest::CreateSnapshot(_), ApiReply::Snapshot(_))
                 | (ApiRequest::Migrate(_), ApiReply::Migrated(_))
                 | (ApiRequest::GetMetrics, ApiReply::Metrics(_))
+                | (
+                    ApiRequest::GetReplication | ApiRequest::Protect(_),
+                    ApiReply::Replication(_)
+                )
         )
     }
 }
@@ -147,6 +166,8 @@ pub enum ApiReply {
     Migrated(MigrationInfo),
     /// The answer to [`ApiRequest::GetMetrics`].
     Metrics(Vec<Metric>),
+    /// The answer to [`ApiRequest::GetReplication`] and [`ApiRequest::Protect`].
+    Replication(ReplicationStatus),
 }
 
 /// Why the VM refused or failed a request; each kind is an HTTP status.
@@ -160,7 +181,7 @@ pub enum ApiErrorKind {
     Conflict,
     /// 500: the VM failed to carry the request out.
     Internal,
-    /// 502: the migration destination is unreachable or broke off.
+    /// 502: the migration destination or the standby is unreachable, refused or broke off.
     BadGateway,
 }
 
@@ -290,13 +311,19 @@ pub enum ResourceKind {
     File,
     /// An interrupt line.
     Irq,
+    /// The replication link: the epochs sent to the standbys and their acks.
+    Link,
+    /// A standby the VM is replicated to.
+    Standby,
+    /// The primary a standby holds the VM of.
+    Primary,
 }
 
 /// One resource of the VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceNode {
     /// A unique name: `vcpu0`, `memory0`, `virtio-net0`, `virtio-net0/rx`, `tap:tap0`,
-    /// `file:/path`...
+    /// `file:/path`, `replication-link`, `standby:host:port`, `primary:host:port`...
     pub id: String,
     /// What the resource is.
     pub kind: ResourceKind,
@@ -317,6 +344,11 @@ pub enum Relation {
     InterruptsVia,
     /// A resource writes to another (e.g. a device into guest memory).
     Writes,
+    /// A resource's progress waits on another (e.g. guest memory and devices, whose output is
+    /// held until the standbys acknowledge the epoch, on the replication link).
+    DependsOn,
+    /// The replication link sends the VM's epochs to a peer.
+    ReplicatesTo,
 }
 
 /// A directed edge between two [`ResourceNode`]s, by id.

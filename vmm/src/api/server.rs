@@ -26,12 +26,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     render_prometheus, ApiError, ApiReply, ApiRequest, ApiResult, ErrorBody, MigrateParams,
-    SnapshotParams, MIGRATE_TIMEOUT, PROMETHEUS_CONTENT_TYPE, REQUEST_TIMEOUT,
+    ProtectParams, SnapshotParams, MIGRATE_TIMEOUT, PROMETHEUS_CONTENT_TYPE, PROTECT_TIMEOUT,
+    REQUEST_TIMEOUT,
 };
 
 /// The largest request body the server reads.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// How long resolving a migration destination may take.
+/// How long resolving a migration destination or a standby's address may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors from starting the API server.
@@ -136,6 +137,8 @@ enum Endpoint {
     CreateSnapshot,
     Migrate,
     GetMetrics,
+    GetReplication,
+    Protect,
 }
 
 /// One route of the API.
@@ -185,15 +188,27 @@ pub const ROUTES: &[Route] = &[
         path: "/metrics",
         endpoint: Endpoint::GetMetrics,
     },
+    Route {
+        method: RouteMethod::Get,
+        path: "/replication",
+        endpoint: Endpoint::GetReplication,
+    },
+    Route {
+        method: RouteMethod::Put,
+        path: "/replication/protect",
+        endpoint: Endpoint::Protect,
+    },
 ];
 
 /// How long the server waits for the VM's answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApiServerConfig {
-    /// For every request but a migration.
+    /// For every request but a migration and a protect.
     pub request_timeout: Duration,
     /// For a migration.
     pub migrate_timeout: Duration,
+    /// For a protect (pairing with the standby and the initial synchronisation).
+    pub protect_timeout: Duration,
 }
 
 impl Default for ApiServerConfig {
@@ -201,6 +216,7 @@ impl Default for ApiServerConfig {
         Self {
             request_timeout: REQUEST_TIMEOUT,
             migrate_timeout: MIGRATE_TIMEOUT,
+            protect_timeout: PROTECT_TIMEOUT,
         }
     }
 }
@@ -209,12 +225,16 @@ impl ApiServerConfig {
     fn timeout(&self, request: &ApiRequest) -> Duration {
         match request {
             ApiRequest::Migrate(_) => self.migrate_timeout,
+            ApiRequest::Protect(_) => self.protect_timeout,
             _ => self.request_timeout,
         }
     }
 }
 
 /// A request queued for the VM, with the way back to the client that made it.
+///
+/// A call is `Send`: it may be answered on another thread than the one that took it (e.g. a
+/// protect, answered by the replicator's thread once the standby is synchronised).
 #[derive(Debug)]
 pub struct ApiCall {
     /// What the client asks.
@@ -612,6 +632,7 @@ async fn parse_request(route: &Route, body: &[u8]) -> Result<ApiRequest, Failure
         Endpoint::Pause => ApiRequest::Pause,
         Endpoint::Resume => ApiRequest::Resume,
         Endpoint::GetMetrics => ApiRequest::GetMetrics,
+        Endpoint::GetReplication => ApiRequest::GetReplication,
         Endpoint::CreateSnapshot => {
             let params: SnapshotParams = parse_json(route, body, "SnapshotParams")?;
             check_snapshot(&params)?;
@@ -621,6 +642,11 @@ async fn parse_request(route: &Route, body: &[u8]) -> Result<ApiRequest, Failure
             let params: MigrateParams = parse_json(route, body, "MigrateParams")?;
             check_migrate(&params).await?;
             ApiRequest::Migrate(params)
+        }
+        Endpoint::Protect => {
+            let params: ProtectParams = parse_json(route, body, "ProtectParams")?;
+            check_host_port("standby", &params.standby).await?;
+            ApiRequest::Protect(params)
         }
     })
 }
@@ -658,18 +684,20 @@ fn check_snapshot(params: &SnapshotParams) -> Result<(), Failure> {
 }
 
 async fn check_migrate(params: &MigrateParams) -> Result<(), Failure> {
-    let destination = params.destination.as_str();
     if params.max_downtime_ms == Some(0) {
         return Err(Failure::bad_request("max_downtime_ms must be at least 1"));
     }
+    check_host_port("destination", &params.destination).await
+}
+
+/// Checks that `value`, the body's field `field`, is a `host:port` that resolves.
+async fn check_host_port(field: &str, value: &str) -> Result<(), Failure> {
     let bad = |why: String| {
-        Failure::bad_request(format!(
-            "destination {destination:?} is not a valid host:port: {why}"
-        ))
+        Failure::bad_request(format!("{field} {value:?} is not a valid host:port: {why}"))
     };
     // `lookup_host` resolves with `ToSocketAddrs` on a blocking thread, so a slow resolver
     // does not stall the other requests.
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(destination)).await {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(value)).await {
         Err(_) => Err(bad(format!(
             "no answer from the resolver in {} s",
             RESOLVE_TIMEOUT.as_secs()
@@ -736,5 +764,6 @@ async fn call_vm(shared: &Shared, request: ApiRequest) -> Result<Response, Failu
             render_prometheus(&metrics),
         )
             .into_response(),
+        ApiReply::Replication(status) => Json(status).into_response(),
     })
 }

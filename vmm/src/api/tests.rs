@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::server::MAX_BODY_BYTES;
 use super::*;
+use crate::controller::{answer_without_vm, replication_resources, Replication, STANDBY_MESSAGE};
 
 /// Timeout of a raw test request: longer than the server's test timeouts.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,6 +22,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const TEST_CONFIG: ApiServerConfig = ApiServerConfig {
     request_timeout: Duration::from_secs(10),
     migrate_timeout: Duration::from_secs(10),
+    protect_timeout: Duration::from_secs(10),
 };
 
 #[path = "../../tests/common/openapi.rs"]
@@ -36,6 +38,8 @@ struct FakeVm {
     started: Instant,
     /// Calls held unanswered (to provoke 504).
     held: Vec<ApiCall>,
+    /// The replication side, as the controller has it.
+    replication: Replication,
 }
 
 impl FakeVm {
@@ -106,7 +110,16 @@ impl FakeVm {
                 bytes_sent: 300 << 20,
                 pages_sent: 76800,
             })),
-            ApiRequest::GetMetrics => Ok(ApiReply::Metrics(metrics())),
+            ApiRequest::GetMetrics => {
+                let mut metrics = metrics();
+                metrics.extend(self.replication.metrics());
+                Ok(ApiReply::Metrics(metrics))
+            }
+            ApiRequest::GetReplication => Ok(ApiReply::Replication(self.replication.status())),
+            ApiRequest::Protect(params) => {
+                let params = params.clone();
+                return self.replication.protect(call, params);
+            }
         };
         call.respond(result);
     }
@@ -201,6 +214,15 @@ impl Drop for TempDir {
     }
 }
 
+/// What answers the calls behind a [`TestVm`]'s server.
+#[derive(Clone)]
+enum Answerer {
+    /// A fake VM, with the replication hook given, if any.
+    Vm(Option<Arc<dyn ReplicationHook>>),
+    /// A standby: no VM, [`answer_without_vm`] with this hook.
+    Standby(Arc<dyn ReplicationHook>),
+}
+
 /// An API server with a fake VM thread answering it.
 struct TestVm {
     client: ApiClient,
@@ -218,6 +240,10 @@ impl TestVm {
     }
 
     fn start_with(config: ApiServerConfig) -> Self {
+        Self::start_answering(config, Answerer::Vm(None))
+    }
+
+    fn start_answering(config: ApiServerConfig, answerer: Answerer) -> Self {
         let dir = TempDir::new();
         let socket = dir.0.join("api.sock");
         let (server, receiver) = ApiServer::start_with(&socket, config).unwrap();
@@ -230,6 +256,10 @@ impl TestVm {
                     paused: false,
                     started: Instant::now(),
                     held: Vec::new(),
+                    replication: match &answerer {
+                        Answerer::Vm(hook) => Replication::new(hook.clone()),
+                        Answerer::Standby(_) => Replication::default(),
+                    },
                 };
                 while !stop.load(Ordering::Relaxed) {
                     // Like the event loop: calls are only taken when the eventfd says so.
@@ -245,7 +275,12 @@ impl TestVm {
                     }
                     for call in receiver.drain() {
                         seen.lock().unwrap().push(call.request.clone());
-                        vm.serve(call);
+                        match &answerer {
+                            Answerer::Vm(_) => vm.serve(call),
+                            Answerer::Standby(hook) => {
+                                answer_without_vm(call, hook.as_ref(), &standby_snapshot)
+                            }
+                        }
                     }
                 }
             })
@@ -568,6 +603,24 @@ fn invalid_requests_are_400_and_never_reach_the_vm() {
             r#"{"destination": "127.0.0.1:4444", "max_downtime_ms": 0}"#,
             "at least 1",
         ),
+        ("/replication/protect", "", "needs a JSON body"),
+        ("/replication/protect", "{", "invalid ProtectParams body"),
+        ("/replication/protect", "{}", "missing field `standby`"),
+        (
+            "/replication/protect",
+            r#"{"standby": 7070}"#,
+            "invalid type",
+        ),
+        (
+            "/replication/protect",
+            r#"{"standby": "127.0.0.1:7070", "period_ms": 10}"#,
+            "unknown field `period_ms`",
+        ),
+        (
+            "/replication/protect",
+            r#"{"standby": "standby-without-port"}"#,
+            "standby \"standby-without-port\" is not a valid host:port",
+        ),
     ];
     for (path, body, expected) in cases {
         let message = vm.expect_error("PUT", path, Some(body), 400);
@@ -575,6 +628,7 @@ fn invalid_requests_are_400_and_never_reach_the_vm() {
             message.contains(expected),
             "PUT {path} {body:?}: {message:?} lacks {expected:?}"
         );
+        assert!(!message.contains('\n'), "not one line: {message:?}");
     }
     // A request without any body at all.
     let message = vm.expect_error("PUT", "/migrate", None, 400);
@@ -656,6 +710,7 @@ fn unanswered_call_is_504() {
     let vm = TestVm::start_with(ApiServerConfig {
         request_timeout: Duration::from_millis(300),
         migrate_timeout: Duration::from_millis(300),
+        protect_timeout: Duration::from_millis(300),
     });
     let started = Instant::now();
     let message = vm.expect_error(
@@ -739,6 +794,7 @@ fn openapi_operations_are_the_routes_served() {
     let bodies = [
         ("/snapshot/create", snapshot.as_str()),
         ("/migrate", r#"{"destination": "127.0.0.1:4444"}"#),
+        ("/replication/protect", r#"{"standby": "127.0.0.1:4444"}"#),
     ];
     for (method, path) in &documented {
         let body = bodies.iter().find(|(p, _)| p == path).map(|(_, b)| *b);
@@ -1050,4 +1106,506 @@ fn prometheus_sanitizes_names_and_formats_special_values() {
     assert!(text.contains("\nvmr:ratio +Inf\n"), "{text}");
     assert!(text.contains("\nvmr:ratio{a_b=\"y\"} -Inf\n"), "{text}");
     assert_eq!(render_prometheus(&[]), "");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replication.
+
+/// How long the fake hook takes to protect the VM.
+const PROTECT_DELAY: Duration = Duration::from_millis(300);
+
+/// A replicator as the monitor sees it: a status, and protects answered later from a thread of
+/// its own.
+struct FakeHook {
+    status: Mutex<ReplicationStatus>,
+    /// The names of the threads that answered protects.
+    replied_on: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeHook {
+    fn new(status: ReplicationStatus) -> Arc<Self> {
+        Arc::new(Self {
+            status: Mutex::new(status),
+            replied_on: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+}
+
+impl ReplicationHook for FakeHook {
+    fn status(&self) -> ReplicationStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    fn protect(&self, params: ProtectParams, reply: ProtectReply) {
+        if params.standby.ends_with(":2") {
+            // Dropped unanswered.
+            return;
+        }
+        let mut status = primary_status();
+        status.peers[0].name = params.standby.clone();
+        let replied_on = self.replied_on.clone();
+        std::thread::Builder::new()
+            .name("fake-replicator".into())
+            .spawn(move || {
+                std::thread::sleep(PROTECT_DELAY);
+                let name = std::thread::current().name().unwrap_or("?").to_string();
+                replied_on.lock().unwrap().push(name);
+                if params.standby.ends_with(":1") {
+                    reply(Err(format!(
+                        "cannot reach the standby {}: Connection refused",
+                        params.standby
+                    )));
+                } else {
+                    reply(Ok(status));
+                }
+            })
+            .unwrap();
+    }
+}
+
+/// A primary protected by one standby, another dropped.
+fn primary_status() -> ReplicationStatus {
+    ReplicationStatus {
+        role: ReplicationRole::Primary,
+        protected: true,
+        term: 3,
+        key: true,
+        period_ms: 25,
+        last_committed_epoch: 41,
+        last_sent_epoch: 42,
+        lag_epochs: 1,
+        epochs: 42,
+        early_epochs: 5,
+        pause_us: PauseFigures {
+            last: 900,
+            max: 4000,
+            p50: 850,
+            p99: 3100,
+        },
+        dirty_pages_last: 120,
+        dirty_pages_total: 70000,
+        bytes_raw: 300 << 20,
+        bytes_sent: 80 << 20,
+        ack_latency_us: LatencyFigures {
+            last: 350,
+            max: 2000,
+        },
+        held_egress_frames: 4,
+        held_egress_bytes: 6000,
+        inbound_frames_logged: 17,
+        peers: vec![
+            ReplicationPeer {
+                name: "10.0.0.2:7070".into(),
+                state: PeerState::Protecting,
+                acked_epoch: 41,
+                lag_epochs: 1,
+                reason: None,
+            },
+            ReplicationPeer {
+                name: "10.0.0.3:7070".into(),
+                state: PeerState::Dropped,
+                acked_epoch: 12,
+                lag_epochs: 30,
+                reason: Some("no ack within 500 ms".into()),
+            },
+        ],
+        primary: None,
+        message: None,
+    }
+}
+
+/// A standby holding epoch 41 of its primary.
+fn standby_status() -> ReplicationStatus {
+    ReplicationStatus {
+        role: ReplicationRole::Standby,
+        term: 3,
+        key: true,
+        last_committed_epoch: 41,
+        primary: Some("10.0.0.1:7070".into()),
+        ..ReplicationStatus::default()
+    }
+}
+
+/// What a standby answers to `PUT /snapshot/create`: its committed state.
+fn standby_snapshot(params: &SnapshotParams) -> Result<SnapshotInfo, ApiError> {
+    if params.snapshot_type == SnapshotType::Diff {
+        return Err(ApiError::bad_request(
+            "a standby writes full snapshots only",
+        ));
+    }
+    Ok(SnapshotInfo {
+        path: params.snapshot_path.clone(),
+        snapshot_type: SnapshotType::Full,
+        memory_bytes: 4096,
+        pages: 1,
+        pause_ms: 0.0,
+        total_ms: 3.0,
+    })
+}
+
+fn start_with_hook(hook: Arc<dyn ReplicationHook>) -> TestVm {
+    TestVm::start_answering(TEST_CONFIG, Answerer::Vm(Some(hook)))
+}
+
+#[test]
+fn api_calls_can_be_answered_on_another_thread() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<ApiCall>();
+    assert_send::<ProtectReply>();
+}
+
+#[test]
+fn get_replication_answers_the_hooks_status() {
+    let hook = FakeHook::new(primary_status());
+    let vm = start_with_hook(hook.clone());
+    let body = vm.expect("GET", "/replication", None, 200);
+    assert_eq!(body["role"], "primary");
+    assert_eq!(body["protected"], true);
+    assert_eq!(body["pause_us"]["p99"], 3100);
+    assert_eq!(body["ack_latency_us"]["last"], 350);
+    assert_eq!(body["peers"][0]["state"], "protecting");
+    assert_eq!(body["peers"][0].get("reason"), None);
+    assert_eq!(body["peers"][1]["state"], "dropped");
+    assert_eq!(body["peers"][1]["reason"], "no ack within 500 ms");
+    assert_eq!(body.get("primary"), None);
+    let status: ReplicationStatus = serde_json::from_value(body).unwrap();
+    assert_eq!(status, primary_status());
+
+    hook.status.lock().unwrap().lag_epochs = 9;
+    assert_eq!(vm.client.replication().unwrap().lag_epochs, 9);
+    assert_eq!(
+        vm.seen(),
+        vec![ApiRequest::GetReplication, ApiRequest::GetReplication]
+    );
+}
+
+#[test]
+fn protect_is_answered_later_from_the_hooks_thread() {
+    let hook = FakeHook::new(ReplicationStatus {
+        key: true,
+        ..ReplicationStatus::default()
+    });
+    let vm = start_with_hook(hook.clone());
+    let client = vm.client.clone();
+    let started = Instant::now();
+    let pending = std::thread::spawn(move || {
+        client.protect(&ProtectParams {
+            standby: "127.0.0.1:7070".into(),
+        })
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.seen().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the protect never reached the VM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The VM thread is free while the hook works.
+    if started.elapsed() < PROTECT_DELAY {
+        assert_eq!(vm.expect("GET", "/vm", None, 200)["id"], "test-vm");
+        assert!(!pending.is_finished());
+    }
+    let status = pending.join().unwrap().unwrap();
+    assert!(started.elapsed() >= PROTECT_DELAY);
+    assert_eq!(status.role, ReplicationRole::Primary);
+    assert!(status.protected);
+    assert_eq!(status.peers[0].name, "127.0.0.1:7070");
+    assert_eq!(*hook.replied_on.lock().unwrap(), vec!["fake-replicator"]);
+    assert_eq!(
+        vm.seen()[0],
+        ApiRequest::Protect(ProtectParams {
+            standby: "127.0.0.1:7070".into()
+        })
+    );
+
+    // The raw answer, checked against openapi.yaml.
+    let body = vm.expect(
+        "PUT",
+        "/replication/protect",
+        Some(r#"{"standby": "localhost:7070"}"#),
+        200,
+    );
+    assert_eq!(body["peers"][0]["name"], "localhost:7070");
+
+    // The hook's failure is a bad gateway; a reply dropped uncalled is a gone VM.
+    let message = vm.expect_error(
+        "PUT",
+        "/replication/protect",
+        Some(r#"{"standby": "127.0.0.1:1"}"#),
+        502,
+    );
+    assert_eq!(
+        message,
+        "cannot reach the standby 127.0.0.1:1: Connection refused"
+    );
+    let err = vm
+        .client
+        .protect(&ProtectParams {
+            standby: "127.0.0.1:2".into(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 503, message } if message.contains("protect")),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_a_hook_the_monitor_is_unprotected_and_refuses_protect() {
+    let vm = TestVm::start();
+    let body = vm.expect("GET", "/replication", None, 200);
+    assert_eq!(body["role"], "unprotected");
+    assert_eq!(body["key"], false);
+    assert_eq!(body["protected"], false);
+    assert_eq!(body["peers"], json!([]));
+    assert_eq!(body["message"], NO_KEY_MESSAGE);
+    assert_eq!(
+        vm.client.replication().unwrap(),
+        ReplicationStatus::without_key()
+    );
+
+    let message = vm.expect_error(
+        "PUT",
+        "/replication/protect",
+        Some(r#"{"standby": "127.0.0.1:7070"}"#),
+        409,
+    );
+    assert_eq!(
+        message,
+        "this monitor was started without a replication key (--key-file): it cannot be protected"
+    );
+    let err = vm
+        .client
+        .protect(&ProtectParams {
+            standby: "127.0.0.1:7070".into(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 409, message } if message == NO_KEY_MESSAGE),
+        "{err}"
+    );
+    assert!(!vm.client.metrics().unwrap().contains("vmr_replication_"));
+}
+
+#[test]
+fn metrics_show_the_replication_with_a_hook() {
+    let vm = start_with_hook(FakeHook::new(primary_status()));
+    let text = vm.client.metrics().unwrap();
+    check_exposition_format(&text);
+    let mut expected = render_prometheus(&metrics());
+    primary_status().prometheus(&mut expected);
+    assert_eq!(text, expected);
+    for line in [
+        "# TYPE vmr_replication_epochs_total counter\n",
+        "vmr_replication_role{role=\"primary\"} 1\n",
+        "vmr_replication_role{role=\"standby\"} 0\n",
+        "vmr_replication_protected 1\n",
+        "vmr_replication_last_committed_epoch 41\n",
+        "vmr_replication_pause_us{stat=\"p99\"} 3100\n",
+        "vmr_replication_ack_latency_us{stat=\"max\"} 2000\n",
+        "vmr_replication_bytes_sent_total 83886080\n",
+        "vmr_replication_held_egress_frames 4\n",
+        "vmr_replication_peer_state{peer=\"10.0.0.3:7070\",state=\"dropped\"} 1\n",
+        "vmr_replication_peer_acked_epoch{peer=\"10.0.0.2:7070\"} 41\n",
+        "vmr_replication_peer_lag_epochs{peer=\"10.0.0.3:7070\"} 30\n",
+    ] {
+        assert!(text.contains(line), "no {line:?} in\n{text}");
+    }
+
+    let mut alone = String::new();
+    ReplicationStatus::without_key().prometheus(&mut alone);
+    check_exposition_format(&alone);
+    assert!(alone.contains("vmr_replication_key 0\n"), "{alone}");
+    assert!(!alone.contains("peer="), "{alone}");
+}
+
+#[test]
+fn a_standby_answers_without_a_vm() {
+    let hook = FakeHook::new(standby_status());
+    let vm = TestVm::start_answering(TEST_CONFIG, Answerer::Standby(hook));
+    for (method, path, body) in [
+        ("GET", "/vm", None),
+        ("GET", "/vm/resources", None),
+        ("PUT", "/vm/pause", None),
+        ("PUT", "/vm/resume", None),
+        (
+            "PUT",
+            "/migrate",
+            Some(r#"{"destination": "127.0.0.1:4444"}"#),
+        ),
+        (
+            "PUT",
+            "/replication/protect",
+            Some(r#"{"standby": "127.0.0.1:7070"}"#),
+        ),
+    ] {
+        let message = vm.expect_error(method, path, body, 409);
+        assert_eq!(message, STANDBY_MESSAGE, "{method} {path}");
+    }
+    let err = vm.client.get_vm().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the monitor answered 409: this is a standby: no VM runs here (see GET /replication)"
+    );
+
+    let body = vm.expect("GET", "/replication", None, 200);
+    assert_eq!(body["role"], "standby");
+    assert_eq!(body["primary"], "10.0.0.1:7070");
+    assert_eq!(vm.client.replication().unwrap(), standby_status());
+
+    let text = vm.client.metrics().unwrap();
+    check_exposition_format(&text);
+    assert_eq!(text, render_prometheus(&standby_status().metrics()));
+    assert!(text.contains("vmr_replication_role{role=\"standby\"} 1\n"));
+    assert!(
+        text.lines().all(|l| l.contains("vmr_replication_")),
+        "{text}"
+    );
+
+    let path = vm.dir.0.join("committed");
+    let info = vm.client.snapshot(&path, SnapshotType::Full).unwrap();
+    assert_eq!(info.path, path);
+    let err = vm.client.snapshot(&path, SnapshotType::Diff).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Api { status: 400, message } if message.contains("full")),
+        "{err}"
+    );
+}
+
+#[test]
+fn replication_shows_in_the_resource_graph() {
+    let mut graph = resource_graph();
+    replication_resources(&mut graph, &ReplicationStatus::without_key());
+    assert_eq!(graph, resource_graph());
+
+    replication_resources(&mut graph, &primary_status());
+    let doc = openapi();
+    let value = serde_json::to_value(&graph).unwrap();
+    let errors = doc.errors(&doc.schema("ResourceGraph"), &value);
+    assert!(errors.is_empty(), "{errors:?}");
+
+    let node = |id: &str| {
+        graph
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    };
+    assert_eq!(node("replication-link").kind, ResourceKind::Link);
+    assert_eq!(node("replication-link").attrs["protected"], true);
+    assert_eq!(node("standby:10.0.0.2:7070").kind, ResourceKind::Standby);
+    assert_eq!(node("standby:10.0.0.2:7070").attrs["state"], "protecting");
+    assert_eq!(node("standby:10.0.0.3:7070").attrs["state"], "dropped");
+    let edges: std::collections::HashSet<(&str, &str, Relation)> = graph
+        .edges
+        .iter()
+        .filter(|e| matches!(e.relation, Relation::DependsOn | Relation::ReplicatesTo))
+        .map(|e| (e.from.as_str(), e.to.as_str(), e.relation))
+        .collect();
+    let expected: std::collections::HashSet<(&str, &str, Relation)> = [
+        ("memory0", "replication-link", Relation::DependsOn),
+        ("virtio-net0", "replication-link", Relation::DependsOn),
+        (
+            "replication-link",
+            "standby:10.0.0.2:7070",
+            Relation::ReplicatesTo,
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(edges, expected);
+    assert_eq!(value["edges"][4]["relation"], "depends_on");
+
+    // On a standby, the primary replicates to the link.
+    let mut graph = ResourceGraph::default();
+    replication_resources(&mut graph, &standby_status());
+    assert_eq!(graph.nodes[1].id, "primary:10.0.0.1:7070");
+    assert_eq!(graph.nodes[1].kind, ResourceKind::Primary);
+    assert_eq!(
+        graph.edges,
+        vec![ResourceEdge {
+            from: "primary:10.0.0.1:7070".into(),
+            to: "replication-link".into(),
+            relation: Relation::ReplicatesTo,
+        }]
+    );
+}
+
+#[test]
+fn openapi_replication_schemas_match_our_types() {
+    let doc = openapi();
+    let check = |name: &str, value: &Value, ok: bool| {
+        let errors = doc.errors(&doc.schema(name), value);
+        assert_eq!(errors.is_empty(), ok, "{name} {value}: {errors:?}");
+    };
+    for status in [
+        primary_status(),
+        standby_status(),
+        ReplicationStatus::without_key(),
+        ReplicationStatus::default(),
+    ] {
+        let value = serde_json::to_value(&status).unwrap();
+        check("ReplicationStatus", &value, true);
+        assert_eq!(
+            serde_json::from_value::<ReplicationStatus>(value).unwrap(),
+            status
+        );
+    }
+    let params = ProtectParams {
+        standby: "h:1".into(),
+    };
+    check(
+        "ProtectParams",
+        &serde_json::to_value(&params).unwrap(),
+        true,
+    );
+    check("ProtectParams", &json!({"standby": "h:1", "x": 1}), false);
+    check("ProtectParams", &json!({}), false);
+
+    let good = serde_json::to_value(primary_status()).unwrap();
+    let mut leader = good.clone();
+    leader["role"] = json!("leader");
+    check("ReplicationStatus", &leader, false);
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove("held_egress_bytes");
+    check("ReplicationStatus", &missing, false);
+    let mut extra = good.clone();
+    extra["surprise"] = json!(1);
+    check("ReplicationStatus", &extra, false);
+    let mut peer = good;
+    peer["peers"][0]["state"] = json!("lost");
+    check("ReplicationStatus", &peer, false);
+
+    // Every field of the type is documented and required (but the optional ones).
+    let documented = &doc.doc["components"]["schemas"]["ReplicationStatus"];
+    let fields: BTreeSet<String> = serde_json::to_value(primary_status())
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let required: BTreeSet<String> = documented["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(fields, required);
+    let properties: BTreeSet<String> = documented["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let with_optionals: BTreeSet<String> = serde_json::to_value(standby_status())
+        .unwrap()
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .chain(["message".to_string()])
+        .collect();
+    assert_eq!(properties, with_optionals);
 }
