@@ -4,15 +4,18 @@ use std::io::{IsTerminal, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use replicator::primary::vm::{VmThread, VmThreadError};
-use replicator::primary::{Engine, EngineOptions};
-use vmm::api::{ApiClient, ApiServer, MigrateParams, SnapshotType};
+use replicator::primary::{Engine, EngineHandle, EngineOptions, NewStandby};
+use vmm::api::{
+    ApiClient, ApiServer, MigrateParams, ProtectParams, ReplicationHook, ReplicationRole,
+    SnapshotType,
+};
 use vmm::builder::{restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
@@ -25,7 +28,7 @@ mod readme_tests;
 mod standby;
 
 use config::ReplicationConfig;
-use protect::Protection;
+use protect::{PrimaryHook, ProtectRequest, Protection};
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
@@ -87,7 +90,9 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         vmr ctl --api /run/vm.sock status\n  \
         vmr ctl --api /run/vm.sock snapshot --diff /snaps/s2\n  \
-        vmr ctl --api /run/vm.sock migrate desthost:7070 --max-downtime-ms 300")]
+        vmr ctl --api /run/vm.sock migrate desthost:7070 --max-downtime-ms 300\n  \
+        vmr ctl --api /run/vm.sock protect standby1:7171\n  \
+        vmr ctl --api /run/standby.sock snapshot /snaps/committed   # a standby's committed epoch")]
     Ctl(CtlArgs),
 }
 
@@ -192,6 +197,18 @@ enum CtlAction {
     },
     /// Metrics in the Prometheus text format.
     Metrics,
+    /// Replication status: role, standbys or primary, committed epoch, pauses (JSON).
+    #[command(after_help = "Examples:\n  \
+        vmr ctl --api /run/vm.sock replication\n  \
+        vmr ctl --api /run/standby.sock replication")]
+    Replication,
+    /// Protect the running VM with the standby (`vmr standby`) at HOST:PORT; answers once
+    /// its initial synchronisation is committed. The VM must run with --key-file.
+    #[command(after_help = "Example:\n  vmr ctl --api /run/vm.sock protect standby1:7171")]
+    Protect {
+        /// The standby.
+        standby: String,
+    },
 }
 
 #[derive(Args)]
@@ -340,7 +357,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
 
 /// Boots the VM of `config` on its monitor thread, with the API in its loop; with standbys,
 /// pairs with each before the guest runs and protects it with the epoch engine on a thread of
-/// its own.
+/// its own. With a key, `vmr ctl protect` pairs a standby while the guest runs.
 fn run_protected(
     config: VmConfig,
     api: Option<&Path>,
@@ -354,9 +371,14 @@ fn run_protected(
         }
         None => (None, None),
     };
+    let (requests_tx, requests) = channel();
+    let hook = protection
+        .as_ref()
+        .map(|p| Arc::new(PrimaryHook::new(&p.options, requests_tx.clone())));
     let (paired_tx, paired_rx) = channel();
     let pairing = protection.clone().filter(|p| !p.standbys.is_empty());
     let vm_id = id.clone();
+    let api_hook = hook.clone();
     let vm = VmThread::spawn_with(config, move |m| {
         // The standbys are paired once the VM is built, before the guest runs.
         if let Some(p) = &pairing {
@@ -364,10 +386,17 @@ fn run_protected(
             let standbys = protect::pair_all(p, &hello).map_err(|e| e.to_string())?;
             let _ = paired_tx.send(standbys);
         }
-        let mut controller = receiver
-            .map(|r| Controller::new(r, m, vm_id))
-            .transpose()
-            .map_err(|e| format!("cannot serve the API: {e}"))?;
+        let mut controller = match receiver {
+            Some(r) => {
+                let mut c = Controller::new(r, m, vm_id)
+                    .map_err(|e| format!("cannot serve the API: {e}"))?;
+                if let Some(h) = api_hook {
+                    c.set_replication(h);
+                }
+                Some(c)
+            }
+            None => None,
+        };
         Ok(move |m: &mut MicroVm| {
             if let Some(c) = controller.as_mut() {
                 c.poll(m);
@@ -379,19 +408,27 @@ fn run_protected(
         VmThreadError::Build(message) => message,
         e => e.to_string(),
     })?;
-    let engine = match (paired_rx.try_recv(), protection) {
-        (Ok(standbys), Some(p)) => {
-            let started = Engine::start(&vm, standbys, p.options).and_then(Engine::spawn);
-            match started {
-                Ok(engine) => Some(engine),
-                Err(e) => {
-                    let _ = vm.stop();
-                    return Err(format!("cannot protect the VM: {e}"));
-                }
+    let mut engine = None;
+    if let (Ok(standbys), Some(p), Some(h)) = (paired_rx.try_recv(), &protection, &hook) {
+        match protect_with(&vm, standbys, p, h) {
+            Ok(e) => engine = Some(e),
+            Err(e) => {
+                let _ = vm.stop();
+                return Err(e);
             }
         }
-        _ => None,
-    };
+    }
+    // Protection requests of the API, until the VM ends.
+    while !vm.has_ended() {
+        let Ok(request) = requests.recv_timeout(Duration::from_millis(50)) else {
+            continue;
+        };
+        match (&protection, &hook) {
+            (Some(p), Some(h)) => serve_protect(&vm, &mut engine, p, h, &id, request),
+            _ => (request.reply)(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
+        }
+    }
+    drop(requests_tx);
     let reason = vm.wait();
     if let Some(engine) = engine {
         if let Err(e) = engine.stop() {
@@ -406,6 +443,91 @@ fn run_protected(
     }
     exit_code(reason.map_err(|e| e.to_string())?)
 }
+
+/// Protects the VM with `standbys`, paired: the epoch engine on its own thread, its figures
+/// to the API's hook.
+fn protect_with(
+    vm: &VmThread,
+    standbys: Vec<NewStandby>,
+    protection: &Protection,
+    hook: &PrimaryHook,
+) -> Result<EngineHandle, String> {
+    let names = standbys.iter().map(|s| s.name.clone()).collect();
+    let engine = Engine::start(vm, standbys, protection.options.clone())
+        .map_err(|e| format!("cannot protect the VM: {e}"))?;
+    let metrics = engine.metrics();
+    let handle = engine
+        .spawn()
+        .map_err(|e| format!("cannot protect the VM: {e}"))?;
+    hook.set_engine(metrics, names);
+    Ok(handle)
+}
+
+/// `PUT /replication/protect`: pairs with the standby and protects the VM with it, answering
+/// once its initial synchronisation is committed (on a thread: the VM runs on meanwhile).
+fn serve_protect(
+    vm: &VmThread,
+    engine: &mut Option<EngineHandle>,
+    protection: &Protection,
+    hook: &Arc<PrimaryHook>,
+    id: &str,
+    request: ProtectRequest,
+) {
+    let ProtectRequest { standby, reply } = request;
+    if engine.as_ref().is_some_and(EngineHandle::is_running) {
+        return reply(Err(
+            "the VM is protected already: adding a standby to a running protection is not \
+             supported yet"
+                .into(),
+        ));
+    }
+    let paired = vm
+        .run(|m| m.config().clone())
+        .map_err(|e| e.to_string())
+        .and_then(|config| protect::hello(&config, id).map_err(|e| e.to_string()))
+        .and_then(|hello| {
+            protect::pair(
+                &standby,
+                &protection.key,
+                &hello,
+                protection.options.standby_timeout,
+            )
+            .map_err(|e| e.to_string())
+        })
+        .and_then(|s| protect_with(vm, vec![s], protection, hook));
+    let handle = match paired {
+        Ok(handle) => handle,
+        Err(e) => return reply(Err(e)),
+    };
+    *engine = Some(handle);
+    let hook = hook.clone();
+    let waited = std::thread::Builder::new()
+        .name("protect".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            loop {
+                let status = hook.status();
+                if status.protected {
+                    return reply(Ok(status));
+                }
+                if status.role != ReplicationRole::Primary || t0.elapsed() > SYNC_TIMEOUT {
+                    let why = status.peers.first().and_then(|p| p.reason.clone());
+                    return reply(Err(format!(
+                        "the standby did not complete the initial synchronisation{}",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    if let Err(e) = waited {
+        tracing::error!("cannot wait for the initial synchronisation: {e}");
+    }
+}
+
+/// Longest wait for a new standby's initial synchronisation before `PUT /replication/protect`
+/// answers.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn exit_code(reason: vmm::vstate::vcpu::ExitReason) -> Result<ExitCode, String> {
     tracing::info!(?reason, "VM ended");
@@ -425,9 +547,12 @@ fn run_standby(args: StandbyArgs) -> Result<ExitCode, String> {
     })
     .map_err(|e| e.to_string())?;
     let host = Arc::new(host);
-    if args.api.is_some() {
-        return Err("vmr standby --api: not available yet".into());
-    }
+    let _server = args
+        .api
+        .as_deref()
+        .map(|socket| standby::serve_api(host.clone(), socket))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     standby::run(host).map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
@@ -523,6 +648,8 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
             compress,
         })),
         CtlAction::Metrics => client.metrics().map_err(|e| e.to_string()),
+        CtlAction::Replication => to_json(&client.replication()),
+        CtlAction::Protect { standby } => to_json(&client.protect(&ProtectParams { standby })),
     }?;
     println!("{out}");
     Ok(ExitCode::SUCCESS)

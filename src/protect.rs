@@ -3,12 +3,18 @@
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use replicator::auth::ReplicationKey;
 use replicator::compat::{DeviceDesc, Hello, PROTOCOL};
 use replicator::conn::Conn;
-use replicator::primary::{pair_standby, EngineError, EngineOptions, NewStandby};
+use replicator::primary::{pair_standby, EngineError, EngineOptions, Metrics, NewStandby};
+use vmm::api::{
+    LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply, ReplicationHook,
+    ReplicationPeer, ReplicationRole, ReplicationStatus,
+};
 use vmm::config::VmConfig;
 
 /// Errors of protecting a VM. One variant per failing call.
@@ -168,6 +174,137 @@ pub fn pair_all(protection: &Protection, hello: &Hello) -> Result<Vec<NewStandby
             )
         })
         .collect()
+}
+
+/// A request of `PUT /replication/protect`, for the thread that owns the VM.
+pub struct ProtectRequest {
+    /// The standby to pair with.
+    pub standby: String,
+    /// The answer.
+    pub reply: ProtectReply,
+}
+
+/// The primary's side of the API ([`ReplicationHook`]): the status from the engine's figures,
+/// and protection requests handed to the thread that owns the VM.
+pub struct PrimaryHook {
+    period: Duration,
+    term: u64,
+    engine: Mutex<Option<(Arc<Mutex<Metrics>>, Vec<String>)>>,
+    requests: Mutex<Sender<ProtectRequest>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl PrimaryHook {
+    /// A hook for a VM not protected yet, whose protection requests go to `requests`.
+    pub fn new(options: &EngineOptions, requests: Sender<ProtectRequest>) -> Self {
+        Self {
+            period: options.period,
+            term: options.term,
+            engine: Mutex::new(None),
+            requests: Mutex::new(requests),
+        }
+    }
+
+    /// The engine now protecting the VM: its figures and its standbys' names.
+    pub fn set_engine(&self, metrics: Arc<Mutex<Metrics>>, standbys: Vec<String>) {
+        *lock(&self.engine) = Some((metrics, standbys));
+    }
+}
+
+impl ReplicationHook for PrimaryHook {
+    fn status(&self) -> ReplicationStatus {
+        let mut status = ReplicationStatus {
+            role: ReplicationRole::Unprotected,
+            key: true,
+            term: self.term,
+            period_ms: self.period.as_millis() as u64,
+            ..ReplicationStatus::default()
+        };
+        let engine = lock(&self.engine);
+        let Some((metrics, names)) = engine.as_ref() else {
+            status.message =
+                Some("unprotected: `vmr ctl protect HOST:PORT` pairs a standby".into());
+            return status;
+        };
+        let m = lock(metrics).clone();
+        let synced = m.last_committed_epoch > 0;
+        let lag = m.last_sent_epoch.saturating_sub(m.last_committed_epoch);
+        status.role = if m.protected {
+            ReplicationRole::Primary
+        } else {
+            ReplicationRole::Unprotected
+        };
+        status.protected = m.protected && synced;
+        status.last_committed_epoch = m.last_committed_epoch;
+        status.last_sent_epoch = m.last_sent_epoch;
+        status.lag_epochs = lag;
+        status.epochs = m.epochs;
+        status.early_epochs = m.early_epochs;
+        status.pause_us = PauseFigures {
+            last: m.last_pause_us,
+            max: m.max_pause_us,
+            p50: 0,
+            p99: 0,
+        };
+        status.dirty_pages_last = m.last_dirty_pages;
+        status.dirty_pages_total = m.dirty_pages;
+        status.bytes_raw = m.bytes_raw;
+        status.bytes_sent = m.bytes_sent;
+        status.ack_latency_us = LatencyFigures {
+            last: m.last_ack_latency_us,
+            max: m.max_ack_latency_us,
+        };
+        status.held_egress_frames = m.held_frames as u64;
+        status.held_egress_bytes = m.held_bytes as u64;
+        status.inbound_frames_logged = m.inbound_frames;
+        status.peers = names
+            .iter()
+            .map(|name| {
+                let dropped = m
+                    .dropped
+                    .iter()
+                    .find_map(|d| d.strip_prefix(name.as_str())?.strip_prefix(": "));
+                match dropped {
+                    Some(reason) => ReplicationPeer {
+                        name: name.clone(),
+                        state: PeerState::Dropped,
+                        reason: Some(reason.to_string()),
+                        ..ReplicationPeer::default()
+                    },
+                    None => ReplicationPeer {
+                        name: name.clone(),
+                        state: if synced {
+                            PeerState::Protecting
+                        } else {
+                            PeerState::Syncing
+                        },
+                        acked_epoch: m.last_committed_epoch,
+                        lag_epochs: lag,
+                        reason: None,
+                    },
+                }
+            })
+            .collect();
+        if !m.protected {
+            status.message = Some(
+                "unprotected: no standby left; `vmr ctl protect HOST:PORT` pairs a new one".into(),
+            );
+        }
+        status
+    }
+
+    fn protect(&self, params: ProtectParams, reply: ProtectReply) {
+        let request = ProtectRequest {
+            standby: params.standby,
+            reply,
+        };
+        if let Err(e) = lock(&self.requests).send(request) {
+            (e.0.reply)(Err("the VM is ending".into()));
+        }
+    }
 }
 
 #[cfg(test)]

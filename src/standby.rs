@@ -9,7 +9,8 @@
 //! ends before any commit leaves the standby fresh.
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,15 @@ use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::pairing::{self, PairError};
 use replicator::standby::committed::DiskImage;
-use replicator::standby::host::Standby;
+use replicator::standby::host::{Standby, StandbyError};
 use replicator::standby::staging::StagingOptions;
+use vmm::api::{
+    ApiError, ApiServer, ProtectParams, ProtectReply, ReplicationHook, ReplicationRole,
+    ReplicationStatus, SnapshotInfo, SnapshotParams, SnapshotType,
+};
 use vmm::config::NetConfig;
+use vmm::controller::answer_without_vm;
+use vmm::snapshot::SnapshotError;
 
 use crate::protect::{devices, disk_sizes};
 
@@ -51,9 +58,12 @@ pub enum StandbyHostError {
     /// Accepting a connection failed.
     #[error("cannot accept a connection: {0}")]
     Accept(std::io::Error),
-    /// The progress thread could not start.
+    /// A thread could not start.
     #[error("cannot start a thread: {0}")]
     Spawn(std::io::Error),
+    /// The API socket.
+    #[error(transparent)]
+    Api(vmm::api::ApiServerError),
 }
 
 /// What `vmr standby` is given.
@@ -279,6 +289,113 @@ impl StandbyHost {
     }
 }
 
+/// The standby's side of the API: `GET /replication`, `GET /metrics`, and
+/// `PUT /snapshot/create` writing the committed epoch as a snapshot `vmr restore` runs.
+impl ReplicationHook for StandbyHost {
+    fn status(&self) -> ReplicationStatus {
+        let held = self.held();
+        let mut status = ReplicationStatus {
+            role: ReplicationRole::Standby,
+            key: true,
+            ..ReplicationStatus::default()
+        };
+        match held.as_ref() {
+            None => status.message = Some("standing by for a primary: nothing held yet".into()),
+            Some(h) => {
+                let info = h.standby.info();
+                status.term = info.committed_term;
+                status.last_committed_epoch = info.committed_epoch;
+                status.last_sent_epoch = info.open_epoch.unwrap_or(info.committed_epoch);
+                status.epochs = info.committed_epoch;
+                status.inbound_frames_logged = info.inbound_frames;
+                status.primary = Some(h.primary.to_string());
+                status.message = match (&h.ended, h.serving) {
+                    (_, true) => Some(format!("holding VM {} from its primary", h.hello.vm_id)),
+                    (Some(end), false) => Some(format!(
+                        "the primary's link ended ({end}): committed epoch {} kept for failover",
+                        info.committed_epoch
+                    )),
+                    (None, false) => None,
+                };
+            }
+        }
+        status
+    }
+
+    fn protect(&self, _params: ProtectParams, reply: ProtectReply) {
+        reply(Err(
+            "this is a standby: protect the VM from its primary (vmr ctl protect)".into(),
+        ));
+    }
+}
+
+impl StandbyHost {
+    /// Writes the committed epoch as a snapshot at `params.snapshot_path`.
+    fn snapshot(&self, params: &SnapshotParams) -> Result<SnapshotInfo, ApiError> {
+        if params.snapshot_type != SnapshotType::Full {
+            return Err(ApiError::bad_request(
+                "a standby writes its committed epoch as a full snapshot only",
+            ));
+        }
+        let standby = self
+            .standby()
+            .ok_or_else(|| ApiError::conflict("this standby holds no VM yet"))?;
+        let t0 = Instant::now();
+        let written = standby
+            .write_snapshot(&params.snapshot_path)
+            .map_err(|e| match e {
+                StandbyError::NothingCommitted
+                | StandbyError::Poisoned { .. }
+                | StandbyError::Promoted { .. } => ApiError::conflict(e.to_string()),
+                StandbyError::Snapshot {
+                    source: SnapshotError::Exists(_),
+                    ..
+                } => ApiError::conflict(e.to_string()),
+                StandbyError::Snapshot {
+                    source: SnapshotError::CreateDir { .. },
+                    ..
+                } => ApiError::bad_request(e.to_string()),
+                e => ApiError::internal(e.to_string()),
+            })?;
+        Ok(SnapshotInfo {
+            path: written.path,
+            snapshot_type: SnapshotType::Full,
+            memory_bytes: written.memory_bytes,
+            pages: written.pages,
+            pause_ms: 0.0,
+            total_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+}
+
+/// Serves the API socket of a standby host on a thread of its own.
+pub fn serve_api(host: Arc<StandbyHost>, socket: &Path) -> Result<ApiServer, StandbyHostError> {
+    let (server, receiver) = ApiServer::start(socket).map_err(StandbyHostError::Api)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || loop {
+            let mut fd = libc::pollfd {
+                fd: receiver.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `fd` is one valid pollfd for the call; the eventfd outlives it.
+            let n = unsafe { libc::poll(&mut fd, 1, 1000) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("the API's event loop: {e}");
+                    return;
+                }
+            }
+            for call in receiver.drain() {
+                answer_without_vm(call, host.as_ref(), &|p| host.snapshot(p));
+            }
+        })
+        .map_err(StandbyHostError::Spawn)?;
+    Ok(server)
+}
+
 /// Memory available on this host (`MemAvailable` of /proc/meminfo), in bytes.
 fn mem_available() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -329,7 +446,7 @@ pub fn run(host: Arc<StandbyHost>) -> Result<(), StandbyHostError> {
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
         disks = host.options.disks.len(),
-        nets = host.options.nets.len(),
+        taps = %host.nets().iter().map(|n| n.tap.as_str()).collect::<Vec<_>>().join(","),
         "standing by for a primary"
     );
     loop {
