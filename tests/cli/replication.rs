@@ -1,7 +1,9 @@
 //! `vmr standby` and `vmr run --protect` on this host's `/dev/kvm`, with the epoch writer
 //! guest (`vmm/tests/guests/epoch_writer.S`, writing records continuously): the standby
-//! commits the primary's epochs; a primary without the key, or whose standby nobody serves,
-//! is refused in one line; the standby goes on after a refused connection.
+//! commits the primary's epochs (its API shows them), writes its committed epoch as a
+//! snapshot that `vmr restore` runs, and keeps it when the primary is lost; `vmr ctl protect`
+//! pairs a running VM; a primary without the key, or whose standby nobody serves or cannot
+//! hold the VM, is refused in one line; the standby goes on after a refused connection.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_refused, scratch, tiny_elf, vmr, Vmr};
+use common::{assert_refused, scratch, tiny_elf, vmr, wait_for_socket, Vmr};
 
 /// A key file of 32 bytes of `byte`.
 fn key_file(name: &str, byte: u8) -> PathBuf {
@@ -35,15 +37,19 @@ struct StandbyProc {
     child: Child,
     log: PathBuf,
     addr: String,
+    api: PathBuf,
 }
 
 impl StandbyProc {
     fn spawn(name: &str, key: &Path, extra: &[&str]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = scratch(&format!("{name}.stderr"));
+        let api = scratch(&format!("{name}.sock"));
         let child = Command::new(env!("CARGO_BIN_EXE_vmr"))
             .args(["standby", "--listen", &addr, "--key-file"])
             .arg(key)
+            .arg("--api")
+            .arg(&api)
             .args(extra)
             .env("VMR_LOG", "info")
             .stdin(Stdio::null())
@@ -51,13 +57,22 @@ impl StandbyProc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let s = Self { child, log, addr };
+        let s = Self {
+            child,
+            log,
+            addr,
+            api,
+        };
         s.wait_log("listening", |l| l.contains("standing by for a primary"));
         s
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn api(&self) -> &Path {
+        &self.api
     }
 
     /// Waits (60 s at most) until a line of the log satisfies `f`; that line.
@@ -84,12 +99,32 @@ impl Drop for StandbyProc {
     }
 }
 
-/// The `epoch=N` of a log line.
-fn epoch_of(line: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("epoch="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+/// `vmr ctl --api SOCKET replication`, parsed.
+fn replication(api: &Path) -> serde_json::Value {
+    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), "replication"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Polls `vmr ctl replication` (60 s at most) until `f` holds; that status.
+fn wait_replication(api: &Path, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    wait_for_socket(api);
+    let t0 = Instant::now();
+    loop {
+        let status = replication(api);
+        if f(&status) {
+            return status;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "not reached within 60 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn writer_args(kernel: &Path) -> Vec<String> {
@@ -121,6 +156,8 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
     // With the key: the VM runs protected, the standby commits its epochs.
     args.extend(["--protect", &standby.addr, "--key-file"].map(String::from));
     args.push(key.display().to_string());
+    let primary_api = scratch("primary.sock");
+    args.extend(["--api".to_string(), primary_api.display().to_string()]);
     let mut primary = Vmr::spawn(
         "protected",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -128,10 +165,40 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
     standby.wait_log("initial synchronisation", |l| {
         l.contains("initial synchronisation received")
     });
-    let line = standby.wait_log("5 epochs committed", |l| {
-        l.contains("epochs committed") && epoch_of(l) >= 5
+    let status = wait_replication(standby.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
     });
-    assert!(epoch_of(&line) >= 5, "{line}");
+    assert_eq!(status["role"], "standby", "{status}");
+    assert!(
+        status["primary"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{status}"
+    );
+    wait_for_socket(&primary_api);
+    let ours = replication(&primary_api);
+    assert_eq!(ours["role"], "primary", "{ours}");
+    assert_eq!(ours["protected"], true, "{ours}");
+    assert_eq!(ours["peers"][0]["name"], standby.addr.as_str(), "{ours}");
+    assert_eq!(ours["peers"][0]["state"], "protecting", "{ours}");
+
+    // The committed epoch as a snapshot, which `vmr restore` runs.
+    let snap = scratch("committed");
+    let out = vmr(&[
+        "ctl",
+        "--api",
+        standby.api().to_str().unwrap(),
+        "snapshot",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(written["pages"].as_u64() > Some(0), "{written}");
     assert!(
         primary.child.try_wait().unwrap().is_none(),
         "the primary ended: {}",
@@ -143,11 +210,105 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
         l.contains("the primary's link ended")
     });
     assert!(end.contains("kept for failover"), "{end}");
-    let kept = end
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("committed_epoch="))
-        .and_then(|n| n.parse::<u64>().ok());
-    assert!(kept >= Some(epoch_of(&line)), "{end}");
+    let kept = wait_replication(standby.api(), |s| {
+        s["message"].as_str().is_some_and(|m| m.contains("kept"))
+    });
+    assert!(kept["last_committed_epoch"].as_u64() >= Some(5), "{kept}");
+    // A new pairing is refused: the committed state is kept for failover.
+    let mut again = writer_args(&kernel);
+    again.extend(["--serial", "none", "--protect", &standby.addr, "--key-file"].map(String::from));
+    again.push(key.display().to_string());
+    let out = vmr(&again.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_refused(&out, "kept for failover");
+
+    let restored_api = scratch("restored.sock");
+    let mut restored = Vmr::spawn(
+        "restored",
+        &[
+            "restore",
+            "--from",
+            snap.to_str().unwrap(),
+            "--allow-pvm",
+            "--api",
+            restored_api.to_str().unwrap(),
+        ],
+    );
+    wait_for_socket(&restored_api);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = vmr(&["ctl", "--api", restored_api.to_str().unwrap(), "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert!(
+        restored.child.try_wait().unwrap().is_none(),
+        "the restored VM ended: {}",
+        restored.log()
+    );
+    restored.kill();
+}
+
+#[test]
+fn vmr_ctl_protect_pairs_a_running_vm_with_a_standby() {
+    let key = key_file("ctl.key", 9);
+    let standby = StandbyProc::spawn("ctl-standby", &key, &[]);
+    let kernel = tiny_elf("epoch_writer");
+    let api = scratch("ctl-primary.sock");
+    let mut args = writer_args(&kernel);
+    args.extend(["--key-file".into(), key.display().to_string()]);
+    args.extend(["--api".into(), api.display().to_string()]);
+    let _primary = Vmr::spawn(
+        "ctl-primary",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_for_socket(&api);
+    let before = replication(&api);
+    assert_eq!(before["role"], "unprotected", "{before}");
+    assert_eq!(before["key"], true, "{before}");
+    let out = vmr(&[
+        "ctl",
+        "--api",
+        api.to_str().unwrap(),
+        "protect",
+        &standby.addr,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["protected"], true, "{after}");
+    wait_replication(standby.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    // A second standby is not supported yet: refused in one line.
+    let out = vmr(&[
+        "ctl",
+        "--api",
+        api.to_str().unwrap(),
+        "protect",
+        &standby.addr,
+    ]);
+    assert_refused(&out, "protected already");
+
+    // A VM without a key cannot be protected.
+    let bare_api = scratch("bare.sock");
+    let mut bare = writer_args(&kernel);
+    bare.extend(["--api".into(), bare_api.display().to_string()]);
+    let _bare = Vmr::spawn("bare", &bare.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for_socket(&bare_api);
+    let out = vmr(&[
+        "ctl",
+        "--api",
+        bare_api.to_str().unwrap(),
+        "protect",
+        &standby.addr,
+    ]);
+    assert_refused(&out, "--key-file");
 }
 
 #[test]
