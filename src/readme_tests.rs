@@ -150,8 +150,12 @@ fn the_config_example_parses() {
         .find(|(info, _)| info == "toml")
         .expect("the README shows a config file")
         .1;
-    let config: vmm::config::VmConfig = toml::from_str(&toml).expect("the README's config parses");
+    let (config, replication) = crate::config::parse(&toml).expect("the README's config parses");
     config.validate().expect("the README's config is valid");
+    assert!(
+        !replication.standbys.is_empty(),
+        "the README shows the [replication] table"
+    );
 }
 
 #[test]
