@@ -184,12 +184,15 @@ pub struct ProtectRequest {
     pub reply: ProtectReply,
 }
 
+/// The engine protecting the VM, as the API shows it: its figures and its standbys' names.
+type Protecting = (Arc<Mutex<Metrics>>, Vec<String>);
+
 /// The primary's side of the API ([`ReplicationHook`]): the status from the engine's figures,
 /// and protection requests handed to the thread that owns the VM.
 pub struct PrimaryHook {
     period: Duration,
     term: u64,
-    engine: Mutex<Option<(Arc<Mutex<Metrics>>, Vec<String>)>>,
+    engine: Mutex<Option<Protecting>>,
     requests: Mutex<Sender<ProtectRequest>>,
 }
 
