@@ -57,7 +57,7 @@ pub fn parse(text: &str) -> Result<(VmConfig, ReplicationConfig), String> {
                 .map_err(|e| {
                     let line = e
                         .span()
-                        .map(|s| format!(" line {}", text[..s.start].lines().count().max(1)))
+                        .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
                         .unwrap_or_default();
                     format!("[{REPLICATION}]{line}: {}", one_line(e.message()))
                 })?
@@ -126,6 +126,6 @@ mod tests {
             assert!(err.contains(needle), "{err:?} does not name {needle}");
         }
         let err = parse("kernel = \"/k\"\n[replication]\nstandby = [\"a:1\"]\n").unwrap_err();
-        assert!(err.starts_with("[replication]"), "{err}");
+        assert!(err.starts_with("[replication] line 3: "), "{err}");
     }
 }
