@@ -737,7 +737,14 @@ impl Coordinator for EtcdCoordinator {
 /// code that uses one (one process only: it decides nothing between hosts).
 #[derive(Debug, Default)]
 pub struct MemoryCoordinator {
-    keys: Mutex<(Revision, HashMap<String, (Ownership, Revision)>)>,
+    keys: Mutex<MemoryKeys>,
+}
+
+/// The keys of a [`MemoryCoordinator`] and its last revision.
+#[derive(Debug, Default)]
+struct MemoryKeys {
+    revision: Revision,
+    owners: HashMap<String, (Ownership, Revision)>,
 }
 
 impl MemoryCoordinator {
@@ -751,7 +758,7 @@ impl Coordinator for MemoryCoordinator {
     fn current(&self, vm: &str) -> Result<Option<(Ownership, Revision)>, CoordinatorError> {
         let key = check_vm(vm)?;
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(keys.1.get(&key).cloned())
+        Ok(keys.owners.get(&key).cloned())
     }
 
     fn claim(
@@ -763,8 +770,8 @@ impl Coordinator for MemoryCoordinator {
         let key = check_vm(vm)?;
         let term = next_term(&key, expected)?;
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let (revision, map) = &mut *keys;
-        match (map.get(&key), expected) {
+        let MemoryKeys { revision, owners } = &mut *keys;
+        match (owners.get(&key), expected) {
             (None, Some(e)) => {
                 return Err(CoordinatorError::Vanished {
                     key,
@@ -781,7 +788,7 @@ impl Coordinator for MemoryCoordinator {
             owner: me.to_owned(),
             term,
         };
-        map.insert(key, (new.clone(), *revision));
+        owners.insert(key, (new.clone(), *revision));
         Ok(Claim::Won(new))
     }
 }

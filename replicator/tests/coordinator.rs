@@ -286,7 +286,8 @@ fn still_owner_follows_the_term() {
 fn assert_unreachable(endpoints: &Endpoints, what: &str) {
     let timeout = Duration::from_millis(300);
     let c = EtcdCoordinator::connect(endpoints, timeout).expect("connecting is lazy");
-    let calls: [(&str, Box<dyn Fn() -> Result<(), CoordinatorError>>); 3] = [
+    type Call<'a> = Box<dyn Fn() -> Result<(), CoordinatorError> + 'a>;
+    let calls: [(&str, Call); 3] = [
         ("current", Box::new(|| c.current("vm").map(drop))),
         (
             "claim",
@@ -433,4 +434,22 @@ fn claim_latency() {
          still_owner_p50_ms={read_p50:.2} still_owner_p99_ms={read_p99:.2}"
     );
     assert!(claim_p50 < 1000.0, "a claim takes {claim_p50} ms at p50");
+}
+
+#[test]
+fn calling_from_inside_an_async_runtime_is_refused_not_a_panic() {
+    let endpoints = Endpoints::parse(&format!("etcd://127.0.0.1:{}", free_port())).unwrap();
+    let outside = EtcdCoordinator::connect(&endpoints, Duration::from_millis(100)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let err = EtcdCoordinator::connect(&endpoints, Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(err, CoordinatorError::InsideAsync), "{err}");
+        let err = outside.current("vm").unwrap_err();
+        assert!(matches!(err, CoordinatorError::InsideAsync), "{err}");
+        // Dropping it here must not panic either.
+        drop(outside);
+    });
 }
