@@ -84,8 +84,10 @@ impl Claim {
     }
 }
 
-/// Who owns which VM. Every method is one linearizable round trip to the coordinator (two at
-/// most for a claim); none waits longer than the coordinator's timeout.
+/// Who owns which VM. Every answer is linearizable (etcd's default reads, transactions), and
+/// no call waits longer than the coordinator's timeout (transient failures are tried again
+/// within it). Object safe: a `Box<dyn Coordinator>` holds an [`EtcdCoordinator`] or, in
+/// tests, a [`MemoryCoordinator`].
 pub trait Coordinator: Send + Sync {
     /// The VM's current ownership and the revision of the key, or `None` if nobody owns it.
     fn current(&self, vm: &str) -> Result<Option<(Ownership, Revision)>, CoordinatorError>;
@@ -101,8 +103,10 @@ pub trait Coordinator: Send + Sync {
         me: &str,
     ) -> Result<Claim, CoordinatorError>;
 
-    /// Whether `mine` is still the VM's current ownership (same owner, same term). A primary
-    /// asks this before going on unprotected; `false` means it was deposed.
+    /// Whether `mine` is still the VM's current ownership (same owner, same term); `false`
+    /// means it was deposed. A primary checks this before going on unprotected, and may poll
+    /// it; it is a read, not a fence: only a won [`claim`](Self::claim) (term `T` to `T + 1`)
+    /// entitles it to release output that no standby acknowledged.
     fn still_owner(&self, vm: &str, mine: &Ownership) -> Result<bool, CoordinatorError> {
         Ok(self
             .current(vm)?
