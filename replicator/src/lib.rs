@@ -7,11 +7,13 @@
 //! - [`epoch`]: an epoch's digest, and the writer the primary sends an epoch with;
 //! - [`standby`]: staging epochs and committing them atomically, and the standby host;
 //! - [`primary`]: the epoch engine of the protected VM;
-//! - [`conn`]: the stream under a link (TCP or a Unix socket).
+//! - [`conn`]: the stream under a link (TCP or a Unix socket);
+//! - [`coordinator`]: who owns a protected VM (etcd), the term as fencing token.
 
 pub mod auth;
 pub mod compat;
 pub mod conn;
+pub mod coordinator;
 pub mod epoch;
 pub mod pairing;
 pub mod primary;
