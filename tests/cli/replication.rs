@@ -183,6 +183,42 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
     assert_eq!(ours["peers"][0]["name"], standby.addr.as_str(), "{ours}");
     assert_eq!(ours["peers"][0]["state"], "protecting", "{ours}");
 
+    // Every answer of both monitors' replication API follows the OpenAPI document.
+    let not_a_dir = format!(
+        r#"{{"snapshot_path": "{}/a/b"}}"#,
+        scratch("none").display()
+    );
+    for (api, method, path, body, status) in [
+        (standby.api(), "GET", "/replication", None, 200),
+        (standby.api(), "GET", "/metrics", None, 200),
+        (standby.api(), "GET", "/vm", None, 409),
+        (
+            standby.api(),
+            "PUT",
+            "/snapshot/create",
+            Some(not_a_dir.as_str()),
+            400,
+        ),
+        (primary_api.as_path(), "GET", "/replication", None, 200),
+        (primary_api.as_path(), "GET", "/metrics", None, 200),
+    ] {
+        let response = vmm::api::ApiClient::new(api)
+            .call(
+                method,
+                path,
+                body.map(str::as_bytes),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(
+            response.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        common::openapi::openapi().check(method, path, &response);
+    }
+
     // The committed epoch as a snapshot, which `vmr restore` runs.
     let snap = scratch("committed");
     let out = vmr(&[
