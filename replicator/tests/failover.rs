@@ -311,7 +311,12 @@ fn a_primary_whose_standby_took_over_is_fenced_and_releases_nothing_more() {
         }],
         ..restore_options()
     };
-    let taken = takeover(&*standby, Some((&*coordinator, "vm-b", "standby")), &options).unwrap();
+    let taken = takeover(
+        &*standby,
+        Some((&*coordinator, "vm-b", "standby")),
+        &options,
+    )
+    .unwrap();
     assert_eq!(taken.term, 2);
     assert!(taken.epoch >= 5);
     assert_eq!(
@@ -325,7 +330,11 @@ fn a_primary_whose_standby_took_over_is_fenced_and_releases_nothing_more() {
     let fenced = engine.fenced().expect("the primary was not fenced");
     assert_eq!(m.fenced.as_ref(), Some(&fenced));
     assert_eq!(fenced.owner, Some(own("standby", 2)));
-    assert!(fenced.reason.contains("standby (term 2)"), "{}", fenced.reason);
+    assert!(
+        fenced.reason.contains("standby (term 2)"),
+        "{}",
+        fenced.reason
+    );
     assert_eq!(fenced.discarded_frames, 3);
     assert_eq!(engine.term(), 1);
     assert!(!m.protected);
