@@ -441,7 +441,7 @@ fn the_taken_over_vm_runs_on_from_the_committed_epoch_with_the_logged_inbound_fr
     let (peer, _cut, server) = serve(&standby, 4);
     let mut engine = Engine::start(&vm, vec![peer], EngineOptions::default()).unwrap();
     commit_through(&mut engine, 10);
-    // The primary is gone (its TAP free for the standby's VM).
+    // The primary is gone.
     engine.shutdown();
     vm.stop().unwrap();
     server.join().unwrap().unwrap();
@@ -479,10 +479,18 @@ fn the_taken_over_vm_runs_on_from_the_committed_epoch_with_the_logged_inbound_fr
     }
     assert_eq!(standby.info().inbound_frames, 6);
 
+    // The standby host's own TAP.
+    let options = RestoreOptions {
+        net: vec![NetConfig {
+            tap: ns.tap_name("ftks"),
+            mac: None,
+        }],
+        ..restore_options()
+    };
     let taken = takeover(
         &*standby,
         Some((&*coordinator, "vm-d", "standby")),
-        &restore_options(),
+        &options,
     )
     .unwrap();
     assert_eq!(
