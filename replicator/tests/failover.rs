@@ -3,8 +3,11 @@
 //!
 //! - a primary that loses its standby wins the compare-and-swap (term 2) and goes on
 //!   unprotected, its guest running;
+//! - a primary that loses one of two standbys claims term 2 before it releases on the other's
+//!   acks, and its next epochs carry term 2;
 //! - a standby that took over first (term 2) makes the primary's claim lose: the primary is
-//!   fenced, its vCPUs paused, its held output discarded and nothing more released;
+//!   fenced, its vCPUs paused, its held output discarded and nothing more released; a primary
+//!   that cannot reach the coordinator is fenced too;
 //! - a takeover is refused when the VM is owned with a later term than the standby committed;
 //! - the taken-over VM runs on from the committed epoch with the logged inbound frames in its
 //!   network device's receive queue, in order;
@@ -27,7 +30,9 @@ use std::time::{Duration, Instant};
 use replicator::auth::ReplicationKey;
 use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
 use replicator::conn::Conn;
-use replicator::coordinator::{Claim, Coordinator, MemoryCoordinator, Ownership};
+use replicator::coordinator::{
+    Claim, Coordinator, CoordinatorError, MemoryCoordinator, Ownership, Revision,
+};
 use replicator::primary::vm::VmThread;
 use replicator::primary::{pair_standby, Authority, Engine, EngineOptions, NewStandby};
 use replicator::standby::host::{Standby, StandbyError};
@@ -286,6 +291,105 @@ fn a_primary_that_loses_its_standby_wins_the_claim_and_goes_on_unprotected() {
     );
     server.join().unwrap().unwrap();
     assert!(standby.info().committed_epoch >= 5);
+    vm.stop().unwrap();
+}
+
+#[test]
+fn losing_one_of_two_standbys_needs_the_claim_and_the_next_epochs_carry_the_new_term() {
+    let coordinator = Arc::new(MemoryCoordinator::new());
+    let vm = writer(256, None);
+    let (a, b) = (new_standby(6), new_standby(6));
+    let (peer_a, cut_a, server_a) = serve(&a, 6);
+    let (peer_b, _cut_b, server_b) = serve(&b, 6);
+    let options = EngineOptions {
+        authority: Some(first_owner(coordinator.clone(), "vm-e", "primary")),
+        ..Default::default()
+    };
+    let mut engine = Engine::start(&vm, vec![peer_a, peer_b], options).unwrap();
+    commit_through(&mut engine, 5);
+    // a is lost: it may be one that was promoted, so b's acks alone release output only once
+    // the primary won term 2.
+    cut_a.shutdown();
+    let t0 = Instant::now();
+    while engine.metrics().lock().unwrap().standbys == 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "a was not dropped");
+        engine.step().unwrap();
+    }
+    assert!(engine.is_protected());
+    assert_eq!(engine.term(), 2);
+    assert_eq!(
+        coordinator.current("vm-e").unwrap().unwrap().0,
+        own("primary", 2)
+    );
+    let next = engine.next_epoch();
+    commit_through(&mut engine, next + 2);
+    assert_eq!(b.info().committed_term, 2);
+    assert_eq!(a.info().committed_term, 1);
+    engine.shutdown();
+    // Ending protection releases what b did not acknowledge: one more claim.
+    assert_eq!(
+        coordinator.current("vm-e").unwrap().unwrap().0,
+        own("primary", 3)
+    );
+    server_a.join().unwrap().unwrap();
+    server_b.join().unwrap().unwrap();
+    vm.stop().unwrap();
+}
+
+/// A coordinator that never answers a claim (a primary partitioned from etcd).
+struct Unreachable;
+
+impl Coordinator for Unreachable {
+    fn current(&self, _vm: &str) -> Result<Option<(Ownership, Revision)>, CoordinatorError> {
+        Err(self.error())
+    }
+
+    fn claim(
+        &self,
+        _vm: &str,
+        _expected: Option<&Ownership>,
+        _me: &str,
+    ) -> Result<Claim, CoordinatorError> {
+        Err(self.error())
+    }
+}
+
+impl Unreachable {
+    fn error(&self) -> CoordinatorError {
+        CoordinatorError::Unreachable {
+            endpoints: "etcd://192.0.2.1:2379".into(),
+            op: "claim /vmr/vms/vm-f/owner".into(),
+            timeout: Duration::from_secs(2),
+            detail: None,
+        }
+    }
+}
+
+#[test]
+fn a_primary_that_cannot_reach_the_coordinator_is_fenced() {
+    let vm = writer(256, None);
+    let standby = new_standby(7);
+    let (peer, cut, server) = serve(&standby, 7);
+    let options = EngineOptions {
+        authority: Some(Authority {
+            coordinator: Arc::new(Unreachable),
+            vm: "vm-f".into(),
+            me: "primary".into(),
+            ownership: own("primary", 1),
+        }),
+        ..Default::default()
+    };
+    let mut engine = Engine::start(&vm, vec![peer], options).unwrap();
+    commit_through(&mut engine, 3);
+    cut.shutdown();
+    step_until_unprotected(&mut engine);
+    let fenced = engine.fenced().expect("the primary was not fenced");
+    assert_eq!(fenced.owner, None);
+    assert!(fenced.reason.contains("unreachable"), "{}", fenced.reason);
+    assert_eq!(engine.term(), 1);
+    assert_eq!(vm.run(|m| m.phase()).unwrap(), VmPhase::Paused);
+    engine.shutdown();
+    server.join().unwrap().unwrap();
     vm.stop().unwrap();
 }
 
