@@ -9,10 +9,16 @@
 //! standby timeout (a standby that stops reading fails its write).
 //!
 //! A standby that fails, refuses or does not acknowledge in time is dropped by
-//! [`Engine::drop_standby`], the one place that decides what losing a standby means (the
-//! failover work adds its fencing check there). With none left, the engine turns replication
-//! off on the devices, releases the held output and stops: the VM goes on unprotected.
+//! [`Engine::drop_standby`], the one place that decides what losing a standby means. With an
+//! [`Authority`] (a coordinator), the primary must first win the compare-and-swap of its
+//! ownership (term `T` to `T + 1`); if it loses (a standby was promoted) or cannot ask, it is
+//! fenced: vCPUs paused, unacknowledged output discarded, the engine stops
+//! ([`Decision::Fenced`]; why this keeps a deposed primary from ever releasing output:
+//! [`authority`]). With none left and the claim won (or without an authority), the engine
+//! turns replication off on the devices, releases the held output and stops: the VM goes on
+//! unprotected.
 
+pub mod authority;
 pub mod vm;
 
 use std::collections::VecDeque;
@@ -35,6 +41,7 @@ use crate::conn::Conn;
 use crate::epoch::EpochWriter;
 use crate::pairing::{self, Link, PairError};
 use crate::wire::{FrameError, FrameReader, FrameWriter, Message, DEFAULT_ZSTD_LEVEL};
+pub use authority::{Authority, Fenced, Renewal};
 use vm::{checkpoint, replication_on, EpochSwitch, VmControl, VmThreadError};
 
 /// Errors of the epoch engine. One variant per failing call.
@@ -105,8 +112,12 @@ pub struct EngineOptions {
     /// A standby that has not acknowledged an epoch this long after it was sent, or whose
     /// stream does not take a write for this long, is dropped.
     pub standby_timeout: Duration,
-    /// The primary's term (fencing token).
+    /// The primary's term (fencing token) without an authority; with one, the term of
+    /// [`Authority::ownership`] replaces it.
     pub term: u64,
+    /// Who owns the VM (the coordinator, this host, the ownership held). `None`: no
+    /// coordinator, losing every standby makes the VM go on unprotected without fencing.
+    pub authority: Option<Authority>,
     /// How each epoch is checkpointed (the first one is always full).
     pub epoch: EpochOptions,
     /// Bound of each network device's inbound mirror, in frames.
@@ -125,6 +136,7 @@ impl Default for EngineOptions {
             early_on_events: true,
             standby_timeout: DEFAULT_STANDBY_TIMEOUT,
             term: 1,
+            authority: None,
             epoch: EpochOptions::default(),
             inbound_capacity: DEFAULT_INBOUND_CAPACITY,
         }
@@ -170,6 +182,11 @@ pub struct Metrics {
     pub held_bytes: usize,
     /// Inbound frames mirrored (logged by the standbys), in all.
     pub inbound_frames: u64,
+    /// The term epochs are sent with.
+    pub term: u64,
+    /// Set when the primary was fenced (its ownership lost or unproven): its vCPUs are paused
+    /// and it releases nothing more. The owner it learnt is inside.
+    pub fenced: Option<Fenced>,
 }
 
 /// What losing a standby means for the VM ([`Engine::drop_standby`]).
@@ -177,8 +194,13 @@ pub struct Metrics {
 pub enum Decision {
     /// Other standbys remain: go on, releasing output on their acks.
     Continue,
-    /// None remains: go on unprotected, releasing the held output.
+    /// None remains: go on unprotected, releasing the held output (with an authority, after
+    /// winning the claim of the next term).
     Unprotected,
+    /// The primary's ownership is lost (a standby was promoted) or cannot be proven (the
+    /// coordinator did not answer): vCPUs paused, the output of unacknowledged epochs
+    /// discarded, nothing more released, the engine stops.
+    Fenced,
 }
 
 /// A frame from a standby, or its loss.
@@ -316,6 +338,10 @@ impl Engine {
                 });
             }
         }
+        let mut options = options;
+        if let Some(a) = &options.authority {
+            options.term = a.ownership.term;
+        }
         let control = vm.control();
         let tracker = Arc::new(EpochTracker::new(&vm.vm, true).map_err(EngineError::Tracker)?);
         let capacity = options.inbound_capacity;
@@ -344,9 +370,11 @@ impl Engine {
         for (id, s) in standbys.into_iter().enumerate() {
             engine.add_peer(id as u64, s)?;
         }
+        let term = engine.options.term;
         engine.update_metrics(|m| {
             m.protected = true;
             m.standbys = engine.peers.len();
+            m.term = term;
         });
         tracing::info!(
             standbys = engine.peers.len(),
@@ -391,6 +419,21 @@ impl Engine {
     /// Whether some standby still holds the VM.
     pub fn is_protected(&self) -> bool {
         self.protected
+    }
+
+    /// Why the primary was fenced, if it was ([`Decision::Fenced`]).
+    pub fn fenced(&self) -> Option<Fenced> {
+        lock(&self.metrics).fenced.clone()
+    }
+
+    /// The term epochs are sent with (one more after each claim won).
+    pub fn term(&self) -> u64 {
+        self.options.term
+    }
+
+    /// The devices' replication ports (egress gates: held and released output).
+    pub fn ports(&self) -> &ReplicationPorts {
+        &self.ports
     }
 
     /// The last epoch every standby acknowledged.
@@ -615,8 +658,12 @@ impl Engine {
     }
 
     /// Drops standby `index` (lost, refused, failed or too slow) and decides what that means
-    /// for the VM. The one place where losing a standby is decided: the failover work puts
-    /// its fencing check here.
+    /// for the VM: the one place where losing a standby is decided.
+    ///
+    /// With an [`Authority`], any loss needs a won claim of the next term before more output
+    /// is released (the dropped standby may be one that was promoted: the others' acks alone
+    /// would release output it never saw). Won: go on, with the new term. Lost or no answer:
+    /// [`Decision::Fenced`].
     pub fn drop_standby(&mut self, index: usize, reason: &str) -> Decision {
         let mut peer = self.peers.remove(index);
         peer.close();
@@ -630,6 +677,9 @@ impl Engine {
             m.dropped.push(format!("{}: {reason}", peer.name));
             m.standbys = left;
         });
+        if let Err(d) = self.renew_ownership(&format!("standby {} dropped", peer.name)) {
+            return d;
+        }
         if left > 0 {
             // The slowest may be gone: the others' acks may release more.
             self.release();
@@ -637,6 +687,71 @@ impl Engine {
         }
         self.go_unprotected("no standby left");
         Decision::Unprotected
+    }
+
+    /// With an authority: claims the next term, or is fenced (`Err(Decision::Fenced)`).
+    /// Without one: nothing to do.
+    fn renew_ownership(&mut self, why: &str) -> Result<(), Decision> {
+        let Some(authority) = self.options.authority.as_mut() else {
+            return Ok(());
+        };
+        let held = authority.ownership.clone();
+        match authority.claim_next() {
+            Renewal::Won(o) => {
+                self.options.term = o.term;
+                self.update_metrics(|m| m.term = o.term);
+                Ok(())
+            }
+            Renewal::Lost(owner) => {
+                let reason = format!("{why}: the VM is owned by {owner} now, not {held}");
+                self.fence(Some(owner), reason);
+                Err(Decision::Fenced)
+            }
+            Renewal::Failed(e) => {
+                let reason = format!("{why}: cannot renew ownership {held}: {e}");
+                self.fence(None, reason);
+                Err(Decision::Fenced)
+            }
+        }
+    }
+
+    /// The ownership is lost or unproven: pauses the vCPUs, discards the held output of every
+    /// epoch not acknowledged (never released, so never seen), closes the remaining standbys
+    /// and stops the loop. Replication stays on on the devices: turning it off would let the
+    /// guest's output out.
+    fn fence(&mut self, owner: Option<crate::coordinator::Ownership>, reason: String) {
+        self.protected = false;
+        match self.vm.run(|m| match m.phase() {
+            vmm::microvm::VmPhase::Running => m.pause().map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("fenced, but cannot pause the vCPUs: {e}"),
+            Err(e) => tracing::error!("fenced, but cannot reach the VM to pause it: {e}"),
+        }
+        let discarded = self.ports.discard_after(self.released);
+        for mut p in self.peers.drain(..) {
+            p.close();
+        }
+        tracing::error!(
+            owner = owner.as_ref().map(|o| o.to_string()),
+            last_committed_epoch = self.released,
+            discarded_frames = discarded,
+            "FENCED: {reason}; vCPUs paused, unacknowledged output discarded"
+        );
+        let held_frames = self.ports.net.iter().map(|p| p.held_frames()).sum();
+        let held_bytes = self.ports.net.iter().map(|p| p.held_bytes()).sum();
+        self.update_metrics(|m| {
+            m.protected = false;
+            m.standbys = 0;
+            m.held_frames = held_frames;
+            m.held_bytes = held_bytes;
+            m.fenced = Some(Fenced {
+                owner,
+                reason,
+                discarded_frames: discarded,
+            });
+        });
     }
 
     /// No standby is left: replication off on the devices, held output released, the loop
@@ -774,7 +889,7 @@ impl Engine {
                 }
                 Err(e) => {
                     let reason = format!("sending epoch {n} failed: {e}");
-                    if self.drop_standby(i, &reason) == Decision::Unprotected {
+                    if self.drop_standby(i, &reason) != Decision::Continue {
                         break;
                     }
                 }
@@ -785,7 +900,9 @@ impl Engine {
     }
 
     /// Ends protection: closes every standby link (they keep their last commit) and turns
-    /// replication off, releasing the held output. Dropping the engine does the same.
+    /// replication off, releasing the held output; with an [`Authority`], only after winning
+    /// the claim of the next term (else the primary is fenced). Dropping the engine does the
+    /// same.
     pub fn shutdown(self) {}
 
     fn close_all(&mut self) {
@@ -796,7 +913,10 @@ impl Engine {
         self.peers.clear();
         if self.protected {
             self.update_metrics(|m| m.standbys = 0);
-            self.go_unprotected("protection ended");
+            // Releasing what no standby acknowledged needs the ownership, as in drop_standby.
+            if self.renew_ownership("protection ended").is_ok() {
+                self.go_unprotected("protection ended");
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
-//! The standby: what it commits, how it stages epochs, and the loop that serves a primary.
+//! The standby: what it commits, how it stages epochs, the loop that serves a primary, and the
+//! takeover that makes it the primary.
 
 pub mod committed;
 pub mod host;
 pub mod staging;
+pub mod takeover;
 
 use std::io::{Read, Write};
 use std::sync::{Mutex, PoisonError};
