@@ -1,6 +1,6 @@
 //! End-to-end tests with real Linux guests, run inside the lab: boot with 2 vCPUs, networking
 //! over a TAP, block storage across a reboot, redis reached from the host, a TCP connection kept
-//! through snapshot/restore and live migration. Each scenario is
+//! through snapshot/restore and live migration, redis protected by a standby. Each scenario is
 //! a script in `tests/lab/`; it fails on its first failed check and prints the guest console.
 //! A last test checks the watchdog itself: a guest that goes silent is ended within the bound.
 
@@ -51,6 +51,11 @@ fn a_tcp_connection_survives_live_migration() {
 #[test]
 fn redis_benchmark_runs_through_a_live_migration() {
     scenario("migrate_redis");
+}
+
+#[test]
+fn redis_protected_by_a_standby_loses_no_acknowledged_write() {
+    scenario("protect_redis");
 }
 
 /// The watchdog's bound in its own check: short, so that the check is quick.

@@ -203,6 +203,19 @@ pub enum Decision {
     Fenced,
 }
 
+/// The slowest a standby may take in an epoch's pages (decode, verify, stage, apply) before
+/// it is dropped: a large epoch (the initial synchronisation carries all of memory) gets that
+/// much longer than the standby timeout. The initial synchronisation of a 256 MiB guest took
+/// about 10 s in the emulated lab, against a 2 s timeout.
+pub const STANDBY_MIN_APPLY_RATE: u64 = 8 << 20;
+
+/// How long a standby has to acknowledge an epoch of `raw_bytes` once it was sent (or, for an
+/// epoch queued behind others, once the standby acknowledged the one before): the standby
+/// timeout, plus the epoch's bytes at [`STANDBY_MIN_APPLY_RATE`].
+pub fn ack_allowance(standby_timeout: Duration, raw_bytes: u64) -> Duration {
+    standby_timeout + Duration::from_secs_f64(raw_bytes as f64 / STANDBY_MIN_APPLY_RATE as f64)
+}
+
 /// A frame from a standby, or its loss.
 enum PeerEvent {
     Ack { peer: u64, epoch: u64 },
@@ -225,8 +238,12 @@ struct Peer {
     name: String,
     writer: FrameWriter<Conn>,
     conn: Conn,
-    /// Epochs sent and not acknowledged, with when their send ended.
-    in_flight: VecDeque<(u64, Instant)>,
+    /// Epochs sent and not acknowledged, with when their send ended and how long the standby
+    /// has to acknowledge each ([`ack_allowance`]).
+    in_flight: VecDeque<(u64, Instant, Duration)>,
+    /// When its last ack came (or it was paired): the epochs queued behind a large one are
+    /// timed from the standby's last progress, not from their own send.
+    last_ack_at: Instant,
     acked: u64,
     reader: Option<JoinHandle<()>>,
 }
@@ -405,6 +422,7 @@ impl Engine {
             writer,
             conn,
             in_flight: VecDeque::new(),
+            last_ack_at: Instant::now(),
             acked: 0,
             reader: Some(handle),
         });
@@ -604,7 +622,7 @@ impl Engine {
                     return;
                 };
                 let mut latency = None;
-                while let Some(&(e, at)) = p.in_flight.front() {
+                while let Some(&(e, at, _)) = p.in_flight.front() {
                     if e > epoch {
                         break;
                     }
@@ -614,6 +632,7 @@ impl Engine {
                     p.in_flight.pop_front();
                 }
                 p.acked = p.acked.max(epoch);
+                p.last_ack_at = Instant::now();
                 if let Some(l) = latency {
                     let us = l.as_micros() as u64;
                     self.update_metrics(|m| {
@@ -632,14 +651,17 @@ impl Engine {
     }
 
     fn check_timeouts(&mut self) {
-        let timeout = self.options.standby_timeout;
         while let Some(i) = self.peers.iter().position(|p| {
             p.in_flight
                 .front()
-                .is_some_and(|(_, at)| at.elapsed() > timeout)
+                .is_some_and(|(_, at, allowed)| (*at).max(p.last_ack_at).elapsed() > *allowed)
         }) {
-            let epoch = self.peers[i].in_flight.front().map(|e| e.0).unwrap_or(0);
-            let reason = format!("no ack of epoch {epoch} within {timeout:?}");
+            let (epoch, allowed) = self.peers[i]
+                .in_flight
+                .front()
+                .map(|e| (e.0, e.2))
+                .unwrap_or_default();
+            let reason = format!("no ack of epoch {epoch} within {allowed:?}");
             self.drop_standby(i, &reason);
         }
     }
@@ -874,6 +896,7 @@ impl Engine {
         inbound: &[(u64, u32, Vec<u8>)],
     ) -> usize {
         let term = self.options.term;
+        let allowed = ack_allowance(self.options.standby_timeout, capture.raw_bytes());
         let mut sent = 0;
         let mut bytes = 0;
         let mut i = 0;
@@ -882,7 +905,7 @@ impl Engine {
             let before = p.writer.bytes_sent();
             match send_epoch(&mut p.writer, n, term, capture, writes, inbound) {
                 Ok(()) => {
-                    p.in_flight.push_back((n, Instant::now()));
+                    p.in_flight.push_back((n, Instant::now(), allowed));
                     bytes += p.writer.bytes_sent() - before;
                     sent += 1;
                     i += 1;
@@ -1031,4 +1054,18 @@ fn read_peer(id: u64, mut reader: FrameReader<Conn>, tx: Sender<PeerEvent>, wake
     };
     let _ = tx.send(event);
     let _ = waker.write(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_epoch_gets_time_to_be_taken_in() {
+        let timeout = Duration::from_secs(2);
+        // A small epoch: the timeout.
+        assert!(ack_allowance(timeout, 4096) < Duration::from_millis(2001));
+        // The initial synchronisation of 256 MiB: 32 s more at 8 MiB/s.
+        assert_eq!(ack_allowance(timeout, 256 << 20), Duration::from_secs(34));
+    }
 }
