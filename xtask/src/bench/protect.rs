@@ -41,8 +41,6 @@ const STANDBY_ADDR: &str = "127.0.0.1:7171";
 /// How long a guest may take from its start to redis answering (boot under emulation, a
 /// protected VM's initial synchronisation).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
-/// A benchmark run longer than this is stopped.
-const BENCH_TIMEOUT_SECS: u64 = 1200;
 
 #[derive(Args, Clone)]
 pub struct ProtectArgs {
@@ -54,9 +52,13 @@ pub struct ProtectArgs {
     /// --requests is 0.
     #[arg(long, default_value_t = 30)]
     target_secs: u64,
-    /// Requests of each warm-up run.
-    #[arg(long, default_value_t = 1000)]
+    /// Requests of each warm-up test.
+    #[arg(long, default_value_t = 500)]
     warmup_requests: u64,
+    /// A configuration whose measurement would take longer than this (at its warm-up's rate)
+    /// runs fewer requests, recorded in its results.
+    #[arg(long, default_value_t = 240)]
+    max_secs: u64,
     /// Parallel connections (`redis-benchmark -c`).
     #[arg(long, default_value_t = 10)]
     clients: u32,
@@ -92,6 +94,7 @@ impl ProtectArgs {
             format!("--requests={}", self.requests),
             format!("--target-secs={}", self.target_secs),
             format!("--warmup-requests={}", self.warmup_requests),
+            format!("--max-secs={}", self.max_secs),
             format!("--clients={}", self.clients),
             format!("--vcpus={}", self.vcpus),
             format!("--mem={}", self.mem),
@@ -141,6 +144,9 @@ struct ConfigResult {
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
     tests: Vec<TestResult>,
+    /// Requests per test: the run's `-n`, or fewer if this configuration is too slow for it
+    /// (`--max-secs`).
+    requests: Option<u64>,
     /// The measurement's wall time, in s.
     seconds: Option<f64>,
     /// The warm-up's requests per second.
@@ -161,6 +167,7 @@ impl ConfigResult {
             p50_ms: None,
             p99_ms: None,
             tests: Vec::new(),
+            requests: None,
             seconds: None,
             warmup_rps: None,
             error: None,
@@ -353,9 +360,14 @@ fn last_lines(m: &Monitor) -> String {
 }
 
 /// Runs `redis-benchmark --csv` with `n` requests per test; its tests.
-fn redis_benchmark(ns: &Netns, n: u64, clients: u32) -> Result<(Vec<TestResult>, f64), String> {
+fn redis_benchmark(
+    ns: &Netns,
+    n: u64,
+    clients: u32,
+    timeout_secs: u64,
+) -> Result<(Vec<TestResult>, f64), String> {
     let mut cmd = ns.cmd("timeout");
-    cmd.arg(BENCH_TIMEOUT_SECS.to_string())
+    cmd.arg(timeout_secs.to_string())
         .args(["redis-benchmark", "-h", GUEST_IP])
         .args(["-n", &n.to_string(), "-c", &clients.to_string()])
         .args(["-t", "set,get", "--csv"]);
@@ -445,7 +457,7 @@ fn warm_and_measure(
     n: &mut u64,
     r: &mut ConfigResult,
 ) -> Result<(), String> {
-    let (warm, _) = redis_benchmark(ns, args.warmup_requests, args.clients)
+    let (warm, _) = redis_benchmark(ns, args.warmup_requests, args.clients, args.max_secs)
         .map_err(|e| format!("warm-up: {e}"))?;
     let warm_rps = combined_rps(&warm);
     r.warmup_rps = Some(warm_rps);
@@ -459,7 +471,19 @@ fn warm_and_measure(
     } else {
         eprintln!("  warm-up: {warm_rps:.0} requests/s");
     }
-    let (tests, secs) = redis_benchmark(ns, *n, args.clients)?;
+    // A configuration so slow that the common -n would take longer than --max-secs runs
+    // fewer requests, and says so.
+    let mut requests = *n;
+    let predicted_secs = 2.0 * requests as f64 / warm_rps;
+    if predicted_secs > args.max_secs as f64 {
+        requests = ((warm_rps * args.max_secs as f64 / 2.0) as u64).max(args.warmup_requests);
+        eprintln!(
+            "  {}: -n {} would take about {predicted_secs:.0} s at the warm-up's rate:              -n {requests} instead",
+            r.label, *n
+        );
+    }
+    r.requests = Some(requests);
+    let (tests, secs) = redis_benchmark(ns, requests, args.clients, 3 * args.max_secs)?;
     r.rps = Some(combined_rps(&tests));
     r.p50_ms = Some(mean(tests.iter().map(|t| t.p50_ms)));
     r.p99_ms = Some(mean(tests.iter().map(|t| t.p99_ms)));
@@ -964,16 +988,8 @@ fn print_table(r: &ProtectReport) {
          the same monitor unprotected"
     );
     println!(
-        "{:<16}{:>12}{:>10}{:>10}{:>10}{:>10}{:>12}{:>12}  {}",
-        "config",
-        "requests/s",
-        "SET",
-        "GET",
-        "p50 ms",
-        "p99 ms",
-        "tput ratio",
-        "p99 added",
-        "error"
+        "{:<16}{:>8}{:>12}{:>10}{:>10}{:>10}{:>10}{:>12}{:>12}  error",
+        "config", "-n", "requests/s", "SET", "GET", "p50 ms", "p99 ms", "tput ratio", "p99 added",
     );
     let base = |c: &ConfigResult| {
         let name = if c.name.starts_with("vmr") {
@@ -995,8 +1011,10 @@ fn print_table(r: &ProtectReport) {
             error.push_str("... (whole in the JSON)");
         }
         println!(
-            "{:<16}{:>12}{:>10}{:>10}{:>10}{:>10}{:>12}{:>12}  {}",
+            "{:<16}{:>8}{:>12}{:>10}{:>10}{:>10}{:>10}{:>12}{:>12}  {}",
             c.label,
+            c.requests
+                .map_or_else(|| "-".to_string(), |n| n.to_string()),
             f(c.rps, 0),
             f(test("SET"), 0),
             f(test("GET"), 0),
