@@ -83,7 +83,8 @@ enum Command {
         VM's order), of network devices (--net), or too little memory. A connection without \
         the key is refused and logged. When the primary's link ends, the committed state is \
         kept for failover and later pairings are refused: start a fresh `vmr standby` to \
-        protect a VM again."
+        protect a VM again. `vmr ctl --api SOCKET snapshot DIR` writes the committed epoch \
+        as a snapshot, which `vmr restore --from DIR` runs."
     )]
     Standby(StandbyArgs),
     /// Drive a running VM through its API socket.

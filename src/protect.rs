@@ -315,6 +315,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_primarys_status_follows_the_engines_figures() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let hook = PrimaryHook::new(&EngineOptions::default(), tx);
+        let status = hook.status();
+        assert_eq!(status.role, ReplicationRole::Unprotected);
+        assert!(status.key && !status.protected);
+        assert_eq!(status.period_ms, 10);
+        let metrics = Arc::new(Mutex::new(Metrics {
+            protected: true,
+            standbys: 2,
+            last_sent_epoch: 3,
+            ..Metrics::default()
+        }));
+        hook.set_engine(metrics.clone(), vec!["a:1".into(), "b:1".into()]);
+        let status = hook.status();
+        assert_eq!(status.role, ReplicationRole::Primary);
+        assert!(!status.protected, "not synchronised yet");
+        assert_eq!(status.peers[0].state, PeerState::Syncing);
+        {
+            let mut m = lock(&metrics);
+            m.last_committed_epoch = 3;
+            m.last_sent_epoch = 4;
+            m.dropped.push("b:1: no ack of epoch 4 within 2s".into());
+        }
+        let status = hook.status();
+        assert!(status.protected);
+        assert_eq!(status.lag_epochs, 1);
+        assert_eq!(status.peers[0].state, PeerState::Protecting);
+        assert_eq!(status.peers[0].acked_epoch, 3);
+        assert_eq!(status.peers[1].state, PeerState::Dropped);
+        assert_eq!(
+            status.peers[1].reason.as_deref(),
+            Some("no ack of epoch 4 within 2s")
+        );
+        lock(&metrics).protected = false;
+        assert_eq!(hook.status().role, ReplicationRole::Unprotected);
+        // Protection requests go to the thread that owns the VM.
+        hook.protect(
+            ProtectParams {
+                standby: "c:1".into(),
+            },
+            Box::new(|_| {}),
+        );
+        assert_eq!(rx.try_recv().unwrap().standby, "c:1");
+    }
+
+    #[test]
     fn the_hello_describes_the_vm_as_a_standby_names_its_own() {
         let dir = std::env::temp_dir().join(format!("vmr-hello-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -183,6 +183,42 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
     assert_eq!(ours["peers"][0]["name"], standby.addr.as_str(), "{ours}");
     assert_eq!(ours["peers"][0]["state"], "protecting", "{ours}");
 
+    // Every answer of both monitors' replication API follows the OpenAPI document.
+    let not_a_dir = format!(
+        r#"{{"snapshot_path": "{}/a/b"}}"#,
+        scratch("none").display()
+    );
+    for (api, method, path, body, status) in [
+        (standby.api(), "GET", "/replication", None, 200),
+        (standby.api(), "GET", "/metrics", None, 200),
+        (standby.api(), "GET", "/vm", None, 409),
+        (
+            standby.api(),
+            "PUT",
+            "/snapshot/create",
+            Some(not_a_dir.as_str()),
+            400,
+        ),
+        (primary_api.as_path(), "GET", "/replication", None, 200),
+        (primary_api.as_path(), "GET", "/metrics", None, 200),
+    ] {
+        let response = vmm::api::ApiClient::new(api)
+            .call(
+                method,
+                path,
+                body.map(str::as_bytes),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(
+            response.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&response.body)
+        );
+        common::openapi::openapi().check(method, path, &response);
+    }
+
     // The committed epoch as a snapshot, which `vmr restore` runs.
     let snap = scratch("committed");
     let out = vmr(&[
@@ -324,6 +360,21 @@ fn protecting_with_an_unreachable_standby_or_without_a_key_is_refused_in_one_lin
     let out = vmr(&unreachable.iter().map(String::as_str).collect::<Vec<_>>());
     assert_refused(&out, &format!("cannot connect to standby {nobody}"));
 
+    // The same from the config file's [replication] table.
+    let config = scratch("unreachable.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = {:?}\nmem = 64\nallow_pvm = true\nserial = \"none\"\n\
+             [replication]\nstandbys = [{nobody:?}]\nkey_file = {:?}\nepoch_ms = 20\n",
+            kernel.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = vmr(&["run", "--config", config.to_str().unwrap()]);
+    assert_refused(&out, &format!("cannot connect to standby {nobody}"));
+
     let mut keyless = args.clone();
     keyless.extend(["--protect", &nobody].map(String::from));
     let out = vmr(&keyless.iter().map(String::as_str).collect::<Vec<_>>());
@@ -345,4 +396,54 @@ fn a_standby_that_cannot_hold_the_vm_refuses_it_on_both_sides() {
     assert_refused(&out, "device lists differ");
     let line = standby.wait_log("refusal", |l| l.contains("refused to pair"));
     assert!(line.contains("device lists differ"), "{line}");
+}
+
+#[test]
+fn a_lost_standby_is_dropped_the_vm_runs_on_and_can_be_protected_again() {
+    let key = key_file("lost.key", 5);
+    let mut first = StandbyProc::spawn("lost-first", &key, &[]);
+    let kernel = tiny_elf("epoch_writer");
+    let api = scratch("lost-primary.sock");
+    let mut args = writer_args(&kernel);
+    args.extend(["--protect", &first.addr, "--key-file"].map(String::from));
+    args.push(key.display().to_string());
+    args.extend(["--standby-timeout-ms".into(), "1000".into()]);
+    args.extend(["--api".into(), api.display().to_string()]);
+    let mut primary = Vmr::spawn(
+        "lost-primary",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_replication(first.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    // The standby's host is lost: the primary drops it and runs on, unprotected.
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let status = wait_replication(&api, |s| s["role"] == "unprotected");
+    assert_eq!(status["protected"], false, "{status}");
+    assert_eq!(status["peers"][0]["state"], "dropped", "{status}");
+    assert!(status["peers"][0]["reason"].is_string(), "{status}");
+    assert!(
+        primary.child.try_wait().unwrap().is_none(),
+        "the primary ended: {}",
+        primary.log()
+    );
+    // A fresh standby protects it again.
+    let second = StandbyProc::spawn("lost-second", &key, &[]);
+    let out = vmr(&[
+        "ctl",
+        "--api",
+        api.to_str().unwrap(),
+        "protect",
+        &second.addr,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_replication(second.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    primary.kill();
 }
