@@ -555,8 +555,11 @@ fn run_vmr_protected(
         let key = key_file(scratch)?;
         let standby_api = scratch.path("standby.sock");
         let mut cmd = ns.cmd(setup.vmr.clone());
+        // The standby holds a TAP for the VM's network device (tap1: nothing uses it until a
+        // failover, which this benchmark has none of).
         cmd.args(["standby", "--listen", STANDBY_ADDR, "--key-file"])
             .arg(&key)
+            .args(["--net", &format!("tap=tap1,mac={GUEST_MAC}")])
             .arg("--api")
             .arg(&standby_api)
             .env("VMR_LOG", "info");
