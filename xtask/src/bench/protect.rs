@@ -760,8 +760,21 @@ fn run_colo(
                 &secondary,
             )
         })?;
-        wait_redis(ns, &mut [&mut primary, &mut secondary], READY_TIMEOUT)
-            .map_err(|e| colo_step("booting the primary", &primary_shown, e))?;
+        // colo-compare holds the primary's every packet until the secondary's matching one
+        // comes, or a checkpoint releases it: redis cannot answer before COLO runs. Its
+        // console says when it is up.
+        primary
+            .console
+            .wait_line("Ready to accept connections", READY_TIMEOUT)
+            .map_err(|e| {
+                fail(
+                    "booting the primary",
+                    &primary_shown,
+                    e,
+                    &primary,
+                    &secondary,
+                )
+            })?;
         pq.execute("migrate-set-capabilities", colo_cap)
             .map_err(|e| {
                 fail(
@@ -820,6 +833,8 @@ fn run_colo(
             status.insert("colo_status_before".into(), s);
         }
         eprintln!("  COLO running (query-migrate: colo)");
+        wait_redis(ns, &mut [&mut primary, &mut secondary], READY_TIMEOUT)
+            .map_err(|e| colo_step("redis under COLO", &primary_shown, e))?;
         let res = warm_and_measure(ns, args, n, &mut r).map_err(|e| {
             fail(
                 "redis-benchmark under COLO",
