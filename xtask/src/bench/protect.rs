@@ -483,7 +483,7 @@ fn warm_and_measure(
         );
     }
     r.requests = Some(requests);
-    let (tests, secs) = redis_benchmark(ns, requests, args.clients, 3 * args.max_secs)?;
+    let (tests, secs) = redis_benchmark(ns, requests, args.clients, args.max_secs + 120)?;
     r.rps = Some(combined_rps(&tests));
     r.p50_ms = Some(mean(tests.iter().map(|t| t.p50_ms)));
     r.p99_ms = Some(mean(tests.iter().map(|t| t.p99_ms)));
