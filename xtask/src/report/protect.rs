@@ -82,28 +82,29 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 fn render(json: &Value) -> Result<Section, String> {
     let p: Protect = parse(json)?;
-    let find = |name: &str| {
-        p.configs
-            .iter()
-            .find(|c| c.name == name && c.rps.is_some())
-            .ok_or_else(|| format!("no measurement of {name}"))
-    };
-    let (vmr, prot) = (find("vmr")?, find("vmr-protected")?);
-    let row = |what: &str, f: &dyn Fn(&Config) -> Option<f64>| -> Result<Row, String> {
-        Ok(Row {
-            what: what.to_string(),
-            vmr: f(prot).ok_or_else(|| format!("no {what} protected"))?,
-            qemu: f(vmr).ok_or_else(|| format!("no {what} unprotected"))?,
-            runs: (1, 1),
-        })
-    };
-    let rows = vec![
-        row("requests/s, SET and GET", &|c| c.rps)?,
-        row("SET requests/s", &|c| c.test("SET").map(|t| t.rps))?,
-        row("GET requests/s", &|c| c.test("GET").map(|t| t.rps))?,
-        row("p50 latency, ms", &|c| c.p50_ms)?,
-        row("p99 latency, ms", &|c| c.p99_ms)?,
-    ];
+    let find = |name: &str| p.configs.iter().find(|c| c.name == name && c.rps.is_some());
+    // vmr protected against vmr unprotected; no rows when either was not measured (the
+    // table below says what failed).
+    let mut rows = Vec::new();
+    if let (Some(vmr), Some(prot)) = (find("vmr"), find("vmr-protected")) {
+        let figures: [(&str, fn(&Config) -> Option<f64>); 5] = [
+            ("requests/s, SET and GET", |c| c.rps),
+            ("SET requests/s", |c| c.test("SET").map(|t| t.rps)),
+            ("GET requests/s", |c| c.test("GET").map(|t| t.rps)),
+            ("p50 latency, ms", |c| c.p50_ms),
+            ("p99 latency, ms", |c| c.p99_ms),
+        ];
+        for (what, f) in figures {
+            if let (Some(v), Some(q)) = (f(prot), f(vmr)) {
+                rows.push(Row {
+                    what: what.to_string(),
+                    vmr: v,
+                    qemu: q,
+                    runs: (1, 1),
+                });
+            }
+        }
+    }
 
     let mut notes = String::from(
         "\nEvery configuration of the run (ratio and added latency against the same monitor \
