@@ -533,8 +533,9 @@ fn key_file(scratch: &Scratch) -> Result<PathBuf, String> {
 
 /// `vmr ctl --api SOCKET replication`, parsed.
 fn replication_status(setup: &Setup, socket: &Path) -> Result<Value, String> {
-    let out = sh(setup
-        .vmr()
+    let out = sh(Command::new("timeout")
+        .arg("30")
+        .arg(&setup.vmr)
         .arg("ctl")
         .arg("--api")
         .arg(socket)
