@@ -76,6 +76,9 @@ impl Config {
     }
 }
 
+/// One figure of a configuration.
+type Figure = fn(&Config) -> Option<f64>;
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".to_string(), |v| format!("{v:.digits$}"))
 }
@@ -87,7 +90,7 @@ fn render(json: &Value) -> Result<Section, String> {
     // table below says what failed).
     let mut rows = Vec::new();
     if let (Some(vmr), Some(prot)) = (find("vmr"), find("vmr-protected")) {
-        let figures: [(&str, fn(&Config) -> Option<f64>); 5] = [
+        let figures: [(&str, Figure); 5] = [
             ("requests/s, SET and GET", |c| c.rps),
             ("SET requests/s", |c| c.test("SET").map(|t| t.rps)),
             ("GET requests/s", |c| c.test("GET").map(|t| t.rps)),
