@@ -76,6 +76,11 @@ impl Config {
     }
 }
 
+/// `v` as the bench's final line prints it.
+fn na(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"))
+}
+
 /// One figure of a configuration.
 type Figure = fn(&Config) -> Option<f64>;
 
@@ -148,11 +153,10 @@ fn render(json: &Value) -> Result<Section, String> {
         notes,
         "\nFinal line: `protect: tput_ratio={} p50_added_ms={} p99_added_ms={} \
          colo_tput_ratio={}` (COLO's ratio is against QEMU unprotected).",
-        opt(p.tput_ratio, 3),
-        opt(p.p50_added_ms, 3),
-        opt(p.p99_added_ms, 3),
-        p.colo_tput_ratio
-            .map_or_else(|| "n/a".to_string(), |v| format!("{v:.3}"))
+        na(p.tput_ratio),
+        na(p.p50_added_ms),
+        na(p.p99_added_ms),
+        na(p.colo_tput_ratio)
     );
 
     let measured: Vec<&Config> = p.configs.iter().filter(|c| c.rps.is_some()).collect();
