@@ -48,6 +48,9 @@ enum Bench {
     /// Epoch checkpoints' pause at 1, 10, 100 MiB dirty, vmr (copy-before-write) against the
     /// naive copy inside the pause; guest slowdown, epoch rate, bytes (direct, tiny guest).
     Epoch(bench::epoch::EpochArgs),
+    /// redis-benchmark throughput and p50/p99 latency of a redis guest unprotected and
+    /// protected by one standby (vmr), and the same for QEMU and QEMU COLO (lab).
+    Protect(bench::protect::ProtectArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             Bench::Migrate(args) => bench::migrate::run(args),
             Bench::Snapshot(args) => bench::snapshot::run(args),
             Bench::Epoch(args) => bench::epoch::run(args),
+            Bench::Protect(args) => bench::protect::run(args),
         },
         Command::Soak(args) => soak::run(args),
         Command::Report(args) => report::run(args),

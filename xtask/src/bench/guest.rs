@@ -110,7 +110,7 @@ pub fn dirty_cmdline(mib: u64, rate: u64, tick_ms: u64) -> String {
     format!("{QUIET} vmr.run64={}", base64(script.as_bytes()))
 }
 
-fn base64(data: &[u8]) -> String {
+pub fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {

@@ -11,6 +11,7 @@ pub mod epoch;
 pub mod guest;
 pub mod migrate;
 pub mod proc;
+pub mod protect;
 pub mod qmp;
 pub mod snapshot;
 

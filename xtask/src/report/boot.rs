@@ -37,6 +37,7 @@ fn render(json: &Value) -> Result<Section, String> {
     let runs = (b.vmr.boot_ms.runs, b.qemu.boot_ms.runs);
     Ok(Section {
         against: "QEMU",
+        notes: String::new(),
         setup: format!(
             "{} vCPUs, {} MiB, kernel arguments `{}`{}",
             b.vcpus,

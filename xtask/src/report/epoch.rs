@@ -100,6 +100,7 @@ fn render(json: &Value) -> Result<Section, String> {
         ),
         against: "naive",
         rows,
+        notes: String::new(),
         plots: vec![Plot {
             file: "epoch.svg".into(),
             caption: "Epoch pause per epoch at each dirty size, vmr against copying in the pause"

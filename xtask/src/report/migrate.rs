@@ -107,6 +107,7 @@ fn render(json: &Value) -> Result<Section, String> {
             m.vcpus, m.mem_mib, m.working_set_mib, m.max_downtime_ms, m.tick_ms, failed
         ),
         rows,
+        notes: String::new(),
         plots: vec![Plot {
             file: "migrate.svg".into(),
             caption: "Migration downtime per run, idle and under load, vmr against QEMU".into(),

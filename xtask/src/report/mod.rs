@@ -19,6 +19,7 @@ mod boot;
 mod epoch;
 mod migrate;
 pub mod plot;
+mod protect;
 mod snapshot;
 
 #[derive(Args, Clone)]
@@ -51,6 +52,7 @@ const BENCHMARKS: &[Benchmark] = &[
     migrate::BENCHMARK,
     snapshot::BENCHMARK,
     epoch::BENCHMARK,
+    protect::BENCHMARK,
     Benchmark {
         name: "failover",
         title: "Failover",
@@ -67,6 +69,8 @@ pub struct Section {
     /// What vmr is compared with, in the table's header: `QEMU`, or the naive way.
     pub against: &'static str,
     pub rows: Vec<Row>,
+    /// Markdown after the table (more tables, what failed); may be empty.
+    pub notes: String,
     pub plots: Vec<Plot>,
 }
 
@@ -235,6 +239,7 @@ fn markdown_section(bench: &Benchmark, s: &Section, meta: Option<&Meta>, path: &
             cell(&command)
         );
     }
+    md.push_str(&s.notes);
     for p in &s.plots {
         let _ = write!(md, "\n![{}](img/{})\n", p.caption, p.file);
     }

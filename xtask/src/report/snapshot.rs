@@ -115,6 +115,7 @@ fn render(json: &Value) -> Result<Section, String> {
             super::failed_runs(&[("", s.vmr.failed_runs, s.qemu.failed_runs)])
         ),
         rows,
+        notes: String::new(),
         plots: vec![Plot {
             file: "snapshot.svg".into(),
             caption: "Snapshot create and restore per run, vmr against QEMU".into(),
