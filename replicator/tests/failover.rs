@@ -20,15 +20,10 @@
 //! mirrors are given to the standby's staging as its link would deliver them.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use replicator::auth::ReplicationKey;
-use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::coordinator::{
     Claim, Coordinator, CoordinatorError, MemoryCoordinator, Ownership, Revision,
@@ -41,80 +36,33 @@ use replicator::standby::takeover::{takeover, TakeoverError};
 use replicator::wire::Message;
 use virtio_net_tap::testutil::{ether_frame, with_header, NetNs};
 use virtio_net_tap::Admission;
-use vm_memory::{Bytes, GuestAddress};
 use vmm::builder::RestoreOptions;
-use vmm::config::{NetConfig, SerialConfig, VmConfig};
+use vmm::config::NetConfig;
 use vmm::devices::virtio::VirtioDeviceState;
 use vmm::microvm::{MicroVm, VmPhase};
 use vmm::snapshot::MicroVmState;
-use vmm::vstate::memory::GuestMemoryMmap;
 use vmm::vstate::vcpu::ExitReason;
 
 #[path = "support/etcd.rs"]
 mod etcd;
 use etcd::Etcd;
-
-const CTRL: u64 = 0x70_0000;
-const MEM: u64 = 64 << 20;
-
-/// Links vmm's `tests/guests/NAME.S` into an ELF kernel at 2 MiB.
-fn tiny_elf(name: &str) -> PathBuf {
-    static BUILDS: AtomicUsize = AtomicUsize::new(0);
-    let n = BUILDS.fetch_add(1, Ordering::SeqCst);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../vmm/tests/guests/{name}.S"));
-    let dir = std::env::temp_dir().join(format!("vmr-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let obj = dir.join(format!("{name}-{n}.o"));
-    let elf = dir.join(format!("{name}-{n}.elf"));
-    let ok = Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src)
-        .status()
-        .expect("binutils (as) must be installed")
-        .success()
-        && Command::new("ld")
-            .args(["-m", "elf_x86_64", "-e", "_start", "-Ttext=0x200000", "-o"])
-            .arg(&elf)
-            .arg(&obj)
-            .status()
-            .expect("binutils (ld) must be installed")
-            .success();
-    assert!(ok, "cannot build {name}");
-    elf
-}
+#[path = "support/guest.rs"]
+mod guest;
+use guest::{hello, key, profile, progress, progress_in, restore_options, writer_with};
 
 /// The epoch writer guest in a 64 MiB VM writing records into `pages` pages, with a network
 /// device on TAP `tap` if given (the guest never drives it).
 fn writer(pages: u64, tap: Option<&str>) -> VmThread {
-    let mut config = VmConfig::new(tiny_elf("epoch_writer"));
-    config.mem_mib = MEM >> 20;
-    config.allow_pvm = true;
-    config.serial = SerialConfig::None;
-    config.net = tap
-        .map(|t| {
-            vec![NetConfig {
-                tap: t.into(),
-                mac: Some("06:00:0a:00:02:02".into()),
-            }]
-        })
-        .unwrap_or_default();
-    VmThread::spawn(config, move |vm| {
-        let mem = vm.vm().memory();
-        mem.write_obj(0u64, GuestAddress(CTRL)).unwrap();
-        mem.write_obj(pages - 1, GuestAddress(CTRL + 32)).unwrap();
+    writer_with("failover", pages, |config| {
+        config.net = tap
+            .map(|t| {
+                vec![NetConfig {
+                    tap: t.into(),
+                    mac: Some("06:00:0a:00:02:02".into()),
+                }]
+            })
+            .unwrap_or_default();
     })
-    .expect("the epoch writer guest starts")
-}
-
-/// The records the epoch writer wrote, in its memory `mem`.
-fn progress_in(mem: &GuestMemoryMmap) -> u64 {
-    mem.read_obj(GuestAddress(CTRL + 24)).unwrap()
-}
-
-fn progress(vm: &VmThread) -> u64 {
-    progress_in(vm.vm.memory())
 }
 
 /// Runs `microvm` (its vCPUs started here) until the epoch writer wrote 1000 records more than
@@ -138,32 +86,6 @@ fn run_on(microvm: &mut MicroVm) -> (u64, MicroVmState) {
     (ran, saved.unwrap())
 }
 
-fn restore_options() -> RestoreOptions {
-    RestoreOptions {
-        serial: SerialConfig::None,
-        allow_pvm: true,
-        ..RestoreOptions::default()
-    }
-}
-
-fn hello() -> Hello {
-    Hello {
-        protocol: PROTOCOL,
-        vm_id: "writer".into(),
-        term: 1,
-        mem_bytes: MEM,
-        vcpus: 1,
-        tsc_khz: 0,
-        cpu_features: Vec::new(),
-        devices: Vec::new(),
-        disk_sizes: Vec::new(),
-    }
-}
-
-fn key(byte: u8) -> ReplicationKey {
-    ReplicationKey::new(vec![byte; 32]).unwrap()
-}
-
 fn own(owner: &str, term: u64) -> Ownership {
     Ownership {
         owner: owner.into(),
@@ -172,16 +94,7 @@ fn own(owner: &str, term: u64) -> Ownership {
 }
 
 fn new_standby(k: u8) -> Arc<Standby<Vec<u8>>> {
-    let profile = StandbyProfile {
-        mem_bytes: MEM,
-        vcpus: 1,
-        tsc_khz: 0,
-        tsc_scaling: false,
-        cpu_features: Vec::new(),
-        devices: Vec::new(),
-        disk_sizes: Vec::new(),
-    };
-    Arc::new(Standby::new(profile, key(k), Vec::new(), StagingOptions::default()).unwrap())
+    Arc::new(Standby::new(profile(), key(k), Vec::new(), StagingOptions::default()).unwrap())
 }
 
 type Server = JoinHandle<Result<String, StandbyError>>;

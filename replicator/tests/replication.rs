@@ -11,62 +11,33 @@
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use replicator::auth::ReplicationKey;
-use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
+use replicator::compat::{Hello, StandbyProfile};
 use replicator::conn::Conn;
 use replicator::pairing::PairError;
 use replicator::primary::vm::VmThread;
-use replicator::primary::{pair_standby, Engine, EngineError, EngineOptions, NewStandby};
-use replicator::standby::committed::DiskImage;
+use replicator::primary::{
+    pair_standby, Engine, EngineError, EngineOptions, NewStandby, Reference,
+};
+use replicator::standby::committed::{CommittedDisk, DiskImage};
 use replicator::standby::host::{Standby, StandbyError};
 use replicator::standby::staging::StagingOptions;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm::builder::{restore_microvm, RestoreOptions};
-use vmm::config::{DiskConfig, SerialConfig, VmConfig};
+use vm_memory::GuestMemoryBackend;
+use vmm::builder::restore_microvm;
+use vmm::config::DiskConfig;
 use vmm::devices::virtio::VirtioDeviceState;
 use vmm::epoch::{image_hash, memory_hash, EpochOptions};
 use vmm::microvm::MicroVm;
 use vmm::migration::wire::{decode_payload, encode_payload};
 use vmm::snapshot::{MicroVmState, SnapshotError};
-use vmm::vstate::memory::GuestMemoryMmap;
 use vmm::vstate::vcpu::ExitReason;
 
-const CTRL: u64 = 0x70_0000;
-const MEM: u64 = 64 << 20;
-
-/// Links vmm's `tests/guests/NAME.S` into an ELF kernel at 2 MiB.
-fn tiny_elf(name: &str) -> PathBuf {
-    static BUILDS: AtomicUsize = AtomicUsize::new(0);
-    let n = BUILDS.fetch_add(1, Ordering::SeqCst);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../vmm/tests/guests/{name}.S"));
-    let dir = std::env::temp_dir().join(format!("vmr-repl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let obj = dir.join(format!("{name}-{n}.o"));
-    let elf = dir.join(format!("{name}-{n}.elf"));
-    let ok = Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src)
-        .status()
-        .expect("binutils (as) must be installed")
-        .success()
-        && Command::new("ld")
-            .args(["-m", "elf_x86_64", "-e", "_start", "-Ttext=0x200000", "-o"])
-            .arg(&elf)
-            .arg(&obj)
-            .status()
-            .expect("binutils (ld) must be installed")
-            .success();
-    assert!(ok, "cannot build {name}");
-    elf
-}
+#[path = "support/guest.rs"]
+mod guest;
+use guest::{hello, key, profile, progress, progress_in, restore_options, writer_with, MEM};
 
 /// The epoch writer guest in a 64 MiB VM, writing records continuously into `pages` pages.
 fn writer(pages: u64) -> VmThread {
@@ -76,33 +47,16 @@ fn writer(pages: u64) -> VmThread {
 /// [`writer`] with a root file system on the image `rootfs` and virtio-blk disks on the images
 /// `disks` (the guest never touches them).
 fn writer_with_disks(pages: u64, rootfs: Option<PathBuf>, disks: Vec<PathBuf>) -> VmThread {
-    let mut config = VmConfig::new(tiny_elf("epoch_writer"));
-    config.mem_mib = MEM >> 20;
-    config.allow_pvm = true;
-    config.serial = SerialConfig::None;
-    config.rootfs = rootfs;
-    config.disks = disks
-        .into_iter()
-        .map(|path| DiskConfig {
-            path,
-            read_only: false,
-        })
-        .collect();
-    VmThread::spawn(config, move |vm| {
-        let mem = vm.vm().memory();
-        mem.write_obj(0u64, GuestAddress(CTRL)).unwrap();
-        mem.write_obj(pages - 1, GuestAddress(CTRL + 32)).unwrap();
+    writer_with("repl", pages, |config| {
+        config.rootfs = rootfs;
+        config.disks = disks
+            .into_iter()
+            .map(|path| DiskConfig {
+                path,
+                read_only: false,
+            })
+            .collect();
     })
-    .expect("the epoch writer guest starts")
-}
-
-fn progress(vm: &VmThread) -> u64 {
-    progress_in(vm.vm.memory())
-}
-
-/// The records the epoch writer wrote, in its memory `mem`.
-fn progress_in(mem: &GuestMemoryMmap) -> u64 {
-    mem.read_obj(GuestAddress(CTRL + 24)).unwrap()
 }
 
 /// Runs `microvm` for `time` (its vCPUs started here); why it ended.
@@ -117,48 +71,10 @@ fn run_for(microvm: &mut MicroVm, time: Duration) -> ExitReason {
         .unwrap()
 }
 
-fn restore_options() -> RestoreOptions {
-    RestoreOptions {
-        serial: SerialConfig::None,
-        allow_pvm: true,
-        ..RestoreOptions::default()
-    }
-}
-
 /// A sparse image of `bytes` at `path`.
 fn image(path: &Path, bytes: u64) -> PathBuf {
     std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
     path.to_path_buf()
-}
-
-fn hello() -> Hello {
-    Hello {
-        protocol: PROTOCOL,
-        vm_id: "writer".into(),
-        term: 1,
-        mem_bytes: MEM,
-        vcpus: 1,
-        tsc_khz: 0,
-        cpu_features: Vec::new(),
-        devices: Vec::new(),
-        disk_sizes: Vec::new(),
-    }
-}
-
-fn profile() -> StandbyProfile {
-    StandbyProfile {
-        mem_bytes: MEM,
-        vcpus: 1,
-        tsc_khz: 0,
-        tsc_scaling: false,
-        cpu_features: Vec::new(),
-        devices: Vec::new(),
-        disk_sizes: Vec::new(),
-    }
-}
-
-fn key(byte: u8) -> ReplicationKey {
-    ReplicationKey::new(vec![byte; 32]).unwrap()
 }
 
 type StandbyThread = JoinHandle<(Arc<Standby<Vec<u8>>>, Result<String, StandbyError>)>;
@@ -201,6 +117,53 @@ fn unix_standby(
     (paired, kill, standby)
 }
 
+type Server = JoinHandle<Result<String, StandbyError>>;
+
+/// An engine replicating `vm` to `standby` with the default options: `standby` serves it over
+/// a Unix socket pair on a thread, paired as "s" with key `k` and `hello`. The engine and the
+/// serving thread (why it stopped).
+fn replicate_to<D: CommittedDisk + Send + Sync + 'static>(
+    vm: &VmThread,
+    standby: &Arc<Standby<D>>,
+    k: u8,
+    hello: &Hello,
+) -> (Engine, Server) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let serving = standby.clone();
+    let server =
+        std::thread::spawn(move || serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string()));
+    let (conn, link, ack) =
+        pair_standby("s", Conn::Unix(a), &key(k), hello, Duration::from_secs(2)).unwrap();
+    let engine = Engine::start(
+        vm,
+        vec![NewStandby {
+            name: "s".into(),
+            conn,
+            link,
+            ack,
+        }],
+        EngineOptions::default(),
+    )
+    .unwrap();
+    (engine, server)
+}
+
+/// An epoch whose pause also copies all memory (the reference), waited for until the standby
+/// acknowledged it: its number and the reference.
+fn reference_epoch(engine: &mut Engine) -> (u64, Reference) {
+    let (n, reference) = engine
+        .epoch_now(EpochOptions {
+            reference_image: true,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(
+        engine.wait_committed(n, Duration::from_secs(5)),
+        "epoch {n} not acknowledged"
+    );
+    (n, reference.unwrap())
+}
+
 #[test]
 fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
     let vm = writer(1024);
@@ -239,17 +202,7 @@ fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
         }
         // An epoch whose pause also copies all memory (the reference), then its commit: the
         // standby then holds exactly that epoch (the next one is not taken yet).
-        let (n, reference) = engine
-            .epoch_now(EpochOptions {
-                reference_image: true,
-                ..Default::default()
-            })
-            .unwrap();
-        let replicator::primary::Reference { image, state } = reference.unwrap();
-        assert!(
-            engine.wait_committed(n, Duration::from_secs(5)),
-            "epoch {n} not acknowledged"
-        );
+        let (n, Reference { image, state }) = reference_epoch(&mut engine);
         let committed = standby.committed();
         assert_eq!(committed.committed_epoch(), n, "round {round}");
         assert_eq!(
@@ -478,41 +431,15 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     assert!(matches!(err, StandbyError::NothingCommitted), "{err}");
 
     // Several epochs, the last with a reference image; then the primary is gone.
-    let (a, b) = UnixStream::pair().unwrap();
-    let serving = standby.clone();
-    let server =
-        std::thread::spawn(move || serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string()));
     let hello = Hello {
         disk_sizes: vec![ROOT, DISK],
         ..hello()
     };
-    let (conn, link, ack) =
-        pair_standby("s", Conn::Unix(a), &key(6), &hello, Duration::from_secs(2)).unwrap();
-    let mut engine = Engine::start(
-        &vm,
-        vec![NewStandby {
-            name: "s".into(),
-            conn,
-            link,
-            ack,
-        }],
-        EngineOptions::default(),
-    )
-    .unwrap();
+    let (mut engine, server) = replicate_to(&vm, &standby, 6, &hello);
     while engine.next_epoch() <= 10 {
         engine.step().unwrap();
     }
-    let (n, reference) = engine
-        .epoch_now(EpochOptions {
-            reference_image: true,
-            ..Default::default()
-        })
-        .unwrap();
-    let replicator::primary::Reference { image, state } = reference.unwrap();
-    assert!(
-        engine.wait_committed(n, Duration::from_secs(5)),
-        "epoch {n} not acknowledged"
-    );
+    let (n, Reference { image, state }) = reference_epoch(&mut engine);
     engine.shutdown();
     vm.stop().unwrap();
     server.join().unwrap().unwrap();
@@ -765,29 +692,7 @@ fn a_standby_promoted_while_serving_refuses_the_primarys_next_epochs() {
     let vm = writer(256);
     let standby: Arc<Standby<Vec<u8>>> =
         Arc::new(Standby::new(profile(), key(9), Vec::new(), StagingOptions::default()).unwrap());
-    let (a, b) = UnixStream::pair().unwrap();
-    let serving = standby.clone();
-    let server =
-        std::thread::spawn(move || serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string()));
-    let (conn, link, ack) = pair_standby(
-        "s",
-        Conn::Unix(a),
-        &key(9),
-        &hello(),
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let mut engine = Engine::start(
-        &vm,
-        vec![NewStandby {
-            name: "s".into(),
-            conn,
-            link,
-            ack,
-        }],
-        EngineOptions::default(),
-    )
-    .unwrap();
+    let (mut engine, server) = replicate_to(&vm, &standby, 9, &hello());
     while engine.next_epoch() <= 5 {
         engine.step().unwrap();
     }

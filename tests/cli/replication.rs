@@ -9,7 +9,7 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_refused, scratch, tiny_elf, vmr, wait_for_socket, Vmr};
@@ -97,6 +97,22 @@ impl Drop for StandbyProc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `vmr ctl --api SOCKET protect STANDBY`.
+fn protect(api: &Path, standby: &str) -> Output {
+    vmr(&["ctl", "--api", api.to_str().unwrap(), "protect", standby])
+}
+
+/// [`protect`], which must succeed.
+fn protect_ok(api: &Path, standby: &str) -> Output {
+    let out = protect(api, standby);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// `vmr ctl --api SOCKET replication`, parsed.
@@ -304,31 +320,14 @@ fn vmr_ctl_protect_pairs_a_running_vm_with_a_standby() {
     let before = replication(&api);
     assert_eq!(before["role"], "unprotected", "{before}");
     assert_eq!(before["key"], true, "{before}");
-    let out = vmr(&[
-        "ctl",
-        "--api",
-        api.to_str().unwrap(),
-        "protect",
-        &standby.addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = protect_ok(&api, &standby.addr);
     let after: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(after["protected"], true, "{after}");
     wait_replication(standby.api(), |s| {
         s["last_committed_epoch"].as_u64() >= Some(5)
     });
     // A second standby is not supported yet: refused in one line.
-    let out = vmr(&[
-        "ctl",
-        "--api",
-        api.to_str().unwrap(),
-        "protect",
-        &standby.addr,
-    ]);
+    let out = protect(&api, &standby.addr);
     assert_refused(&out, "protected already");
 
     // A VM without a key cannot be protected.
@@ -337,13 +336,7 @@ fn vmr_ctl_protect_pairs_a_running_vm_with_a_standby() {
     bare.extend(["--api".into(), bare_api.display().to_string()]);
     let _bare = Vmr::spawn("bare", &bare.iter().map(String::as_str).collect::<Vec<_>>());
     wait_for_socket(&bare_api);
-    let out = vmr(&[
-        "ctl",
-        "--api",
-        bare_api.to_str().unwrap(),
-        "protect",
-        &standby.addr,
-    ]);
+    let out = protect(&bare_api, &standby.addr);
     assert_refused(&out, "--key-file");
 }
 
@@ -430,18 +423,7 @@ fn a_lost_standby_is_dropped_the_vm_runs_on_and_can_be_protected_again() {
     );
     // A fresh standby protects it again.
     let second = StandbyProc::spawn("lost-second", &key, &[]);
-    let out = vmr(&[
-        "ctl",
-        "--api",
-        api.to_str().unwrap(),
-        "protect",
-        &second.addr,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    protect_ok(&api, &second.addr);
     wait_replication(second.api(), |s| {
         s["last_committed_epoch"].as_u64() >= Some(5)
     });

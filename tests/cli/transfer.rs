@@ -182,6 +182,23 @@ fn copy_snapshot(from: &Path, name: &str) -> PathBuf {
     to
 }
 
+/// Changes the 32-byte header of the snapshot `dir`'s state file by `edit`, then gives it the
+/// checksum (bytes 28..32) of its new contents.
+fn edit_state_header(dir: &Path, edit: impl FnOnce(&mut [u8; 32])) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("state"))
+        .unwrap();
+    let mut header = [0u8; 32];
+    f.read_exact_at(&mut header, 0).unwrap();
+    edit(&mut header);
+    let crc = crc32fast::hash(&header[..28]);
+    header[28..32].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&header, 0).unwrap();
+}
+
 fn flip_byte(path: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
@@ -248,39 +265,17 @@ fn bad_snapshots_are_refused_before_any_vcpu_runs() {
     assert_restore_refused(&d, "corrupt");
 
     let d = copy_snapshot(&good, "bad-state-version");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(d.join("state"))
-            .unwrap();
-        let mut header = [0u8; 32];
-        f.read_exact_at(&mut header, 0).unwrap();
-        header[8..12].copy_from_slice(&99u32.to_le_bytes());
-        let crc = crc32fast::hash(&header[..28]);
-        header[28..32].copy_from_slice(&crc.to_le_bytes());
-        f.write_all_at(&header, 0).unwrap();
-    }
+    edit_state_header(&d, |header| {
+        header[8..12].copy_from_slice(&99u32.to_le_bytes())
+    });
     assert_restore_refused(&d, "version 99");
 
     // Another minor version of the same major (bytes 10..12) is read.
     let d = copy_snapshot(&good, "minor-version");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(d.join("state"))
-            .unwrap();
-        let mut header = [0u8; 32];
-        f.read_exact_at(&mut header, 0).unwrap();
+    edit_state_header(&d, |header| {
         let minor = u16::from_le_bytes([header[10], header[11]]) + 1;
         header[10..12].copy_from_slice(&minor.to_le_bytes());
-        let crc = crc32fast::hash(&header[..28]);
-        header[28..32].copy_from_slice(&crc.to_le_bytes());
-        f.write_all_at(&header, 0).unwrap();
-    }
+    });
     let mut minor = restore("minor-version-restored", &d);
     assert_continued(&mut minor, 2);
 

@@ -5,44 +5,29 @@
 //! reference copied inside the pause), whether the pages were copied inside the pause (naive)
 //! or after it (copy-before-write), and whoever copied them (the copier or the fault handler).
 
+#[path = "common/tiny_elf.rs"]
+mod tiny_elf;
+
 /// The tiny guests, linked as ELF kernels, and scratch files (the tests that run the `vmr`
 /// binary have their own, in the root package's `tests/cli/common`).
 mod common {
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::path::PathBuf;
+
+    /// This test process's scratch directory.
+    fn scratch_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("vmr-epoch-{}", std::process::id()))
+    }
 
     /// A path in this test process's scratch directory.
     pub fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vmr-epoch-{}", std::process::id()));
+        let dir = scratch_dir();
         std::fs::create_dir_all(&dir).unwrap();
         dir.join(name)
     }
 
     /// Links `tests/guests/NAME.S` into an ELF executable at 2 MiB.
     pub fn tiny_elf(name: &str) -> PathBuf {
-        static BUILDS: AtomicUsize = AtomicUsize::new(0);
-        let n = BUILDS.fetch_add(1, Ordering::SeqCst);
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.S"));
-        let obj = scratch(&format!("{name}-{n}.o"));
-        let elf = scratch(&format!("{name}-{n}.elf"));
-        let ok = Command::new("as")
-            .arg("--64")
-            .arg("-o")
-            .arg(&obj)
-            .arg(&src)
-            .status()
-            .expect("binutils (as) must be installed")
-            .success()
-            && Command::new("ld")
-                .args(["-m", "elf_x86_64", "-e", "_start", "-Ttext=0x200000", "-o"])
-                .arg(&elf)
-                .arg(&obj)
-                .status()
-                .expect("binutils (ld) must be installed")
-                .success();
-        assert!(ok, "cannot build {name}");
-        elf
+        super::tiny_elf::tiny_elf(name, &scratch_dir())
     }
 }
 
