@@ -23,6 +23,15 @@ pub struct ReplicationConfig {
     /// A standby silent this long (ms) is dropped.
     #[serde(default)]
     pub standby_timeout_ms: Option<u64>,
+    /// The coordinator, `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// The VM's name in the coordinator and to its standbys.
+    #[serde(default)]
+    pub vm_id: Option<String>,
+    /// This host's name as the VM's owner in the coordinator.
+    #[serde(default)]
+    pub host_id: Option<String>,
 }
 
 /// The name of the host's table in the config file.

@@ -4,31 +4,30 @@ use std::io::{IsTerminal, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use std::sync::mpsc::channel;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use replicator::primary::vm::{VmThread, VmThreadError};
-use replicator::primary::{Engine, EngineHandle, EngineOptions, NewStandby};
-use vmm::api::{
-    ApiClient, ApiServer, MigrateParams, ProtectParams, ReplicationHook, ReplicationRole,
-    SnapshotType,
-};
+use replicator::primary::EngineOptions;
+use vmm::api::{ApiClient, ApiServer, FailoverParams, MigrateParams, ProtectParams, SnapshotType};
 use vmm::builder::{restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
 
 mod config;
+mod coordination;
+mod primary;
 mod protect;
 #[cfg(test)]
 mod readme_tests;
 mod standby;
 
 use config::ReplicationConfig;
-use protect::{PrimaryHook, ProtectRequest, Protection};
+use coordination::Coordination;
+use primary::exit_code;
+use protect::Protection;
 
 /// vmr: a minimal KVM microVM monitor with whole-VM replication.
 #[derive(Parser)]
@@ -77,14 +76,16 @@ enum Command {
         after_help = "Example (then, on the primary: vmr run ... --protect HOST:7171 \
         --key-file KEY):\n  \
         vmr standby --listen 0.0.0.0:7171 --key-file /etc/vmr/key --disk /srv/vm1/data.raw \\\n      \
-        --net tap=tap1 --api /run/standby.sock\n\n\
+        --net tap=tap1 --api /run/standby.sock --coordinator etcd://etcd1:2379\n\n\
         The standby sizes itself from the VM the primary describes, and refuses (in one line, on \
         both sides) a VM it cannot hold: a different number or size of disks (--disk, in the \
         VM's order), of network devices (--net), or too little memory. A connection without \
-        the key is refused and logged. When the primary's link ends, the committed state is \
-        kept for failover and later pairings are refused: start a fresh `vmr standby` to \
-        protect a VM again. `vmr ctl --api SOCKET snapshot DIR` writes the committed epoch \
-        as a snapshot, which `vmr restore --from DIR` runs."
+        the key is refused and logged. When the primary is lost (silent for --detect-ms, or its \
+        link broken without a goodbye), a standby with --coordinator claims the VM and, if it \
+        wins, runs it here from its committed epoch: the API socket then serves the VM. \
+        Without a coordinator the committed state is kept: `vmr ctl --api SOCKET failover \
+        --force` takes it over by hand, `vmr ctl --api SOCKET snapshot DIR` writes it as a \
+        snapshot, which `vmr restore --from DIR` runs."
     )]
     Standby(StandbyArgs),
     /// Drive a running VM through its API socket.
@@ -138,9 +139,25 @@ struct StandbyArgs {
     /// TAP for each of the VM's network devices here, in order. Repeatable.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
     net: Vec<NetConfig>,
-    /// Serve the API on this Unix socket.
+    /// Serve the API on this Unix socket (the VM's, once taken over here).
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// The coordinator that decides who owns the VM (etcd): with it, this standby takes the
+    /// VM over by itself when its primary is lost. Without it, only `vmr ctl failover --force`.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    coordinator: Option<String>,
+    /// This host's name as the VM's owner in the coordinator (default <hostname>/standby-<ADDR>).
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
+    /// Once synchronised, a primary silent for N ms is lost (default 50).
+    #[arg(long, value_name = "N")]
+    detect_ms: Option<u64>,
+    /// Serial console of the VM once taken over here: stdout, file:PATH or none.
+    #[arg(long, value_name = "stdout|file:PATH|none", default_value = "none")]
+    serial: SerialConfig,
+    /// Allow taking over on a PVM host (only for PVM-enabled guest kernels).
+    #[arg(long)]
+    allow_pvm: bool,
 }
 
 #[derive(Args)]
@@ -210,6 +227,17 @@ enum CtlAction {
         /// The standby.
         standby: String,
     },
+    /// On a standby: take the VM over from its committed epoch and run it here, once the
+    /// coordinator's claim is won; answers once the VM runs.
+    #[command(after_help = "Examples:\n  \
+        vmr ctl --api /run/standby.sock failover\n  \
+        vmr ctl --api /run/standby.sock failover --force   # no coordinator: the primary is known dead")]
+    Failover {
+        /// Take over without the coordinator's claim (a standby without --coordinator).
+        /// Nothing then keeps the old primary from running beside the VM.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args)]
@@ -271,6 +299,16 @@ struct RunArgs {
     /// A standby that does not acknowledge an epoch within N ms is dropped (default 2000).
     #[arg(long, value_name = "N")]
     standby_timeout_ms: Option<u64>,
+    /// The coordinator that decides who owns the VM (etcd): with it, a standby takes the VM
+    /// over by itself when this host is lost, and this host is fenced if it loses the VM.
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    coordinator: Option<String>,
+    /// The VM's name in the coordinator and to its standbys (default vmr-<pid>).
+    #[arg(long, value_name = "ID")]
+    vm_id: Option<String>,
+    /// This host's name as the VM's owner in the coordinator (default <hostname>/run-<pid>).
+    #[arg(long, value_name = "NAME")]
+    host_id: Option<String>,
 }
 
 impl RunArgs {
@@ -295,6 +333,15 @@ impl RunArgs {
         }
         if self.standby_timeout_ms.is_some() {
             replication.standby_timeout_ms = self.standby_timeout_ms;
+        }
+        if self.coordinator.is_some() {
+            replication.coordinator = self.coordinator;
+        }
+        if self.vm_id.is_some() {
+            replication.vm_id = self.vm_id;
+        }
+        if self.host_id.is_some() {
+            replication.host_id = self.host_id;
         }
         if let Some(kernel) = self.kernel {
             config.kernel = kernel;
@@ -348,214 +395,80 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     let options = engine_options(&replication)?;
     let key = protect::load_key(replication.key_file.as_deref(), &replication.standbys)
         .map_err(|e| e.to_string())?;
+    let vm_id = replication
+        .vm_id
+        .clone()
+        .unwrap_or_else(|| format!("vmr-{}", std::process::id()));
+    let mut options = options;
+    if let Some(endpoints) = &replication.coordinator {
+        if key.is_none() {
+            return Err(
+                "--coordinator needs --key-file PATH: a VM that cannot be protected \
+                        needs no owner"
+                    .into(),
+            );
+        }
+        let coordination = Coordination::connect(
+            endpoints,
+            replication.host_id.clone(),
+            &format!("/run-{}", std::process::id()),
+        )?;
+        options.authority = Some(coordination.own(&vm_id)?);
+    }
     let protection = key.map(|key| Protection {
         standbys: replication.standbys,
         key,
         options,
     });
-    run_protected(config, api.as_deref(), protection)
-}
-
-/// Boots the VM of `config` on its monitor thread, with the API in its loop; with standbys,
-/// pairs with each before the guest runs and protects it with the epoch engine on a thread of
-/// its own. With a key, `vmr ctl protect` pairs a standby while the guest runs.
-fn run_protected(
-    config: VmConfig,
-    api: Option<&Path>,
-    protection: Option<Protection>,
-) -> Result<ExitCode, String> {
-    let id = format!("vmr-{}", std::process::id());
-    let (server, receiver) = match api {
-        Some(socket) => {
-            let (server, receiver) = ApiServer::start(socket).map_err(|e| e.to_string())?;
-            (Some(server), Some(receiver))
-        }
-        None => (None, None),
-    };
-    let (requests_tx, requests) = channel();
-    let hook = protection
-        .as_ref()
-        .map(|p| Arc::new(PrimaryHook::new(&p.options, requests_tx.clone())));
-    let (paired_tx, paired_rx) = channel();
-    let pairing = protection.clone().filter(|p| !p.standbys.is_empty());
-    let vm_id = id.clone();
-    let api_hook = hook.clone();
-    let vm = VmThread::spawn_with(config, move |m| {
-        // The standbys are paired once the VM is built, before the guest runs.
-        if let Some(p) = &pairing {
-            let hello = protect::hello(m.config(), &vm_id).map_err(|e| e.to_string())?;
-            let standbys = protect::pair_all(p, &hello).map_err(|e| e.to_string())?;
-            let _ = paired_tx.send(standbys);
-        }
-        let mut controller = match receiver {
-            Some(r) => {
-                let mut c = Controller::new(r, m, vm_id)
-                    .map_err(|e| format!("cannot serve the API: {e}"))?;
-                if let Some(h) = api_hook {
-                    c.set_replication(h);
-                }
-                Some(c)
-            }
-            None => None,
-        };
-        Ok(move |m: &mut MicroVm| {
-            if let Some(c) = controller.as_mut() {
-                c.poll(m);
-            }
-        })
-    })
-    .map_err(|e| match e {
-        // The build's own message says what is wrong with the input.
-        VmThreadError::Build(message) => message,
-        e => e.to_string(),
-    })?;
-    let mut engine = None;
-    if let (Ok(standbys), Some(p), Some(h)) = (paired_rx.try_recv(), &protection, &hook) {
-        match protect_with(&vm, standbys, p, h) {
-            Ok(e) => engine = Some(e),
-            Err(e) => {
-                let _ = vm.stop();
-                return Err(e);
-            }
-        }
-    }
-    // Protection requests of the API, until the VM ends.
-    while !vm.has_ended() {
-        let Ok(request) = requests.recv_timeout(Duration::from_millis(50)) else {
-            continue;
-        };
-        match (&protection, &hook) {
-            (Some(p), Some(h)) => serve_protect(&vm, &mut engine, p, h, &id, request),
-            _ => (request.reply)(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
-        }
-    }
-    drop(requests_tx);
-    let reason = vm.wait();
-    if let Some(engine) = engine {
-        if let Err(e) = engine.stop() {
-            tracing::error!("the epoch engine: {e}");
-        }
-    }
-    if let Some(server) = server {
-        // Let the server deliver answers given in the last round (a migration's) before it
-        // closes every connection.
-        std::thread::sleep(Duration::from_millis(200));
-        drop(server);
-    }
-    exit_code(reason.map_err(|e| e.to_string())?)
-}
-
-/// Protects the VM with `standbys`, paired: the epoch engine on its own thread, its figures
-/// to the API's hook.
-fn protect_with(
-    vm: &VmThread,
-    standbys: Vec<NewStandby>,
-    protection: &Protection,
-    hook: &PrimaryHook,
-) -> Result<EngineHandle, String> {
-    let names = standbys.iter().map(|s| s.name.clone()).collect();
-    let engine = Engine::start(vm, standbys, protection.options.clone())
-        .map_err(|e| format!("cannot protect the VM: {e}"))?;
-    let metrics = engine.metrics();
-    let handle = engine
-        .spawn()
-        .map_err(|e| format!("cannot protect the VM: {e}"))?;
-    hook.set_engine(metrics, names);
-    Ok(handle)
-}
-
-/// `PUT /replication/protect`: pairs with the standby and protects the VM with it, answering
-/// once its initial synchronisation is committed (on a thread: the VM runs on meanwhile).
-fn serve_protect(
-    vm: &VmThread,
-    engine: &mut Option<EngineHandle>,
-    protection: &Protection,
-    hook: &Arc<PrimaryHook>,
-    id: &str,
-    request: ProtectRequest,
-) {
-    let ProtectRequest { standby, reply } = request;
-    if engine.as_ref().is_some_and(EngineHandle::is_running) {
-        return reply(Err(
-            "the VM is protected already: adding a standby to a running protection is not \
-             supported yet"
-                .into(),
-        ));
-    }
-    let paired = vm
-        .run(|m| m.config().clone())
-        .map_err(|e| e.to_string())
-        .and_then(|config| protect::hello(&config, id).map_err(|e| e.to_string()))
-        .and_then(|hello| {
-            protect::pair(
-                &standby,
-                &protection.key,
-                &hello,
-                protection.options.standby_timeout,
-            )
-            .map_err(|e| e.to_string())
-        })
-        .and_then(|s| protect_with(vm, vec![s], protection, hook));
-    let handle = match paired {
-        Ok(handle) => handle,
-        Err(e) => return reply(Err(e)),
-    };
-    *engine = Some(handle);
-    let hook = hook.clone();
-    let waited = std::thread::Builder::new()
-        .name("protect".into())
-        .spawn(move || {
-            let t0 = Instant::now();
-            loop {
-                let status = hook.status();
-                if status.protected {
-                    return reply(Ok(status));
-                }
-                if status.role != ReplicationRole::Primary || t0.elapsed() > SYNC_TIMEOUT {
-                    let why = status.peers.first().and_then(|p| p.reason.clone());
-                    return reply(Err(format!(
-                        "the standby did not complete the initial synchronisation{}",
-                        why.map(|w| format!(": {w}")).unwrap_or_default()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-    if let Err(e) = waited {
-        tracing::error!("cannot wait for the initial synchronisation: {e}");
-    }
-}
-
-/// Longest wait for a new standby's initial synchronisation before `PUT /replication/protect`
-/// answers.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn exit_code(reason: vmm::vstate::vcpu::ExitReason) -> Result<ExitCode, String> {
-    tracing::info!(?reason, "VM ended");
-    if reason.is_clean() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(format!("the VM ended abnormally: {reason:?}"))
-    }
+    let api = api.map_or(primary::Api::None, primary::Api::Socket);
+    primary::run(
+        primary::Boot::Config(config),
+        api,
+        protection,
+        vm_id,
+        |_| {},
+    )
 }
 
 fn run_standby(args: StandbyArgs) -> Result<ExitCode, String> {
-    let host = standby::StandbyHost::new(standby::StandbyOptions {
+    let detect = match args.detect_ms {
+        Some(0) => return Err("--detect-ms 0: give the primary at least 1 ms".into()),
+        Some(ms) => Duration::from_millis(ms),
+        None => standby::DEFAULT_DETECT,
+    };
+    let coordination = args
+        .coordinator
+        .as_deref()
+        .map(|c| {
+            Coordination::connect(
+                c,
+                args.host_id.clone(),
+                &format!("/standby-{}", args.listen),
+            )
+        })
+        .transpose()?;
+    let (host, requests) = standby::StandbyHost::new(standby::StandbyOptions {
         listen: args.listen,
         key_file: args.key_file,
         disks: args.disk,
-        nets: args.net,
+        nets: args.net.clone(),
+        restore: RestoreOptions {
+            net: args.net,
+            serial: args.serial,
+            allow_pvm: args.allow_pvm,
+        },
+        coordination,
+        detect,
     })
     .map_err(|e| e.to_string())?;
     let host = Arc::new(host);
-    let _server = args
+    let api = args
         .api
         .as_deref()
         .map(|socket| standby::serve_api(host.clone(), socket))
         .transpose()
         .map_err(|e| e.to_string())?;
-    standby::run(host).map_err(|e| e.to_string())?;
-    Ok(ExitCode::SUCCESS)
+    standby::run(host, requests, api)
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
@@ -651,6 +564,7 @@ fn ctl(args: CtlArgs) -> Result<ExitCode, String> {
         CtlAction::Metrics => client.metrics().map_err(|e| e.to_string()),
         CtlAction::Replication => to_json(&client.replication()),
         CtlAction::Protect { standby } => to_json(&client.protect(&ProtectParams { standby })),
+        CtlAction::Failover { force } => to_json(&client.failover(&FailoverParams { force })),
     }?;
     println!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -12,8 +12,8 @@ use replicator::compat::{DeviceDesc, Hello, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::primary::{pair_standby, EngineError, EngineOptions, Metrics, NewStandby};
 use vmm::api::{
-    LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply, ReplicationHook,
-    ReplicationPeer, ReplicationRole, ReplicationStatus,
+    FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply,
+    ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
 };
 use vmm::config::VmConfig;
 
@@ -56,6 +56,37 @@ pub struct Protection {
     pub key: ReplicationKey,
     /// The engine's options.
     pub options: EngineOptions,
+}
+
+impl Protection {
+    /// The term epochs go out with: the ownership's, with a coordinator.
+    pub fn term(&self) -> u64 {
+        self.options
+            .authority
+            .as_ref()
+            .map_or(self.options.term, |a| a.ownership.term)
+    }
+
+    /// The engine's options for a protection starting now: with a coordinator, the ownership
+    /// as it stands (an earlier engine may have renewed it), which must still be this host's.
+    pub fn current_options(&self) -> Result<EngineOptions, String> {
+        let mut options = self.options.clone();
+        if let Some(a) = options.authority.as_mut() {
+            match a.coordinator.current(&a.vm) {
+                Ok(Some((o, _))) if o.owner == a.me => a.ownership = o,
+                Ok(Some((o, _))) => {
+                    return Err(format!(
+                        "VM {} is owned by {o} now, not by this host: not protecting it",
+                        a.vm
+                    ))
+                }
+                Ok(None) => return Err(format!("VM {} has no owner in the coordinator", a.vm)),
+                Err(e) => return Err(format!("cannot read the ownership of VM {}: {e}", a.vm)),
+            }
+            options.term = a.ownership.term;
+        }
+        Ok(options)
+    }
 }
 
 /// The key, if a key file is given; `--protect` without one is refused.
@@ -101,12 +132,12 @@ pub fn disk_sizes<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<Vec<u64>,
 /// The `Hello` the VM of `config` is introduced to its standbys with. The TSC frequency and
 /// the CPU features are not compared yet (0 and none): a standby does not run the VM before
 /// failover, and `vmr restore` sets the guest's TSC frequency where it runs.
-pub fn hello(config: &VmConfig, vm_id: &str) -> Result<Hello, ProtectError> {
+pub fn hello(config: &VmConfig, vm_id: &str, term: u64) -> Result<Hello, ProtectError> {
     let disks = config.all_disks();
     Ok(Hello {
         protocol: PROTOCOL,
         vm_id: vm_id.to_string(),
-        term: 1,
+        term,
         mem_bytes: config.mem_mib << 20,
         vcpus: config.vcpus,
         tsc_khz: 0,
@@ -192,6 +223,8 @@ type Protecting = (Arc<Mutex<Metrics>>, Vec<String>);
 pub struct PrimaryHook {
     period: Duration,
     term: u64,
+    /// Whether a coordinator decides who owns the VM (automatic failover).
+    coordinator: bool,
     engine: Mutex<Option<Protecting>>,
     requests: Mutex<Sender<ProtectRequest>>,
 }
@@ -205,7 +238,11 @@ impl PrimaryHook {
     pub fn new(options: &EngineOptions, requests: Sender<ProtectRequest>) -> Self {
         Self {
             period: options.period,
-            term: options.term,
+            term: options
+                .authority
+                .as_ref()
+                .map_or(options.term, |a| a.ownership.term),
+            coordinator: options.authority.is_some(),
             engine: Mutex::new(None),
             requests: Mutex::new(requests),
         }
@@ -233,6 +270,7 @@ impl ReplicationHook for PrimaryHook {
             return status;
         };
         let m = lock(metrics).clone();
+        status.term = m.term.max(self.term);
         let synced = m.last_committed_epoch > 0;
         let lag = m.last_sent_epoch.saturating_sub(m.last_committed_epoch);
         status.role = if m.protected {
@@ -291,12 +329,31 @@ impl ReplicationHook for PrimaryHook {
                 }
             })
             .collect();
-        if !m.protected {
+        if let Some(f) = &m.fenced {
+            status.message = Some(format!(
+                "FENCED: {}; the vCPUs are paused and no output is released",
+                f.reason
+            ));
+        } else if !m.protected {
             status.message = Some(
                 "unprotected: no standby left; `vmr ctl protect HOST:PORT` pairs a new one".into(),
             );
+        } else if !self.coordinator {
+            status.message = Some(
+                "no coordinator: automatic failover is off (`vmr ctl failover --force` on the \
+                 standby takes the VM over by hand)"
+                    .into(),
+            );
         }
         status
+    }
+
+    fn failover(&self, _params: FailoverParams, reply: ProtectReply) {
+        reply(Err(
+            "this monitor runs the VM: a failover is asked of a standby (vmr ctl failover on \
+             the standby's API)"
+                .into(),
+        ));
     }
 
     fn protect(&self, params: ProtectParams, reply: ProtectReply) {
@@ -372,13 +429,13 @@ mod tests {
             disk.display().to_string()
         ))
         .unwrap();
-        let h = hello(&config, "vm").unwrap();
+        let h = hello(&config, "vm", 1).unwrap();
         assert_eq!((h.mem_bytes, h.vcpus), (64 << 20, 2));
         assert_eq!(h.devices, devices(1, 1));
         assert_eq!(h.devices[1].to_string(), "block:disk0");
         assert_eq!(h.disk_sizes, [4096]);
         config.disks[0].path = dir.join("missing.raw");
-        let err = hello(&config, "vm").unwrap_err().to_string();
+        let err = hello(&config, "vm", 1).unwrap_err().to_string();
         assert!(err.contains("missing.raw") && !err.contains('\n'), "{err}");
         assert!(matches!(
             load_key(None, &["a:1".into()]),

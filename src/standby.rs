@@ -7,34 +7,62 @@
 //! resumes, so it is kept when the primary's link ends, and a later pairing is refused (with
 //! its reason, to the primary) — a fresh `vmr standby` protects a VM again. A pairing that
 //! ends before any commit leaves the standby fresh.
+//!
+//! # Failover
+//!
+//! Once synchronised, a primary silent for `--detect-ms`, or whose link breaks without a
+//! goodbye (a primary that lets its standby go, or ends protection, says so first), is lost.
+//! With `--coordinator` the standby then claims the VM (the compare-and-swap of its term) and,
+//! if it wins, takes it over: the committed state becomes the running VM, in this process
+//! ([`replicator::standby::takeover`]), and the API socket goes on serving it as a primary
+//! (`vmr ctl protect` pairs a new standby). An unreachable coordinator is retried; a claim
+//! lost (the primary went on, or another standby won) leaves the standby as it is. Without a
+//! coordinator nothing happens by itself: `vmr ctl failover --force` takes the VM over.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use replicator::auth::ReplicationKey;
 use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::pairing::{self, PairError};
+use replicator::primary::EngineOptions;
 use replicator::standby::committed::DiskImage;
 use replicator::standby::host::{Standby, StandbyError};
 use replicator::standby::staging::StagingOptions;
+use replicator::standby::takeover::{self, TakeoverError};
+use replicator::standby::ServeError;
+use replicator::wire::FrameError;
 use vmm::api::{
-    ApiError, ApiServer, ProtectParams, ProtectReply, ReplicationHook, ReplicationRole,
-    ReplicationStatus, SnapshotInfo, SnapshotParams, SnapshotType,
+    ApiError, ApiReceiver, ApiServer, FailoverParams, ProtectParams, ProtectReply, ReplicationHook,
+    ReplicationRole, ReplicationStatus, SnapshotInfo, SnapshotParams, SnapshotType,
 };
+use vmm::builder::RestoreOptions;
 use vmm::config::NetConfig;
 use vmm::controller::answer_without_vm;
 use vmm::snapshot::SnapshotError;
 
-use crate::protect::{devices, disk_sizes};
+use crate::coordination::Coordination;
+use crate::primary;
+use crate::protect::{devices, disk_sizes, Protection};
 
 /// How long a connection may take to pair.
 const PAIRING_TIMEOUT: Duration = Duration::from_secs(5);
-/// A primary silent this long is gone (it sends an epoch every few ms, heartbeats when idle).
-const PRIMARY_SILENCE: Duration = Duration::from_secs(10);
+/// Until the initial synchronisation is committed, a primary silent this long is gone (it
+/// captures and sends all of memory first). After it, `--detect-ms` (it sends an epoch at
+/// least every epoch period).
+const SYNC_SILENCE: Duration = Duration::from_secs(10);
+/// Default of `--detect-ms`: a primary silent this long, once synchronised, is lost.
+pub const DEFAULT_DETECT: Duration = Duration::from_millis(50);
+/// How often a takeover whose claim could not be made (coordinator unreachable) is retried.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
 /// How often progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -55,9 +83,6 @@ pub enum StandbyHostError {
         /// Why.
         source: std::io::Error,
     },
-    /// Accepting a connection failed.
-    #[error("cannot accept a connection: {0}")]
-    Accept(std::io::Error),
     /// A thread could not start.
     #[error("cannot start a thread: {0}")]
     Spawn(std::io::Error),
@@ -76,6 +101,22 @@ pub struct StandbyOptions {
     pub disks: Vec<PathBuf>,
     /// The TAPs the VM would use here, in order.
     pub nets: Vec<NetConfig>,
+    /// The console and PVM choice of the VM once taken over here.
+    pub restore: RestoreOptions,
+    /// The coordinator, if any: without one, failover is manual (`--force`).
+    pub coordination: Option<Coordination>,
+    /// A synchronised primary silent this long is lost.
+    pub detect: Duration,
+}
+
+/// A takeover asked for: by the API (`vmr ctl failover`) or by the loss of the primary.
+pub struct TakeoverRequest {
+    /// Without the coordinator's claim.
+    force: bool,
+    /// Why (for the log).
+    cause: String,
+    /// The API's answer, if the API asked.
+    reply: Option<ProtectReply>,
 }
 
 /// The VM this standby holds (or is being paired with).
@@ -98,6 +139,9 @@ pub struct StandbyHost {
     options: StandbyOptions,
     disk_sizes: Vec<u64>,
     held: Mutex<Option<Held>>,
+    takeovers: Mutex<Sender<TakeoverRequest>>,
+    /// Set once the VM is taken over: the API thread hands its receiver to the VM.
+    taken_over: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,16 +149,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl StandbyHost {
-    /// Loads the key and measures the disks.
-    pub fn new(options: StandbyOptions) -> Result<Self, StandbyHostError> {
+    /// Loads the key and measures the disks; the takeovers asked for come out of the
+    /// receiver ([`run`] serves them).
+    pub fn new(
+        options: StandbyOptions,
+    ) -> Result<(Self, Receiver<TakeoverRequest>), StandbyHostError> {
         let key = ReplicationKey::from_file(&options.key_file)?;
         let disk_sizes = disk_sizes(options.disks.iter().map(PathBuf::as_path))?;
-        Ok(Self {
+        let (takeovers, requests) = channel();
+        let host = Self {
             key,
             options,
             disk_sizes,
             held: Mutex::new(None),
-        })
+            takeovers: Mutex::new(takeovers),
+            taken_over: AtomicBool::new(false),
+        };
+        Ok((host, requests))
+    }
+
+    fn ask_takeover(&self, request: TakeoverRequest) {
+        if let Err(e) = lock(&self.takeovers).send(request) {
+            if let Some(reply) = e.0.reply {
+                reply(Err("the standby is ending".into()));
+            }
+        }
     }
 
     /// The VM held, locked.
@@ -250,10 +309,12 @@ impl StandbyHost {
             vcpus = hello.vcpus,
             "paired with a primary: standing by"
         );
-        // A primary sends epochs every few ms: one silent this long is gone.
-        if let Err(e) = socket.set_read_timeout(Some(PRIMARY_SILENCE)) {
+        // The initial synchronisation may be slow to start; after it, the primary sends an
+        // epoch every few ms, and one silent for `detect` is lost.
+        if let Err(e) = socket.set_read_timeout(Some(SYNC_SILENCE)) {
             tracing::warn!("cannot bound reads from the primary: {e}");
         }
+        self.watch_sync(socket);
         let host = self.clone();
         let serving = std::thread::Builder::new()
             .name("standby".into())
@@ -274,11 +335,43 @@ impl StandbyHost {
                         "the primary's link ended before the first commit ({end}): standing by, fresh"
                     );
                     *held = None;
-                } else {
+                    return;
+                }
+                drop(held);
+                if let ServeError::Refused(_) = end {
                     tracing::warn!(
                         primary = %peer,
                         committed_epoch = committed,
-                        "the primary's link ended ({end}): the committed state is kept for failover"
+                        "{end}: the committed state is kept (the primary runs on)"
+                    );
+                    return;
+                }
+                let end = match &end {
+                    ServeError::Frame(FrameError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        format!("silent for {} ms", host.options.detect.as_millis())
+                    }
+                    end => format!("its link ended: {end}"),
+                };
+                tracing::warn!(
+                    primary = %peer,
+                    committed_epoch = committed,
+                    "PRIMARY LOST: {end}"
+                );
+                if host.options.coordination.is_some() {
+                    host.ask_takeover(TakeoverRequest {
+                        force: false,
+                        cause: format!("the primary {peer} was lost ({end})"),
+                        reply: None,
+                    });
+                } else {
+                    tracing::warn!(
+                        "no coordinator: automatic failover is off; the committed state is \
+                         kept (`vmr ctl failover --force` takes the VM over)"
                     );
                 }
             });
@@ -289,8 +382,120 @@ impl StandbyHost {
     }
 }
 
-/// The standby's side of the API: `GET /replication`, `GET /metrics`, and
-/// `PUT /snapshot/create` writing the committed epoch as a snapshot `vmr restore` runs.
+impl StandbyHost {
+    /// Once the initial synchronisation is committed, bounds the reads of `socket` (the
+    /// primary's link) by `--detect-ms`: a primary silent that long is lost.
+    fn watch_sync(self: &Arc<Self>, socket: Conn) {
+        let host = self.clone();
+        let watched = std::thread::Builder::new()
+            .name("sync-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(5));
+                let Some(standby) = host.standby() else {
+                    return;
+                };
+                if !host.held().as_ref().is_some_and(|h| h.serving) {
+                    return;
+                }
+                if standby.committed().committed_epoch() > 0 {
+                    let detect = host.options.detect;
+                    match socket.set_read_timeout(Some(detect)) {
+                        Ok(()) => tracing::info!(
+                            detect_ms = detect.as_millis() as u64,
+                            "synchronised: a primary silent this long is lost"
+                        ),
+                        Err(e) => tracing::warn!("cannot bound reads from the primary: {e}"),
+                    }
+                    return;
+                }
+            });
+        if let Err(e) = watched {
+            tracing::warn!("cannot watch the initial synchronisation: {e}");
+        }
+    }
+
+    /// The first half of a takeover: checks that this host holds a committed VM no primary
+    /// serves, and claims it (unless forced). The standby, the VM's id and the term won.
+    fn claim(&self, force: bool) -> Result<Claimed, ClaimError> {
+        let (standby, vm_id, serving) = match self.held().as_ref() {
+            Some(h) => (h.standby.clone(), h.hello.vm_id.clone(), h.serving),
+            None => return Err(ClaimError::Refused("this standby holds no VM".into())),
+        };
+        let committed = standby.info();
+        if committed.committed_epoch == 0 {
+            return Err(ClaimError::Refused(
+                "the initial synchronisation is not committed yet: there is no VM to take over"
+                    .into(),
+            ));
+        }
+        if committed.promoted {
+            return Err(ClaimError::Refused("the VM was taken over already".into()));
+        }
+        if serving {
+            return Err(ClaimError::Refused(
+                "the primary is alive and replicating to this standby: stop it first (a planned \
+                 switch-over is not supported yet)"
+                    .into(),
+            ));
+        }
+        let term =
+            match (&self.options.coordination, force) {
+                (_, true) => {
+                    tracing::warn!(
+                    "takeover forced without a claim: nothing keeps the old primary from running \
+                     beside this VM"
+                );
+                    committed.committed_term
+                }
+                (None, false) => return Err(ClaimError::Refused(
+                    "no coordinator (--coordinator): a takeover without a claim must be forced \
+                     (vmr ctl failover --force), and only for a primary known to be dead"
+                        .into(),
+                )),
+                (Some(c), false) => {
+                    let o = takeover::claim(&standby, c.coordinator.as_ref(), &vm_id, &c.me)
+                        .map_err(|e| match e {
+                            TakeoverError::Claim { .. } | TakeoverError::Current { .. } => {
+                                ClaimError::Retry(e.to_string())
+                            }
+                            e => ClaimError::Refused(e.to_string()),
+                        })?;
+                    return Ok(Claimed {
+                        standby,
+                        authority: Some(c.authority(&vm_id, o.clone())),
+                        vm_id,
+                        term: o.term,
+                    });
+                }
+            };
+        Ok(Claimed {
+            standby,
+            vm_id,
+            term,
+            authority: None,
+        })
+    }
+}
+
+/// A VM claimed for takeover ([`StandbyHost::claim`]).
+struct Claimed {
+    standby: Arc<Standby<DiskImage>>,
+    vm_id: String,
+    term: u64,
+    authority: Option<replicator::primary::Authority>,
+}
+
+/// Why a takeover cannot be made now.
+enum ClaimError {
+    /// The coordinator did not answer: try again.
+    Retry(String),
+    /// Not now, nor later (the reason, one line).
+    Refused(String),
+}
+
+/// The standby's side of the API: `GET /replication`, `GET /metrics`,
+/// `PUT /snapshot/create` writing the committed epoch as a snapshot `vmr restore` runs, and
+/// `PUT /replication/failover`.
 impl ReplicationHook for StandbyHost {
     fn status(&self) -> ReplicationStatus {
         let held = self.held();
@@ -326,6 +531,14 @@ impl ReplicationHook for StandbyHost {
         reply(Err(
             "this is a standby: protect the VM from its primary (vmr ctl protect)".into(),
         ));
+    }
+
+    fn failover(&self, params: FailoverParams, reply: ProtectReply) {
+        self.ask_takeover(TakeoverRequest {
+            force: params.force,
+            cause: "asked through the API".into(),
+            reply: Some(reply),
+        });
     }
 }
 
@@ -368,32 +581,43 @@ impl StandbyHost {
     }
 }
 
+/// The API of a standby host: its server, and the thread answering its calls until the VM
+/// is taken over, when the thread ends and hands the calls' receiver to the VM.
+pub struct StandbyApi {
+    server: ApiServer,
+    thread: JoinHandle<ApiReceiver>,
+}
+
 /// Serves the API socket of a standby host on a thread of its own.
-pub fn serve_api(host: Arc<StandbyHost>, socket: &Path) -> Result<ApiServer, StandbyHostError> {
+pub fn serve_api(host: Arc<StandbyHost>, socket: &Path) -> Result<StandbyApi, StandbyHostError> {
     let (server, receiver) = ApiServer::start(socket).map_err(StandbyHostError::Api)?;
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || loop {
-            let mut fd = libc::pollfd {
-                fd: receiver.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `fd` is one valid pollfd for the call; the eventfd outlives it.
-            let n = unsafe { libc::poll(&mut fd, 1, 1000) };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    tracing::error!("the API's event loop: {e}");
-                    return;
+        .spawn(move || {
+            while !host.taken_over.load(Ordering::Acquire) {
+                let mut fd = libc::pollfd {
+                    fd: receiver.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: `fd` is one valid pollfd for the call; the eventfd outlives it.
+                let n = unsafe { libc::poll(&mut fd, 1, 20) };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        tracing::error!("the API's event loop: {e}");
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    continue;
+                }
+                for call in receiver.drain() {
+                    answer_without_vm(call, host.as_ref(), &|p| host.snapshot(p));
                 }
             }
-            for call in receiver.drain() {
-                answer_without_vm(call, host.as_ref(), &|p| host.snapshot(p));
-            }
+            receiver
         })
         .map_err(StandbyHostError::Spawn)?;
-    Ok(server)
+    Ok(StandbyApi { server, thread })
 }
 
 /// Memory available on this host (`MemAvailable` of /proc/meminfo), in bytes.
@@ -431,34 +655,185 @@ fn log_progress(host: &StandbyHost) {
     }
 }
 
-/// Runs a standby host: listens on `options.listen` and pairs with primaries for ever.
-pub fn run(host: Arc<StandbyHost>) -> Result<(), StandbyHostError> {
+/// Runs a standby host: listens on `options.listen` and pairs with primaries, until a
+/// takeover of `requests` succeeds; then runs the VM taken over here until it ends.
+pub fn run(
+    host: Arc<StandbyHost>,
+    requests: Receiver<TakeoverRequest>,
+    api: Option<StandbyApi>,
+) -> Result<ExitCode, String> {
     let addr = host.options.listen.clone();
-    let listener = TcpListener::bind(&addr).map_err(|source| StandbyHostError::Listen {
-        addr: addr.clone(),
-        source,
-    })?;
+    let listener = TcpListener::bind(&addr)
+        .map_err(|source| StandbyHostError::Listen {
+            addr: addr.clone(),
+            source,
+        })
+        .map_err(|e| e.to_string())?;
     let progress = host.clone();
     std::thread::Builder::new()
         .name("progress".into())
         .spawn(move || log_progress(&progress))
-        .map_err(StandbyHostError::Spawn)?;
+        .map_err(|e| StandbyHostError::Spawn(e).to_string())?;
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr),
         disks = host.options.disks.len(),
         taps = %host.nets().iter().map(|n| n.tap.as_str()).collect::<Vec<_>>().join(","),
+        coordinator = host.options.coordination.as_ref().map(|c| c.endpoints.as_str()),
         "standing by for a primary"
     );
+    let acceptor = host.clone();
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accept(&acceptor, &listener))
+        .map_err(|e| StandbyHostError::Spawn(e).to_string())?;
+    let (claimed, reply) = wait_claim(&host, &requests);
+    take_over(&host, claimed, reply, api)
+}
+
+/// Pairs with the primaries that connect, one at a time, for ever (after a takeover,
+/// pairings are refused: the VM runs here).
+fn accept(host: &Arc<StandbyHost>, listener: &TcpListener) {
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(StandbyHostError::Accept(e)),
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    tracing::error!("cannot accept a connection: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
         };
+        if host.taken_over.load(Ordering::Acquire) {
+            tracing::warn!("refused a connection from {peer}: the VM was taken over here");
+            continue;
+        }
         if let Err(e) = stream.set_nodelay(true) {
             tracing::warn!("refused a connection from {peer}: {e}");
             continue;
         }
         host.pair(Conn::Tcp(stream), peer);
     }
+}
+
+/// Serves takeover requests until one wins its claim: refused ones are answered (or logged),
+/// one whose coordinator did not answer is retried while no other request comes.
+fn wait_claim(
+    host: &StandbyHost,
+    requests: &Receiver<TakeoverRequest>,
+) -> (Claimed, Option<ProtectReply>) {
+    let mut pending: Option<TakeoverRequest> = None;
+    let mut last_log = Instant::now() - PROGRESS_EVERY;
+    loop {
+        let request = match pending.take() {
+            Some(r) => match requests.recv_timeout(CLAIM_RETRY) {
+                Ok(newer) => {
+                    if let Some(reply) = r.reply {
+                        reply(Err("superseded by a later failover request".into()));
+                    }
+                    newer
+                }
+                Err(_) => r,
+            },
+            None => match requests.recv() {
+                Ok(r) => r,
+                // The host holds a sender: this does not happen.
+                Err(_) => loop {
+                    std::thread::park();
+                },
+            },
+        };
+        let t0 = Instant::now();
+        match host.claim(request.force) {
+            Ok(claimed) => {
+                tracing::info!(
+                    vm = claimed.vm_id,
+                    term = claimed.term,
+                    claim_ms = t0.elapsed().as_secs_f64() * 1000.0,
+                    "taking the VM over: {}",
+                    request.cause
+                );
+                return (claimed, request.reply);
+            }
+            Err(ClaimError::Refused(reason)) => {
+                tracing::warn!("no takeover ({}): {reason}", request.cause);
+                if let Some(reply) = request.reply {
+                    reply(Err(reason));
+                }
+            }
+            Err(ClaimError::Retry(reason)) => {
+                if last_log.elapsed() >= PROGRESS_EVERY {
+                    tracing::warn!("takeover claim failed, retrying: {reason}");
+                    last_log = Instant::now();
+                }
+                pending = Some(request);
+            }
+        }
+    }
+}
+
+/// The second half of a takeover: the committed state promoted into the running VM on its
+/// monitor thread, the API handed over to it; runs it until it ends.
+fn take_over(
+    host: &Arc<StandbyHost>,
+    claimed: Claimed,
+    reply: Option<ProtectReply>,
+    api: Option<StandbyApi>,
+) -> Result<ExitCode, String> {
+    let t0 = Instant::now();
+    host.taken_over.store(true, Ordering::Release);
+    let api = match api {
+        Some(StandbyApi { server, thread }) => match thread.join() {
+            Ok(receiver) => primary::Api::Served(server, receiver),
+            Err(_) => return Err("the API thread panicked".into()),
+        },
+        None => primary::Api::None,
+    };
+    let Claimed {
+        standby,
+        vm_id,
+        term,
+        authority,
+    } = claimed;
+    let options = EngineOptions {
+        term,
+        authority,
+        ..EngineOptions::default()
+    };
+    let protection = Protection {
+        standbys: Vec::new(),
+        key: host.key.clone(),
+        options,
+    };
+    let restore = RestoreOptions {
+        net: host.options.nets.clone(),
+        ..host.options.restore.clone()
+    };
+    let build = Box::new(move || {
+        takeover::resume(&standby, term, &restore)
+            .map(|t| t.vm)
+            .map_err(|e| e.to_string())
+    });
+    let mut reply = reply;
+    let result = primary::run(
+        primary::Boot::Built(build),
+        api,
+        Some(protection),
+        vm_id.clone(),
+        |status| {
+            tracing::info!(
+                vm = vm_id,
+                term,
+                resume_ms = t0.elapsed().as_secs_f64() * 1000.0,
+                "TAKEN OVER: the VM runs here as the primary"
+            );
+            if let Some(reply) = reply.take() {
+                reply(Ok(status));
+            }
+        },
+    );
+    if let (Err(e), Some(reply)) = (&result, reply) {
+        reply(Err(e.clone()));
+    }
+    result
 }

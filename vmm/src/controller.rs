@@ -9,8 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::{
-    ApiCall, ApiError, ApiReceiver, ApiReply, ApiRequest, ApiResult, Metric, MetricKind,
-    MigrateParams, MigrationInfo, PeerState, ProtectParams, ProtectReply, Relation,
+    ApiCall, ApiError, ApiReceiver, ApiReply, ApiRequest, ApiResult, FailoverParams, Metric,
+    MetricKind, MigrateParams, MigrationInfo, PeerState, ProtectParams, ProtectReply, Relation,
     ReplicationHook, ReplicationRole, ReplicationStatus, ResourceEdge, ResourceGraph, ResourceKind,
     ResourceNode, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, VmState, NO_KEY_MESSAGE,
 };
@@ -90,6 +90,10 @@ impl Controller {
                     let params = params.clone();
                     self.replication.protect(call, params);
                 }
+                ApiRequest::Failover(params) => {
+                    let params = params.clone();
+                    self.replication.failover(call, params);
+                }
                 request => {
                     let result = self.handle(vm, request);
                     call.respond(result);
@@ -122,10 +126,9 @@ impl Controller {
             ApiRequest::CreateSnapshot(params) => self.snapshot(vm, params),
             ApiRequest::GetMetrics => Ok(ApiReply::Metrics(self.metrics(vm))),
             ApiRequest::GetReplication => Ok(ApiReply::Replication(self.replication.status())),
-            ApiRequest::Migrate(_) | ApiRequest::Protect(_) => Err(ApiError::internal(format!(
-                "{} requests are served apart",
-                request.name()
-            ))),
+            ApiRequest::Migrate(_) | ApiRequest::Protect(_) | ApiRequest::Failover(_) => Err(
+                ApiError::internal(format!("{} requests are served apart", request.name())),
+            ),
         }
     }
 
@@ -354,7 +357,24 @@ impl Replication {
             return;
         };
         tracing::info!(standby = %params.standby, "protecting the VM");
-        hook.protect(params, protect_reply(call));
+        hook.protect(
+            params,
+            reply_with_status(call, "the VM is protected", "the VM could not be protected"),
+        );
+    }
+
+    /// Hands a failover to the hook, which answers `call` once the VM runs here (or why it
+    /// does not); without a hook, answers 409 [`NO_KEY_MESSAGE`] at once.
+    pub(crate) fn failover(&self, call: ApiCall, params: FailoverParams) {
+        let Some(hook) = &self.hook else {
+            call.respond(Err(ApiError::conflict(NO_KEY_MESSAGE)));
+            return;
+        };
+        tracing::info!(force = params.force, "failover asked");
+        hook.failover(
+            params,
+            reply_with_status(call, "failed over", "the failover"),
+        );
     }
 
     /// The replication's metrics (none without a hook).
@@ -373,17 +393,17 @@ impl Replication {
     }
 }
 
-/// The way back for a protect handed to a hook: answers `call`, from whatever thread the
-/// hook calls it on.
-fn protect_reply(call: ApiCall) -> ProtectReply {
+/// The way back for a protect or failover handed to a hook: answers `call`, from whatever
+/// thread the hook calls it on (`done` and `failed` say what happened, in the log).
+fn reply_with_status(call: ApiCall, done: &'static str, failed: &'static str) -> ProtectReply {
     Box::new(move |result| {
         let result = match result {
             Ok(status) => {
-                tracing::info!(term = status.term, "the VM is protected");
+                tracing::info!(term = status.term, "{done}");
                 Ok(ApiReply::Replication(status))
             }
             Err(reason) => {
-                tracing::warn!("the VM could not be protected: {reason}");
+                tracing::warn!("{failed}: {reason}");
                 Err(ApiError::bad_gateway(reason))
             }
         };
@@ -397,6 +417,7 @@ fn protect_reply(call: ApiCall) -> ProtectReply {
 /// - `GET /replication`: the hook's status;
 /// - `GET /metrics`: the replication's metrics only;
 /// - `PUT /snapshot/create`: what `snapshot` answers;
+/// - `PUT /replication/failover`: to the hook, which answers once the VM runs here;
 /// - anything else: 409 [`STANDBY_MESSAGE`].
 ///
 /// The caller loops over its [`ApiReceiver`]'s calls; this never blocks on more than the
@@ -413,6 +434,11 @@ pub fn answer_without_vm(
         ApiRequest::GetReplication => Ok(ApiReply::Replication(hook.status())),
         ApiRequest::GetMetrics => Ok(ApiReply::Metrics(hook.status().metrics())),
         ApiRequest::CreateSnapshot(params) => snapshot(params).map(ApiReply::Snapshot),
+        ApiRequest::Failover(params) => {
+            let params = params.clone();
+            let reply = reply_with_status(call, "failed over", "the failover");
+            return hook.failover(params, reply);
+        }
         _ => Err(ApiError::conflict(STANDBY_MESSAGE)),
     };
     call.respond(result);

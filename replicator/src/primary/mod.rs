@@ -248,8 +248,20 @@ struct Peer {
     reader: Option<JoinHandle<()>>,
 }
 
+/// How long a goodbye (`Refuse`) to a standby may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
+
 impl Peer {
-    fn close(&mut self) {
+    /// Closes the link. With `goodbye`, the standby is first told why (best effort, within
+    /// [`GOODBYE_TIMEOUT`]): a standby told it was let go does not take the VM over, while one
+    /// whose link just breaks (the primary's host lost) does.
+    fn close(&mut self, goodbye: Option<&str>) {
+        if let Some(reason) = goodbye {
+            let _ = self.conn.set_write_timeout(Some(GOODBYE_TIMEOUT));
+            let _ = self.writer.send_now(&Message::Refuse {
+                reason: reason.to_string(),
+            });
+        }
         self.conn.shutdown();
         if let Some(r) = self.reader.take() {
             let _ = r.join();
@@ -688,7 +700,7 @@ impl Engine {
     /// [`Decision::Fenced`].
     pub fn drop_standby(&mut self, index: usize, reason: &str) -> Decision {
         let mut peer = self.peers.remove(index);
-        peer.close();
+        peer.close(Some(&format!("the primary dropped this standby: {reason}")));
         tracing::warn!(
             standby = peer.name,
             acked = peer.acked,
@@ -753,7 +765,7 @@ impl Engine {
         }
         let discarded = self.ports.discard_after(self.released);
         for mut p in self.peers.drain(..) {
-            p.close();
+            p.close(None);
         }
         tracing::error!(
             owner = owner.as_ref().map(|o| o.to_string()),
@@ -931,7 +943,7 @@ impl Engine {
     fn close_all(&mut self) {
         self.stopping = true;
         for p in &mut self.peers {
-            p.close();
+            p.close(Some("the primary ended protection"));
         }
         self.peers.clear();
         if self.protected {

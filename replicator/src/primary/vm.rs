@@ -80,6 +80,20 @@ impl VmThread {
         S: FnOnce(&mut MicroVm) -> Result<H, String> + Send + 'static,
         H: FnMut(&mut MicroVm) + 'static,
     {
+        Self::spawn_built(
+            move || vmm::builder::build_microvm(&config).map_err(|e| e.to_string()),
+            setup,
+        )
+    }
+
+    /// As [`VmThread::spawn_with`], the microVM made by `build` on the monitor thread (a VM
+    /// restored or taken over rather than booted); `build`'s one-line reason fails the spawn.
+    pub fn spawn_built<B, S, H>(build: B, setup: S) -> Result<Self, VmThreadError>
+    where
+        B: FnOnce() -> Result<MicroVm, String> + Send + 'static,
+        S: FnOnce(&mut MicroVm) -> Result<H, String> + Send + 'static,
+        H: FnMut(&mut MicroVm) + 'static,
+    {
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmThreadError::Wakeup)?;
         let their_wake = wake.try_clone().map_err(VmThreadError::Wakeup)?;
         let (jobs, job_rx) = channel::<Job>();
@@ -87,13 +101,11 @@ impl VmThread {
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
-                let built = vmm::builder::build_microvm(&config)
-                    .map_err(|e| VmThreadError::Build(e.to_string()))
-                    .and_then(|vm| {
-                        freeze_channel()
-                            .map(|c| (vm, c))
-                            .map_err(|e| VmThreadError::Build(e.to_string()))
-                    });
+                let built = build().map_err(VmThreadError::Build).and_then(|vm| {
+                    freeze_channel()
+                        .map(|c| (vm, c))
+                        .map_err(|e| VmThreadError::Build(e.to_string()))
+                });
                 let (mut microvm, (chan, handle)) = match built {
                     Ok(b) => b,
                     Err(e) => {

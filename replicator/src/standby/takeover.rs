@@ -111,7 +111,7 @@ pub fn takeover<D: CommittedDisk>(
         (s.committed_epoch(), s.committed_term())
     };
     let term = match authority {
-        Some((coordinator, vm, me)) => claim(coordinator, vm, me, committed_term)?.term,
+        Some((coordinator, vm, me)) => claim(standby, coordinator, vm, me)?.term,
         None => {
             tracing::warn!(
                 epoch = committed_epoch,
@@ -122,6 +122,16 @@ pub fn takeover<D: CommittedDisk>(
             committed_term
         }
     };
+    resume(standby, term, options)
+}
+
+/// The second half of [`takeover`], once the VM is claimed for `term` (or the takeover is
+/// forced): promotes the committed state into a VM, its network taken over.
+pub fn resume<D: CommittedDisk>(
+    standby: &Standby<D>,
+    term: u64,
+    options: &RestoreOptions,
+) -> Result<TakenOver, TakeoverError> {
     let vm = standby.promote(options)?;
     let epoch = standby.committed().committed_epoch();
     let (reinjected, not_reinjected) = network_takeover(standby, &vm, epoch);
@@ -141,13 +151,15 @@ pub fn takeover<D: CommittedDisk>(
     })
 }
 
-/// Claims the VM for `me` from the ownership of term `committed_term`.
-fn claim(
+/// The first half of [`takeover`]: claims the VM `vm` for `me` in `coordinator`, from the
+/// ownership of `standby`'s committed term.
+pub fn claim<D: CommittedDisk>(
+    standby: &Standby<D>,
     coordinator: &dyn Coordinator,
     vm: &str,
     me: &str,
-    committed_term: u64,
 ) -> Result<Ownership, TakeoverError> {
+    let committed_term = standby.committed().committed_term();
     let current = coordinator
         .current(vm)
         .map_err(|source| TakeoverError::Current {

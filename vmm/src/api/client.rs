@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    ErrorBody, MigrateParams, MigrationInfo, ProtectParams, ReplicationStatus, ResourceGraph,
-    SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, MIGRATE_TIMEOUT, PROTECT_TIMEOUT,
-    REQUEST_TIMEOUT,
+    ErrorBody, FailoverParams, MigrateParams, MigrationInfo, ProtectParams, ReplicationStatus,
+    ResourceGraph, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, MIGRATE_TIMEOUT,
+    PROTECT_TIMEOUT, REQUEST_TIMEOUT,
 };
 
 /// How much longer than the server the client waits, so the server's 504 arrives first.
@@ -157,6 +157,16 @@ impl ApiClient {
     /// `PUT /replication/protect`: returns once the standby protects the VM.
     pub fn protect(&self, params: &ProtectParams) -> Result<ReplicationStatus, ClientError> {
         self.json("PUT", "/replication/protect", Some(params), PROTECT_TIMEOUT)
+    }
+
+    /// `PUT /replication/failover`: returns once the VM runs at this standby.
+    pub fn failover(&self, params: &FailoverParams) -> Result<ReplicationStatus, ClientError> {
+        self.json(
+            "PUT",
+            "/replication/failover",
+            Some(params),
+            PROTECT_TIMEOUT,
+        )
     }
 
     /// `GET /metrics`, in the Prometheus text format.

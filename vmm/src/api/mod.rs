@@ -21,8 +21,8 @@ mod tests;
 
 pub use client::{ApiClient, ClientError, HttpResponse};
 pub use replication::{
-    LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply, ReplicationHook,
-    ReplicationPeer, ReplicationRole, ReplicationStatus, NO_KEY_MESSAGE,
+    FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply,
+    ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus, NO_KEY_MESSAGE,
 };
 pub use server::{
     ApiCall, ApiReceiver, ApiServer, ApiServerConfig, ApiServerError, Route, RouteMethod, ROUTES,
@@ -60,6 +60,8 @@ pub enum ApiRequest {
     GetReplication,
     /// `PUT /replication/protect`: start replicating the VM to a standby.
     Protect(ProtectParams),
+    /// `PUT /replication/failover`: a standby takes the VM over.
+    Failover(FailoverParams),
 }
 
 impl ApiRequest {
@@ -75,6 +77,7 @@ impl ApiRequest {
             ApiRequest::GetMetrics => "get-metrics",
             ApiRequest::GetReplication => "get-replication",
             ApiRequest::Protect(_) => "protect",
+            ApiRequest::Failover(_) => "failover",
         }
     }
 
@@ -82,7 +85,7 @@ impl ApiRequest {
     pub fn timeout(&self) -> Duration {
         match self {
             ApiRequest::Migrate(_) => MIGRATE_TIMEOUT,
-            ApiRequest::Protect(_) => PROTECT_TIMEOUT,
+            ApiRequest::Protect(_) | ApiRequest::Failover(_) => PROTECT_TIMEOUT,
             _ => REQUEST_TIMEOUT,
         }
     }
@@ -98,7 +101,7 @@ impl ApiRequest {
                 | (ApiRequest::Migrate(_), ApiReply::Migrated(_))
                 | (ApiRequest::GetMetrics, ApiReply::Metrics(_))
                 | (
-                    ApiRequest::GetReplication | ApiRequest::Protect(_),
+                    ApiRequest::GetReplication | ApiRequest::Protect(_) | ApiRequest::Failover(_),
                     ApiReply::Replication(_)
                 )
         )

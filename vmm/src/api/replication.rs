@@ -337,6 +337,17 @@ pub struct ProtectParams {
     pub standby: String,
 }
 
+/// The body of `PUT /replication/failover`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverParams {
+    /// Take the VM over without the coordinator's claim (a standby started without
+    /// `--coordinator`): nothing then keeps the old primary from running beside it, so only
+    /// for a primary known to be dead.
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// How a [`ReplicationHook`] answers [`protect`](ReplicationHook::protect): called once, from
 /// any thread, with the status once the VM is protected or with why it could not be (a
 /// sentence, answered as HTTP 502).
@@ -361,4 +372,9 @@ pub trait ReplicationHook: Send + Sync {
     /// protecting the VM, or with why it could not. It may also call `reply` before
     /// returning (e.g. to refuse at once). Dropping `reply` uncalled answers 503.
     fn protect(&self, params: ProtectParams, reply: ProtectReply);
+
+    /// Fails the VM over: on a standby, takes the VM over from its committed epoch and runs
+    /// it here; `reply` (as for [`protect`](ReplicationHook::protect)) once it runs, with the
+    /// new status, or with why it was refused. Must not block either.
+    fn failover(&self, params: FailoverParams, reply: ProtectReply);
 }

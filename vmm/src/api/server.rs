@@ -139,6 +139,7 @@ enum Endpoint {
     GetMetrics,
     GetReplication,
     Protect,
+    Failover,
 }
 
 /// One route of the API.
@@ -198,6 +199,11 @@ pub const ROUTES: &[Route] = &[
         path: "/replication/protect",
         endpoint: Endpoint::Protect,
     },
+    Route {
+        method: RouteMethod::Put,
+        path: "/replication/failover",
+        endpoint: Endpoint::Failover,
+    },
 ];
 
 /// How long the server waits for the VM's answers.
@@ -225,7 +231,7 @@ impl ApiServerConfig {
     fn timeout(&self, request: &ApiRequest) -> Duration {
         match request {
             ApiRequest::Migrate(_) => self.migrate_timeout,
-            ApiRequest::Protect(_) => self.protect_timeout,
+            ApiRequest::Protect(_) | ApiRequest::Failover(_) => self.protect_timeout,
             _ => self.request_timeout,
         }
     }
@@ -648,6 +654,7 @@ async fn parse_request(route: &Route, body: &[u8]) -> Result<ApiRequest, Failure
             check_host_port("standby", &params.standby).await?;
             ApiRequest::Protect(params)
         }
+        Endpoint::Failover => ApiRequest::Failover(parse_json(route, body, "FailoverParams")?),
     })
 }
 

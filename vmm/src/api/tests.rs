@@ -120,6 +120,10 @@ impl FakeVm {
                 let params = params.clone();
                 return self.replication.protect(call, params);
             }
+            ApiRequest::Failover(params) => {
+                let params = params.clone();
+                return self.replication.failover(call, params);
+            }
         };
         call.respond(result);
     }
@@ -795,6 +799,7 @@ fn openapi_operations_are_the_routes_served() {
         ("/snapshot/create", snapshot.as_str()),
         ("/migrate", r#"{"destination": "127.0.0.1:4444"}"#),
         ("/replication/protect", r#"{"standby": "127.0.0.1:4444"}"#),
+        ("/replication/failover", "{}"),
     ];
     for (method, path) in &documented {
         let body = bodies.iter().find(|(p, _)| p == path).map(|(_, b)| *b);
@@ -1161,6 +1166,18 @@ impl ReplicationHook for FakeHook {
             })
             .unwrap();
     }
+
+    fn failover(&self, params: FailoverParams, reply: ProtectReply) {
+        if params.force {
+            let mut status = primary_status();
+            status.message = Some("taken over without a claim".into());
+            reply(Ok(status));
+        } else {
+            reply(Err(
+                "no coordinator: pass force to take over without a claim".into(),
+            ));
+        }
+    }
 }
 
 /// A primary protected by one standby, another dropped.
@@ -1349,6 +1366,28 @@ fn protect_is_answered_later_from_the_hooks_thread() {
         matches!(&err, ClientError::Api { status: 503, message } if message.contains("protect")),
         "{err}"
     );
+}
+
+#[test]
+fn put_replication_failover_goes_to_the_hook() {
+    let vm = start_with_hook(FakeHook::new(primary_status()));
+    let body = vm.expect(
+        "PUT",
+        "/replication/failover",
+        Some(r#"{"force": true}"#),
+        200,
+    );
+    assert_eq!(body["message"], "taken over without a claim");
+    let message = vm.expect_error("PUT", "/replication/failover", Some("{}"), 502);
+    assert!(message.starts_with("no coordinator"), "{message}");
+    vm.expect_error(
+        "PUT",
+        "/replication/failover",
+        Some(r#"{"forced": 1}"#),
+        400,
+    );
+    let status = vm.client.failover(&FailoverParams { force: true }).unwrap();
+    assert_eq!(status.role, ReplicationRole::Primary);
 }
 
 #[test]

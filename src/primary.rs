@@ -1,0 +1,254 @@
+//! A VM running here as the primary: booted by `vmr run`, or taken over by a standby. Its
+//! monitor thread runs the API in its loop; with a key, the epoch engine protects it with the
+//! standbys paired at start or later (`vmr ctl protect`), on a thread of its own.
+
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use replicator::primary::vm::{VmThread, VmThreadError};
+use replicator::primary::{Engine, EngineHandle, EngineOptions, NewStandby};
+use vmm::api::{ApiReceiver, ApiServer, ReplicationHook, ReplicationRole, ReplicationStatus};
+use vmm::config::VmConfig;
+use vmm::controller::Controller;
+use vmm::microvm::{MicroVm, VmPhase};
+
+use crate::protect::{self, PrimaryHook, ProtectRequest, Protection};
+
+/// Where the VM comes from.
+pub enum Boot {
+    /// Built from its configuration and booted.
+    Config(VmConfig),
+    /// Made by this closure on the monitor thread (a standby's committed state taken over):
+    /// its vCPUs are started, its devices' interrupts raised.
+    Built(Box<dyn FnOnce() -> Result<MicroVm, String> + Send>),
+}
+
+/// The API of the VM: none, a socket to serve, or one served already (a standby's, whose
+/// server goes on answering for the VM taken over).
+pub enum Api {
+    /// No API.
+    None,
+    /// Serve the API on this socket.
+    Socket(std::path::PathBuf),
+    /// A server started already, and its receiver.
+    Served(ApiServer, ApiReceiver),
+}
+
+/// Runs the VM of `boot` on its monitor thread, with the API in its loop, as `vm_id`; with
+/// `protection`'s standbys, pairs with each before the guest runs and protects it. With a key,
+/// `vmr ctl protect` pairs a standby while the guest runs. Returns when the VM ends; `started`
+/// is given the replication's status once the VM runs.
+pub fn run(
+    boot: Boot,
+    api: Api,
+    protection: Option<Protection>,
+    vm_id: String,
+    started: impl FnOnce(ReplicationStatus),
+) -> Result<ExitCode, String> {
+    let (server, receiver) = match api {
+        Api::None => (None, None),
+        Api::Socket(socket) => {
+            let (server, receiver) = ApiServer::start(&socket).map_err(|e| e.to_string())?;
+            (Some(server), Some(receiver))
+        }
+        Api::Served(server, receiver) => (Some(server), Some(receiver)),
+    };
+    let (requests_tx, requests) = channel();
+    let hook = protection
+        .as_ref()
+        .map(|p| Arc::new(PrimaryHook::new(&p.options, requests_tx.clone())));
+    let (paired_tx, paired_rx) = channel();
+    let pairing = protection.clone().filter(|p| !p.standbys.is_empty());
+    let id = vm_id.clone();
+    let api_hook = hook.clone();
+    let taken_over = matches!(boot, Boot::Built(_));
+    let setup = move |m: &mut MicroVm| {
+        // The standbys are paired once the VM is built, before the guest runs.
+        if let Some(p) = &pairing {
+            let hello = protect::hello(m.config(), &id, p.term()).map_err(|e| e.to_string())?;
+            let standbys = protect::pair_all(p, &hello).map_err(|e| e.to_string())?;
+            let _ = paired_tx.send(standbys);
+        }
+        let mut controller = match receiver {
+            Some(r) => {
+                let mut c =
+                    Controller::new(r, m, id).map_err(|e| format!("cannot serve the API: {e}"))?;
+                if let Some(h) = api_hook {
+                    c.set_replication(h);
+                }
+                Some(c)
+            }
+            None => None,
+        };
+        if taken_over && m.phase() == VmPhase::Created {
+            m.start().map_err(|e| e.to_string())?;
+            m.announce();
+            m.raise_device_interrupts();
+        }
+        Ok(move |m: &mut MicroVm| {
+            if let Some(c) = controller.as_mut() {
+                c.poll(m);
+            }
+        })
+    };
+    let vm = match boot {
+        Boot::Config(config) => VmThread::spawn_with(config, setup),
+        Boot::Built(build) => VmThread::spawn_built(build, setup),
+    }
+    .map_err(|e| match e {
+        // The build's own message says what is wrong with the input.
+        VmThreadError::Build(message) => message,
+        e => e.to_string(),
+    })?;
+    let mut engine = None;
+    if let (Ok(standbys), Some(p), Some(h)) = (paired_rx.try_recv(), &protection, &hook) {
+        match protect_with(&vm, standbys, p.options.clone(), h) {
+            Ok(e) => engine = Some(e),
+            Err(e) => {
+                let _ = vm.stop();
+                return Err(e);
+            }
+        }
+    }
+    started(
+        hook.as_ref()
+            .map_or_else(ReplicationStatus::without_key, |h| h.status()),
+    );
+    serve_requests(
+        &vm,
+        &mut engine,
+        protection.as_ref(),
+        hook.as_ref(),
+        &vm_id,
+        &requests,
+    );
+    drop(requests_tx);
+    let reason = vm.wait();
+    if let Some(engine) = engine {
+        if let Err(e) = engine.stop() {
+            tracing::error!("the epoch engine: {e}");
+        }
+    }
+    if let Some(server) = server {
+        // Let the server deliver answers given in the last round (a migration's) before it
+        // closes every connection.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(server);
+    }
+    exit_code(reason.map_err(|e| e.to_string())?)
+}
+
+/// Protection requests of the API, until the VM ends.
+fn serve_requests(
+    vm: &VmThread,
+    engine: &mut Option<EngineHandle>,
+    protection: Option<&Protection>,
+    hook: Option<&Arc<PrimaryHook>>,
+    vm_id: &str,
+    requests: &Receiver<ProtectRequest>,
+) {
+    while !vm.has_ended() {
+        let Ok(request) = requests.recv_timeout(Duration::from_millis(50)) else {
+            continue;
+        };
+        match (protection, hook) {
+            (Some(p), Some(h)) => serve_protect(vm, engine, p, h, vm_id, request),
+            _ => (request.reply)(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
+        }
+    }
+}
+
+/// Protects the VM with `standbys`, paired: the epoch engine on its own thread, its figures
+/// to the API's hook.
+fn protect_with(
+    vm: &VmThread,
+    standbys: Vec<NewStandby>,
+    options: EngineOptions,
+    hook: &PrimaryHook,
+) -> Result<EngineHandle, String> {
+    let names = standbys.iter().map(|s| s.name.clone()).collect();
+    let engine =
+        Engine::start(vm, standbys, options).map_err(|e| format!("cannot protect the VM: {e}"))?;
+    let metrics = engine.metrics();
+    let handle = engine
+        .spawn()
+        .map_err(|e| format!("cannot protect the VM: {e}"))?;
+    hook.set_engine(metrics, names);
+    Ok(handle)
+}
+
+/// `PUT /replication/protect`: pairs with the standby and protects the VM with it, answering
+/// once its initial synchronisation is committed (on a thread: the VM runs on meanwhile).
+fn serve_protect(
+    vm: &VmThread,
+    engine: &mut Option<EngineHandle>,
+    protection: &Protection,
+    hook: &Arc<PrimaryHook>,
+    id: &str,
+    request: ProtectRequest,
+) {
+    let ProtectRequest { standby, reply } = request;
+    if engine.as_ref().is_some_and(EngineHandle::is_running) {
+        return reply(Err(
+            "the VM is protected already: adding a standby to a running protection is not \
+             supported yet"
+                .into(),
+        ));
+    }
+    let paired = protection.current_options().and_then(|options| {
+        let config = vm.run(|m| m.config().clone()).map_err(|e| e.to_string())?;
+        let hello = protect::hello(&config, id, options.term).map_err(|e| e.to_string())?;
+        let standby = protect::pair(
+            &standby,
+            &protection.key,
+            &hello,
+            protection.options.standby_timeout,
+        )
+        .map_err(|e| e.to_string())?;
+        protect_with(vm, vec![standby], options, hook)
+    });
+    let handle = match paired {
+        Ok(handle) => handle,
+        Err(e) => return reply(Err(e)),
+    };
+    *engine = Some(handle);
+    let hook = hook.clone();
+    let waited = std::thread::Builder::new()
+        .name("protect".into())
+        .spawn(move || {
+            let t0 = Instant::now();
+            loop {
+                let status = hook.status();
+                if status.protected {
+                    return reply(Ok(status));
+                }
+                if status.role != ReplicationRole::Primary || t0.elapsed() > SYNC_TIMEOUT {
+                    let why = status.peers.first().and_then(|p| p.reason.clone());
+                    return reply(Err(format!(
+                        "the standby did not complete the initial synchronisation{}",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    if let Err(e) = waited {
+        tracing::error!("cannot wait for the initial synchronisation: {e}");
+    }
+}
+
+/// Longest wait for a new standby's initial synchronisation before `PUT /replication/protect`
+/// answers.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The exit code of a VM that ended for `reason`.
+pub fn exit_code(reason: vmm::vstate::vcpu::ExitReason) -> Result<ExitCode, String> {
+    tracing::info!(?reason, "VM ended");
+    if reason.is_clean() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!("the VM ended abnormally: {reason:?}"))
+    }
+}

@@ -1,0 +1,268 @@
+//! Failover through the `vmr` binary on this host's `/dev/kvm`, with the epoch writer guest
+//! and a real etcd: a standby with `--coordinator` takes a lost primary's VM over by itself
+//! (the claim in etcd, the VM running in the standby's process, its API serving it), is
+//! protected in turn by a new standby which takes it over again; a primary frozen long enough
+//! to be taken over is fenced when it wakes (its vCPUs paused, nothing released); without a
+//! coordinator the takeover is manual and must be forced.
+
+mod common;
+
+#[path = "../../replicator/tests/support/etcd.rs"]
+mod etcd;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::standby::{
+    key_file, protect_ok, replication, wait_replication, writer_args, StandbyProc,
+};
+use common::{scratch, tiny_elf, vmr, wait_for_socket, Vmr};
+use etcd::Etcd;
+use replicator::coordinator::{Coordinator, Ownership};
+
+/// The owner of `vm` in `etcd`.
+fn owner(etcd: &Etcd, vm: &str) -> Ownership {
+    etcd.coordinator()
+        .current(vm)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no owner of {vm}"))
+        .0
+}
+
+/// `vmr ctl --api API status`, parsed.
+fn vm_status(api: &Path) -> serde_json::Value {
+    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), "status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A protected epoch writer, its API at `api`.
+fn primary(name: &str, key: &Path, standby: &str, extra: &[&str]) -> (Vmr, std::path::PathBuf) {
+    let kernel = tiny_elf("epoch_writer");
+    let api = scratch(&format!("{name}.sock"));
+    let mut args = writer_args(&kernel);
+    args.extend(["--protect", standby, "--key-file"].map(String::from));
+    args.push(key.display().to_string());
+    args.extend(["--api".to_string(), api.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let vm = Vmr::spawn(name, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    (vm, api)
+}
+
+/// Waits until the standby's log says it took the VM over, and its API serves the VM running.
+fn wait_taken_over(standby: &StandbyProc) -> serde_json::Value {
+    let line = standby.wait_log("the takeover", |l| l.contains("TAKEN OVER"));
+    assert!(line.contains("resume_ms"), "{line}");
+    let t0 = Instant::now();
+    loop {
+        let out = vmr(&["ctl", "--api", standby.api().to_str().unwrap(), "status"]);
+        if out.status.success() {
+            let vm: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if vm["state"] == "running" {
+                return vm;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the VM taken over does not run: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            standby.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_lost_primary_is_taken_over_by_its_standby_which_is_protected_and_taken_over_in_turn() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("failover.key", 3);
+    let first = StandbyProc::spawn(
+        "failover-first",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--host-id",
+            "first",
+            "--allow-pvm",
+        ],
+    );
+    let (mut p, api) = primary(
+        "failover-primary",
+        &key,
+        &first.addr,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm1",
+            "--host-id",
+            "primary",
+        ],
+    );
+    wait_replication(first.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    assert_eq!(owner(&etcd, "vm1").owner, "primary");
+    assert_eq!(owner(&etcd, "vm1").term, 1);
+    let ours = replication(&api);
+    assert_eq!(ours["term"], 1, "{ours}");
+
+    // The primary's host is lost: the standby claims the VM and runs it.
+    p.kill();
+    let vm = wait_taken_over(&first);
+    assert_eq!(vm["state"], "running", "{vm}");
+    let o = owner(&etcd, "vm1");
+    assert_eq!((o.owner.as_str(), o.term), ("first", 2), "{o}");
+    let status = replication(first.api());
+    assert_eq!(status["term"], 2, "{status}");
+    assert_eq!(status["role"], "unprotected", "{status}");
+    // It runs on: its uptime grows.
+    let before = vm["uptime_ms"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = vm_status(first.api());
+    assert!(after["uptime_ms"].as_u64().unwrap() > before, "{after}");
+
+    // A new standby protects the VM now running at the first standby.
+    let second = StandbyProc::spawn(
+        "failover-second",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--host-id",
+            "second",
+            "--allow-pvm",
+        ],
+    );
+    protect_ok(first.api(), &second.addr);
+    let synced = wait_replication(second.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    assert_eq!(synced["term"], 2, "{synced}");
+    // The first standby's process is lost in turn: the second takes the VM over.
+    let mut first = first;
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    wait_taken_over(&second);
+    let o = owner(&etcd, "vm1");
+    assert_eq!((o.owner.as_str(), o.term), ("second", 3), "{o}");
+}
+
+#[test]
+fn a_frozen_primary_taken_over_is_fenced_when_it_wakes() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("fence.key", 4);
+    let standby = StandbyProc::spawn(
+        "fence-standby",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--host-id",
+            "standby",
+            "--allow-pvm",
+        ],
+    );
+    let (mut p, api) = primary(
+        "fence-primary",
+        &key,
+        &standby.addr,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm2",
+            "--host-id",
+            "primary",
+        ],
+    );
+    wait_replication(standby.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    // The primary stops (a partition, a host frozen): its standby takes the VM over.
+    let pid = p.child.id() as i32;
+    // SAFETY: signals a child process of this test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    wait_taken_over(&standby);
+    assert_eq!(owner(&etcd, "vm2").owner, "standby");
+    // It wakes: its link to the standby is gone, its claim of the next term is lost, so it
+    // is fenced: vCPUs paused, nothing released, said in its status.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let fenced = wait_replication(&api, |s| {
+        s["message"].as_str().is_some_and(|m| m.contains("FENCED"))
+    });
+    assert_eq!(fenced["protected"], false, "{fenced}");
+    assert!(
+        fenced["message"].as_str().unwrap().contains("standby"),
+        "{fenced}"
+    );
+    assert_eq!(vm_status(&api)["state"], "paused");
+    assert_eq!(owner(&etcd, "vm2").owner, "standby");
+    p.kill();
+}
+
+#[test]
+fn without_a_coordinator_a_takeover_is_manual_and_forced() {
+    let key = key_file("manual.key", 6);
+    let standby = StandbyProc::spawn("manual-standby", &key, &["--allow-pvm"]);
+    let api = standby.api().to_str().unwrap().to_string();
+    // Nothing to take over yet.
+    let out = vmr(&["ctl", "--api", &api, "failover", "--force"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no VM"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mut p, primary_api) = primary("manual-primary", &key, &standby.addr, &[]);
+    wait_replication(standby.api(), |s| {
+        s["last_committed_epoch"].as_u64() >= Some(5)
+    });
+    let status = replication(&primary_api);
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("automatic failover is off")),
+        "{status}"
+    );
+    // While the primary replicates to it, the standby refuses to take over.
+    let out = vmr(&["ctl", "--api", &api, "failover", "--force"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the primary is alive"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.kill();
+    standby.wait_log("no automatic failover", |l| {
+        l.contains("automatic failover is off")
+    });
+    // Not forced: refused, saying why.
+    let out = vmr(&["ctl", "--api", &api, "failover"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no coordinator") && err.contains("--force"),
+        "{err}"
+    );
+    // Forced: the VM runs here.
+    let out = vmr(&["ctl", "--api", &api, "failover", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        standby.log()
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["role"], "unprotected", "{status}");
+    wait_for_socket(standby.api());
+    assert_eq!(vm_status(standby.api())["state"], "running");
+    wait_taken_over(&standby);
+}
