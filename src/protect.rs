@@ -271,7 +271,10 @@ impl ReplicationHook for PrimaryHook {
         };
         let m = lock(metrics).clone();
         status.term = m.term.max(self.term);
-        let synced = m.last_committed_epoch > 0;
+        // Protected once the standbys committed the end of the initial synchronisation.
+        let synced = m
+            .synced_through
+            .is_some_and(|t| m.last_committed_epoch >= t);
         let lag = m.last_sent_epoch.saturating_sub(m.last_committed_epoch);
         status.role = if m.protected {
             ReplicationRole::Primary
@@ -383,6 +386,7 @@ mod tests {
             protected: true,
             standbys: 2,
             last_sent_epoch: 3,
+            synced_through: Some(2),
             ..Metrics::default()
         }));
         hook.set_engine(metrics.clone(), vec!["a:1".into(), "b:1".into()]);

@@ -55,9 +55,9 @@ use crate::protect::{devices, disk_sizes, Protection};
 
 /// How long a connection may take to pair.
 const PAIRING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Until the initial synchronisation is committed, a primary silent this long is gone (it
-/// captures and sends all of memory first). After it, `--detect-ms` (it sends an epoch at
-/// least every epoch period).
+/// Until the initial synchronisation is committed, or always without a coordinator, a primary
+/// silent this long is gone (it captures and sends all of memory first). After it, with a
+/// coordinator, `--detect-ms` (it sends an epoch at least every epoch period).
 const SYNC_SILENCE: Duration = Duration::from_secs(10);
 /// Default of `--detect-ms`: a primary silent this long, once synchronised, is lost.
 pub const DEFAULT_DETECT: Duration = Duration::from_millis(50);
@@ -314,7 +314,11 @@ impl StandbyHost {
         if let Err(e) = socket.set_read_timeout(Some(SYNC_SILENCE)) {
             tracing::warn!("cannot bound reads from the primary: {e}");
         }
-        self.watch_sync(socket);
+        // Without a coordinator, a short silence decides nothing (no takeover is automatic):
+        // the link is kept through the primary's hiccups.
+        if self.options.coordination.is_some() {
+            self.watch_sync(socket);
+        }
         let host = self.clone();
         let serving = std::thread::Builder::new()
             .name("standby".into())
@@ -384,7 +388,7 @@ impl StandbyHost {
 
 impl StandbyHost {
     /// Once the initial synchronisation is committed, bounds the reads of `socket` (the
-    /// primary's link) by `--detect-ms`: a primary silent that long is lost.
+    /// primary's link) by `--detect-ms`: a primary silent that long is lost (and taken over).
     fn watch_sync(self: &Arc<Self>, socket: Conn) {
         let host = self.clone();
         let watched = std::thread::Builder::new()
@@ -431,6 +435,9 @@ impl StandbyHost {
         if committed.promoted {
             return Err(ClaimError::Refused("the VM was taken over already".into()));
         }
+        standby
+            .check_takeover()
+            .map_err(|e| ClaimError::Refused(e.to_string()))?;
         if serving {
             return Err(ClaimError::Refused(
                 "the primary is alive and replicating to this standby: stop it first (a planned \
@@ -515,7 +522,26 @@ impl ReplicationHook for StandbyHost {
                 status.inbound_frames_logged = info.inbound_frames;
                 status.primary = Some(h.primary.to_string());
                 status.message = match (&h.ended, h.serving) {
-                    (_, true) => Some(format!("holding VM {} from its primary", h.hello.vm_id)),
+                    (_, true)
+                        if info
+                            .protected_through
+                            .is_some_and(|t| info.committed_epoch >= t) =>
+                    {
+                        Some(format!(
+                            "holding VM {} from its primary, ready to take it over (automatic \
+                             failover {})",
+                            h.hello.vm_id,
+                            if self.options.coordination.is_some() {
+                                "on"
+                            } else {
+                                "off: no coordinator"
+                            }
+                        ))
+                    }
+                    (_, true) => Some(format!(
+                        "synchronising VM {} from its primary (not protected yet)",
+                        h.hello.vm_id
+                    )),
                     (Some(end), false) => Some(format!(
                         "the primary's link ended ({end}): committed epoch {} kept for failover",
                         info.committed_epoch
@@ -655,6 +681,30 @@ fn log_progress(host: &StandbyHost) {
     }
 }
 
+/// How often a standby reads the ownership of its VM: the coordinator's connection is then
+/// up when a takeover claims (a first call sets it up: 0.7 s in the emulated lab), and an
+/// unreachable coordinator is said before it matters.
+const COORDINATOR_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads the ownership of the VM held (a probe key before) every [`COORDINATOR_EVERY`] until
+/// the VM is taken over here, saying when the coordinator stops or starts answering.
+fn keep_coordinator_warm(host: &StandbyHost, c: &Coordination) {
+    let mut answering = None;
+    while !host.taken_over.load(Ordering::Acquire) {
+        let vm = host.held().as_ref().map(|h| h.hello.vm_id.clone());
+        let read = c.coordinator.current(vm.as_deref().unwrap_or("probe"));
+        match (&read, answering) {
+            (Ok(_), Some(true)) | (Err(_), Some(false)) => {}
+            (Ok(_), _) => tracing::info!(coordinator = c.endpoints, "the coordinator answers"),
+            (Err(e), _) => {
+                tracing::warn!("the coordinator does not answer: a takeover would wait for it: {e}")
+            }
+        }
+        answering = Some(read.is_ok());
+        std::thread::sleep(COORDINATOR_EVERY);
+    }
+}
+
 /// Runs a standby host: listens on `options.listen` and pairs with primaries, until a
 /// takeover of `requests` succeeds; then runs the VM taken over here until it ends.
 pub fn run(
@@ -681,6 +731,13 @@ pub fn run(
         coordinator = host.options.coordination.as_ref().map(|c| c.endpoints.as_str()),
         "standing by for a primary"
     );
+    if let Some(c) = host.options.coordination.clone() {
+        let watcher = host.clone();
+        std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || keep_coordinator_warm(&watcher, &c))
+            .map_err(|e| StandbyHostError::Spawn(e).to_string())?;
+    }
     let acceptor = host.clone();
     std::thread::Builder::new()
         .name("accept".into())

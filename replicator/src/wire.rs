@@ -314,6 +314,13 @@ pub enum Message {
         /// The last epoch the sender sent (primary) or committed (standby).
         epoch: u64,
     },
+    /// The initial synchronisation converged: the output of every epoch up to `through` left
+    /// the primary without waiting for this standby (the VM was not protected yet); from the
+    /// next epoch on, output waits for its acks. A takeover needs `through` committed.
+    Protected {
+        /// The last epoch whose output was released without this standby's ack.
+        through: u64,
+    },
 }
 
 impl Message {
@@ -331,6 +338,7 @@ impl Message {
             Message::EpochEnd { .. } => "EpochEnd",
             Message::Ack { .. } => "Ack",
             Message::Heartbeat { .. } => "Heartbeat",
+            Message::Protected { .. } => "Protected",
         }
     }
 
@@ -915,6 +923,7 @@ pub(crate) mod tests {
             any::<u64>().prop_map(|epoch| Message::Ack { epoch }),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(term, epoch)| Message::Heartbeat { term, epoch }),
+            any::<u64>().prop_map(|through| Message::Protected { through }),
             ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
         ]
     }

@@ -139,11 +139,18 @@ fn first_owner(coordinator: Arc<dyn Coordinator>, vm: &str, me: &str) -> Authori
     }
 }
 
-/// Steps `engine` until epoch `n` is shipped and committed.
+/// Steps `engine` until epoch `n` is shipped and committed, and the initial synchronisation
+/// converged (the standbys may take the VM over).
 fn commit_through(engine: &mut Engine, n: u64) {
-    while engine.next_epoch() <= n {
+    let t0 = Instant::now();
+    while engine.next_epoch() <= n || engine.synced_through().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the initial synchronisation did not converge"
+        );
         engine.step().unwrap();
     }
+    let n = n.max(engine.synced_through().unwrap());
     assert!(
         engine.wait_committed(n, Duration::from_secs(5)),
         "epoch {n} not acknowledged"

@@ -70,16 +70,13 @@ in_ns() {
 run64() { printf 'vmr.run64=%s' "$(printf '%s\n' "$1" | base64 -w0)"; }
 
 # start_vmr NAME VMR_ARGS...: runs `vmr VMR_ARGS...` in the background (inside the namespace,
-# if any) with its console in $SCRATCH/NAME.console (a standby has none).
+# if any) with its console in $SCRATCH/NAME.console (a standby's, once it took the VM over).
 start_vmr() {
     local name=$1
     shift
     CONSOLE="$SCRATCH/$name.console"
     : >"$CONSOLE"
-    # A standby runs no guest: it has no console.
-    local serial=(--serial "file:$CONSOLE")
-    [ "$1" = standby ] && serial=()
-    VMR_LOG=${VMR_LOG:-info} in_ns "$VMR_BIN" "$@" "${serial[@]}" \
+    VMR_LOG=${VMR_LOG:-info} in_ns "$VMR_BIN" "$@" --serial "file:$CONSOLE" \
         </dev/null >"$SCRATCH/$name.stdout" 2>"$SCRATCH/$name.stderr" &
     GUEST_PID=$!
     GUEST_NAME=$name

@@ -38,7 +38,23 @@ pub fn build_vmr() -> Result<std::path::PathBuf, String> {
     if !status.success() {
         return Err("cargo build of vmr failed".into());
     }
-    Ok(repo_root().join("target/release/vmr"))
+    // A copy of this run's own: a build made meanwhile (a soak lasts an hour) must not change
+    // the binary under the runs still to come.
+    let dir = repo_root().join("target/lab-bin");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // Copies of runs that ended are removed.
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("vmr-") {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    let copy = dir.join(format!("vmr-{}", std::process::id()));
+    std::fs::copy(repo_root().join("target/release/vmr"), &copy)
+        .map_err(|e| format!("cannot copy vmr to {}: {e}", copy.display()))?;
+    Ok(copy)
 }
 
 /// How long a benchmark may keep the lab, after which the lab is killed (a frozen lab, rare

@@ -184,6 +184,9 @@ pub struct Metrics {
     pub inbound_frames: u64,
     /// The term epochs are sent with.
     pub term: u64,
+    /// The last epoch whose output left without the standbys' acks, once the initial
+    /// synchronisation converged: the VM is protected once they committed it.
+    pub synced_through: Option<u64>,
     /// Set when the primary was fenced (its ownership lost or unproven): its vCPUs are paused
     /// and it releases nothing more. The owner it learnt is inside.
     pub fenced: Option<Fenced>,
@@ -215,6 +218,10 @@ pub const STANDBY_MIN_APPLY_RATE: u64 = 8 << 20;
 pub fn ack_allowance(standby_timeout: Duration, raw_bytes: u64) -> Duration {
     standby_timeout + Duration::from_secs_f64(raw_bytes as f64 / STANDBY_MIN_APPLY_RATE as f64)
 }
+
+/// During the initial synchronisation, the standbys keep up once each acknowledges every
+/// epoch within this time of its send: protection (output waiting for their acks) starts.
+pub const SYNC_CONVERGED_ACK: Duration = Duration::from_millis(250);
 
 /// A frame from a standby, or its loss.
 enum PeerEvent {
@@ -344,6 +351,9 @@ pub struct Engine {
     released: u64,
     last_epoch_at: Instant,
     full_sent: bool,
+    /// The first epoch whose output waits for the standbys' acks, once the initial
+    /// synchronisation converged; before it, each epoch's output leaves as the epoch ends.
+    protect_from: Option<u64>,
     metrics: Arc<Mutex<Metrics>>,
     protected: bool,
     /// Protection is being ended on purpose ([`Engine::shutdown`]): not a loss.
@@ -392,6 +402,7 @@ impl Engine {
             released: 0,
             last_epoch_at: Instant::now(),
             full_sent: false,
+            protect_from: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
             protected: true,
             stopping: false,
@@ -469,6 +480,12 @@ impl Engine {
     /// The last epoch every standby acknowledged.
     pub fn committed_epoch(&self) -> u64 {
         self.released
+    }
+
+    /// The last epoch whose output left without the standbys' acks, once the initial
+    /// synchronisation converged (`None` before: the VM is not protected yet).
+    pub fn synced_through(&self) -> Option<u64> {
+        self.protect_from.map(|p| p - 1)
     }
 
     /// The next epoch to be taken.
@@ -859,6 +876,7 @@ impl Engine {
             self.tracker.give_back(&capture);
         } else {
             self.full_sent = true;
+            self.synchronise(n);
         }
         let reference = capture.reference_image.as_ref().map(|img| Reference {
             image: img.clone(),
@@ -932,6 +950,55 @@ impl Engine {
         }
         self.update_metrics(|m| m.bytes_sent += bytes);
         sent
+    }
+
+    /// While the initial synchronisation runs (the standbys take in all of memory, then the
+    /// epochs queued meanwhile), epoch `n`'s output leaves now, without their acks: the VM is
+    /// not protected yet, and holding it would stall every client for the whole
+    /// synchronisation. Once every standby acknowledges each epoch within
+    /// [`SYNC_CONVERGED_ACK`] of its send, they are told (`Protected`: a takeover needs `n`
+    /// committed), and from epoch `n + 1` on output waits for their acks.
+    fn synchronise(&mut self, n: u64) {
+        if self.protect_from.is_some() {
+            return;
+        }
+        let converged = self.peers.iter().all(|p| {
+            p.acked > 0
+                && p.in_flight
+                    .iter()
+                    .find(|(e, _, _)| *e < n)
+                    .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK)
+        });
+        if converged {
+            let mut i = 0;
+            while i < self.peers.len() {
+                match self.peers[i]
+                    .writer
+                    .send_now(&Message::Protected { through: n })
+                {
+                    Ok(()) => i += 1,
+                    Err(e) => {
+                        let reason = format!("telling it the VM is protected failed: {e}");
+                        if self.drop_standby(i, &reason) != Decision::Continue {
+                            return;
+                        }
+                    }
+                }
+            }
+            self.protect_from = Some(n + 1);
+            self.update_metrics(|m| m.synced_through = Some(n));
+            tracing::info!(
+                epoch = n,
+                "initial synchronisation converged: output waits for the standbys from epoch {}",
+                n + 1
+            );
+        }
+        let frames = self.ports.release_through(n);
+        tracing::trace!(
+            epoch = n,
+            frames,
+            "synchronising: output released unacknowledged"
+        );
     }
 
     /// Ends protection: closes every standby link (they keep their last commit) and turns

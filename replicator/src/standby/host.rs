@@ -74,6 +74,21 @@ pub enum StandbyError {
         /// Why.
         source: WireError,
     },
+    /// The committed state is not one a takeover may resume: the initial synchronisation had
+    /// not converged, and the primary released output this standby never held.
+    #[error(
+        "the committed epoch {committed} cannot be taken over: {}",
+        match .through {
+            Some(t) => format!("the primary released the output of epochs up to {t} without this standby"),
+            None => "the initial synchronisation had not converged (the VM was not protected yet)".to_string(),
+        }
+    )]
+    NotProtected {
+        /// The committed epoch.
+        committed: u64,
+        /// The epoch needed, if the primary said it.
+        through: Option<u64>,
+    },
     /// The committed state's disks are not the standby's.
     #[error(
         "the committed state has {configured} disks configured and {devices} block devices, \
@@ -124,6 +139,9 @@ pub struct StandbyInfo {
     pub poisoned: bool,
     /// Whether the committed state was promoted into a running VM.
     pub promoted: bool,
+    /// The epoch a takeover needs committed (the end of the initial synchronisation), once
+    /// the primary said it.
+    pub protected_through: Option<u64>,
     /// Inbound frames logged for replay (of epochs after the committed one).
     pub inbound_frames: u64,
     /// Their bytes.
@@ -225,6 +243,7 @@ impl<D: CommittedDisk> Standby<D> {
             open_epoch: s.open_epoch(),
             poisoned: s.is_poisoned(),
             promoted: s.is_handed_over(),
+            protected_through: s.protected_through(),
             inbound_frames,
             inbound_bytes,
             mem_bytes: self.profile.mem_bytes,
@@ -251,6 +270,17 @@ impl<D: CommittedDisk> Standby<D> {
             "committed epoch written as a snapshot"
         );
         Ok(written)
+    }
+
+    /// Whether the committed state may be taken over: the primary said the VM was protected
+    /// (its initial synchronisation converged) and the epoch that needs is committed.
+    pub fn check_takeover(&self) -> Result<(), StandbyError> {
+        let s = self.committed();
+        let committed = s.committed_epoch();
+        match s.protected_through() {
+            Some(t) if committed >= t => Ok(()),
+            through => Err(StandbyError::NotProtected { committed, through }),
+        }
     }
 
     /// Promotes the standby: restores the last committed epoch as a VM over the committed

@@ -324,6 +324,8 @@ pub struct Staging<M: CommittedMemory, D: CommittedDisk> {
     epoch: u64,
     term: u64,
     open: Option<OpenEpoch>,
+    /// Set by the primary's `Protected`: a takeover needs this epoch committed.
+    protected_through: Option<u64>,
     inbound: BTreeMap<u64, Vec<InboundFrame>>,
     inbound_bytes: u64,
     options: StagingOptions,
@@ -348,6 +350,7 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             epoch,
             term,
             open: None,
+            protected_through: None,
             inbound: BTreeMap::new(),
             inbound_bytes: 0,
             options,
@@ -359,6 +362,14 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
     /// The last committed epoch (0: none).
     pub fn committed_epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The last epoch whose output the primary released without this standby's ack (the end
+    /// of the initial synchronisation), once the primary said so: a takeover needs it
+    /// committed. `None`: the primary never said so; the VM was never protected by this
+    /// standby.
+    pub fn protected_through(&self) -> Option<u64> {
+        self.protected_through
     }
 
     /// The term of the last committed epoch.
@@ -471,6 +482,13 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 digest,
             } => self.end(epoch, pages, digest),
             Message::Heartbeat { term, epoch } => Ok(Received::Heartbeat { term, epoch }),
+            Message::Protected { through } => {
+                if self.open.is_some() {
+                    return Err(StagingError::Unexpected { message: name });
+                }
+                self.protected_through = Some(through);
+                Ok(Received::Staged)
+            }
             Message::Hello(_)
             | Message::HelloAck(_)
             | Message::Refuse { .. }
@@ -1104,6 +1122,27 @@ pub(crate) mod tests {
         }
         assert_eq!(fingerprint(&s), after_one);
         assert_eq!(s.committed_epoch(), 1);
+    }
+
+    #[test]
+    fn the_end_of_the_initial_synchronisation_is_recorded_between_epochs_only() {
+        let mut s = staging();
+        assert_eq!(s.protected_through(), None);
+        for m in messages(1, 1, &e1()) {
+            s.receive(m).unwrap();
+        }
+        s.receive(Message::Protected { through: 1 }).unwrap();
+        assert_eq!(s.protected_through(), Some(1));
+        // Inside an epoch it is out of place: the epoch is discarded, the record kept.
+        s.receive(Message::EpochBegin { epoch: 2, term: 1 })
+            .unwrap();
+        assert!(matches!(
+            s.receive(Message::Protected { through: 2 }),
+            Err(StagingError::Unexpected {
+                message: "Protected"
+            })
+        ));
+        assert_eq!((s.protected_through(), s.committed_epoch()), (Some(1), 1));
     }
 
     #[test]

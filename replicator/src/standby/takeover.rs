@@ -106,6 +106,7 @@ pub fn takeover<D: CommittedDisk>(
     authority: Option<(&dyn Coordinator, &str, &str)>,
     options: &RestoreOptions,
 ) -> Result<TakenOver, TakeoverError> {
+    standby.check_takeover()?;
     let (committed_epoch, committed_term) = {
         let s = standby.committed();
         (s.committed_epoch(), s.committed_term())
@@ -159,6 +160,7 @@ pub fn claim<D: CommittedDisk>(
     vm: &str,
     me: &str,
 ) -> Result<Ownership, TakeoverError> {
+    standby.check_takeover()?;
     let committed_term = standby.committed().committed_term();
     let current = coordinator
         .current(vm)
