@@ -354,6 +354,9 @@ pub struct Engine {
     /// The first epoch whose output waits for the standbys' acks, once the initial
     /// synchronisation converged; before it, each epoch's output leaves as the epoch ends.
     protect_from: Option<u64>,
+    /// The epoch after whose shipping the standbys were seen to keep up: the pause that ends
+    /// the next one holds the gates.
+    hold_requested: Option<u64>,
     metrics: Arc<Mutex<Metrics>>,
     protected: bool,
     /// Protection is being ended on purpose ([`Engine::shutdown`]): not a loss.
@@ -386,6 +389,9 @@ impl Engine {
         let capacity = options.inbound_capacity;
         let ports = control.run(move |m| replication_on(m, 1, capacity))?;
         let switch = EpochSwitch::of(&ports);
+        // Until the initial synchronisation converges the VM is not protected: its output
+        // leaves as it is sent ([`Engine::synchronise`]).
+        switch.pass_through();
         let waker = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Wakeup)?);
         let (events_tx, events) = channel();
         let mut engine = Self {
@@ -403,6 +409,7 @@ impl Engine {
             last_epoch_at: Instant::now(),
             full_sent: false,
             protect_from: None,
+            hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
             protected: true,
             stopping: false,
@@ -953,51 +960,58 @@ impl Engine {
     }
 
     /// While the initial synchronisation runs (the standbys take in all of memory, then the
-    /// epochs queued meanwhile), epoch `n`'s output leaves now, without their acks: the VM is
-    /// not protected yet, and holding it would stall every client for the whole
-    /// synchronisation. Once every standby acknowledges each epoch within
-    /// [`SYNC_CONVERGED_ACK`] of its send, they are told (`Protected`: a takeover needs `n`
-    /// committed), and from epoch `n + 1` on output waits for their acks.
+    /// epochs queued meanwhile), the egress gates let every frame out as the guest sends it:
+    /// the VM is not protected yet, and holding its output would stall every client for the
+    /// whole synchronisation. Once every standby acknowledges each epoch within
+    /// [`SYNC_CONVERGED_ACK`] of its send (seen after shipping epoch `c`), the pause that ends
+    /// epoch `c + 1` switches the gates to holding; once `c + 1` is shipped, the standbys are
+    /// told (`Protected`: a takeover needs `c + 1` committed), and from `c + 2` on output
+    /// waits for their acks.
     fn synchronise(&mut self, n: u64) {
         if self.protect_from.is_some() {
             return;
         }
-        let converged = self.peers.iter().all(|p| {
-            p.acked > 0
-                && p.in_flight
-                    .iter()
-                    .find(|(e, _, _)| *e < n)
-                    .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK)
-        });
-        if converged {
-            let mut i = 0;
-            while i < self.peers.len() {
-                match self.peers[i]
-                    .writer
-                    .send_now(&Message::Protected { through: n })
-                {
-                    Ok(()) => i += 1,
-                    Err(e) => {
-                        let reason = format!("telling it the VM is protected failed: {e}");
-                        if self.drop_standby(i, &reason) != Decision::Continue {
-                            return;
-                        }
+        // Frames held before the gates were opened (the first epoch's start).
+        self.ports.release_through(n);
+        match self.hold_requested {
+            Some(c) if n > c => {}
+            Some(_) => return,
+            None => {
+                let converged = self.peers.iter().all(|p| {
+                    p.acked > 0
+                        && p.in_flight
+                            .iter()
+                            .find(|(e, _, _)| *e < n)
+                            .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK)
+                });
+                if converged {
+                    self.switch.hold_from_next_pause();
+                    self.hold_requested = Some(n);
+                }
+                return;
+            }
+        }
+        let mut i = 0;
+        while i < self.peers.len() {
+            match self.peers[i]
+                .writer
+                .send_now(&Message::Protected { through: n })
+            {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let reason = format!("telling it the VM is protected failed: {e}");
+                    if self.drop_standby(i, &reason) != Decision::Continue {
+                        return;
                     }
                 }
             }
-            self.protect_from = Some(n + 1);
-            self.update_metrics(|m| m.synced_through = Some(n));
-            tracing::info!(
-                epoch = n,
-                "initial synchronisation converged: output waits for the standbys from epoch {}",
-                n + 1
-            );
         }
-        let frames = self.ports.release_through(n);
-        tracing::trace!(
+        self.protect_from = Some(n + 1);
+        self.update_metrics(|m| m.synced_through = Some(n));
+        tracing::info!(
             epoch = n,
-            frames,
-            "synchronising: output released unacknowledged"
+            "initial synchronisation converged: output waits for the standbys from epoch {}",
+            n + 1
         );
     }
 

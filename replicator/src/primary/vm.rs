@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use virtio_net_tap::Egress;
+use virtio_net_tap::{Egress, GateMode};
 use vmm::config::VmConfig;
 use vmm::devices::replication::{BlockPort, Epoch, EpochWrites, ReplicationMode, ReplicationPorts};
 use vmm::epoch::{EpochError, EpochOptions, EpochTracker, PendingEpoch};
@@ -241,6 +241,8 @@ impl VmControl {
 pub struct EpochSwitch {
     egress: Vec<Egress>,
     blocks: Vec<BlockPort>,
+    /// Set once output must wait for the standbys: the next pause holds the egress gates.
+    hold: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EpochSwitch {
@@ -249,14 +251,33 @@ impl EpochSwitch {
         Self {
             egress: ports.net.iter().map(|n| n.egress().clone()).collect(),
             blocks: ports.block.clone(),
+            hold: Arc::default(),
         }
+    }
+
+    /// Lets every frame out as the guest sends it (the initial synchronisation: the VM is not
+    /// protected yet), until [`EpochSwitch::hold_from_next_pause`].
+    pub fn pass_through(&self) {
+        for e in &self.egress {
+            e.set_mode(GateMode::PassThrough);
+        }
+    }
+
+    /// From the epoch the next pause starts, the egress gates hold every frame until its
+    /// epoch is released (switched inside the pause: no frame of that epoch escapes).
+    pub fn hold_from_next_pause(&self) {
+        self.hold.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The pause's device step (as [`ReplicationPorts::begin_epoch`]): starts epoch `next`,
     /// returns the writes of the epoch that ends, per disk.
     fn begin_epoch(&self, next: Epoch) -> Vec<EpochWrites> {
+        let hold = self.hold.load(std::sync::atomic::Ordering::Acquire);
         for e in &self.egress {
             e.set_epoch(next);
+            if hold {
+                e.set_mode(GateMode::Held);
+            }
         }
         self.blocks.iter().map(|b| b.take_epoch(next)).collect()
     }
