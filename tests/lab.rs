@@ -1,12 +1,13 @@
 //! End-to-end tests with real Linux guests, run inside the lab: boot with 2 vCPUs, networking
 //! over a TAP, block storage across a reboot, redis reached from the host, a TCP connection kept
-//! through snapshot/restore and live migration, redis protected by a standby. Each scenario is
+//! through snapshot/restore and live migration, redis protected by a standby and failed over ten
+//! times (its primary killed, a standby taking over, the client carrying on). Each scenario is
 //! a script in `tests/lab/`; it fails on its first failed check and prints the guest console.
 //! A last test checks the watchdog itself: a guest that goes silent is ended within the bound.
 
 use std::time::SystemTime;
 
-use vmr_tests::{run_scenario, run_scenario_once, Outcome, RunOptions};
+use vmr_tests::{run_scenario, run_scenario_once, run_scenario_strict, Outcome, RunOptions};
 
 fn scenario(name: &str) {
     let run = run_scenario(name);
@@ -57,6 +58,18 @@ fn redis_benchmark_runs_through_a_live_migration() {
 #[ignore = "passed 2 of 2 lab runs so far: in CI once soaked; `cargo test -p vmr-tests --test lab -- --ignored protected`"]
 fn redis_protected_by_a_standby_loses_no_acknowledged_write() {
     scenario("protect_redis");
+}
+
+#[test]
+fn a_protected_redis_survives_ten_losses_of_its_primary() {
+    // A failed failover is a failure: only a run the lab itself ended is run again.
+    let run = run_scenario_strict("failover_redis", &[("VMR_FAILOVER_KILLS", "10")]);
+    print!("{}", run.stdout());
+    run.assert_success();
+    assert!(
+        run.stdout().contains("SCENARIO PASS failover_redis"),
+        "scenario failover_redis did not reach its end"
+    );
 }
 
 /// The watchdog's bound in its own check: short, so that the check is quick.

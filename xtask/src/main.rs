@@ -51,6 +51,10 @@ enum Bench {
     /// redis-benchmark throughput and p50/p99 latency of a redis guest unprotected and
     /// protected by one standby (vmr), and the same for QEMU and QEMU COLO (lab).
     Protect(bench::protect::ProtectArgs),
+    /// Failover of a protected redis over N losses of its primary: detection, resume, the
+    /// client's gap, acknowledged writes lost; against a restart from the latest snapshot
+    /// (lab).
+    Failover(bench::failover::FailoverArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
             Bench::Snapshot(args) => bench::snapshot::run(args),
             Bench::Epoch(args) => bench::epoch::run(args),
             Bench::Protect(args) => bench::protect::run(args),
+            Bench::Failover(args) => bench::failover::run(args),
         },
         Command::Soak(args) => soak::run(args),
         Command::Report(args) => report::run(args),

@@ -61,7 +61,7 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
         watchdog_secs: args.watchdog_secs,
         lab_silence_secs: args.lab_silence_secs.unwrap_or(args.watchdog_secs + 40),
         expected: (args.scenario == "stuck").then_some(Outcome::GuestStuck),
-        env: Vec::new(),
+        ..RunOptions::default()
     };
     let out = args
         .out

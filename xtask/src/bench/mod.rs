@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod boot;
 pub mod epoch;
+pub mod failover;
 pub mod guest;
 pub mod migrate;
 pub mod proc;

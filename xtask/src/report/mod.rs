@@ -17,6 +17,7 @@ use plot::Plot;
 
 mod boot;
 mod epoch;
+mod failover;
 mod migrate;
 pub mod plot;
 mod protect;
@@ -53,13 +54,7 @@ const BENCHMARKS: &[Benchmark] = &[
     snapshot::BENCHMARK,
     epoch::BENCHMARK,
     protect::BENCHMARK,
-    Benchmark {
-        name: "failover",
-        title: "Failover",
-        about: "The gaps a client of the guest sees when the primary dies and the standby \
-                takes over.",
-        render: None,
-    },
+    failover::BENCHMARK,
 ];
 
 /// What a benchmark's JSON shows.
