@@ -215,7 +215,7 @@ const GUEST_DATA: &str = "pages full of 64-byte records (8-byte random key + 56 
                           ASCII template), the guest overwriting records at random slots";
 
 /// Assembles the epoch writer guest into an ELF at 2 MiB.
-fn guest_elf(dir: &Path) -> Result<PathBuf, String> {
+pub(crate) fn guest_elf(dir: &Path) -> Result<PathBuf, String> {
     let src = crate::repo_root().join("vmm/tests/guests/epoch_writer.S");
     let obj = dir.join("epoch_writer.o");
     let elf = dir.join("epoch_writer.elf");

@@ -95,7 +95,11 @@ fn render(json: &Value) -> Result<Section, String> {
         ("detection to the VM running", f.resume_ms),
         ("client gap", f.client_gap_ms),
     ] {
-        let _ = writeln!(notes, "| {what} | {:.0} | {:.0} | {:.0} |", p.p50, p.p99, p.max);
+        let _ = writeln!(
+            notes,
+            "| {what} | {:.0} | {:.0} | {:.0} |",
+            p.p50, p.p99, p.max
+        );
     }
     notes.push_str("\nEvery failover:\n\n| kill | detection | to running | client gap |\n|---:|---:|---:|---:|\n");
     for k in &f.failovers {
@@ -110,7 +114,11 @@ fn render(json: &Value) -> Result<Section, String> {
             "\nEvery restart from a snapshot:\n\n| round | client gap, ms | acknowledged SETs lost |\n|---:|---:|---:|\n",
         );
         for r in &f.restarts {
-            let _ = writeln!(notes, "| {} | {:.0} | {} |", r.round, r.client_gap_ms, r.lost_acked);
+            let _ = writeln!(
+                notes,
+                "| {} | {:.0} | {} |",
+                r.round, r.client_gap_ms, r.lost_acked
+            );
         }
     }
     Ok(Section {
