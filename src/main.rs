@@ -146,12 +146,20 @@ struct StandbyArgs {
     /// VM over by itself when its primary is lost. Without it, only `vmr ctl failover --force`.
     #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
     coordinator: Option<String>,
-    /// This host's name as the VM's owner in the coordinator (default <hostname>/standby-<ADDR>).
+    /// This host's name as the VM's owner in the coordinator (default <hostname>-standby-<ADDR>).
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
     /// Once synchronised, a primary silent for N ms is lost (default 50).
     #[arg(long, value_name = "N")]
     detect_ms: Option<u64>,
+    /// Offer this standby to the VM ID (registered in the coordinator): its primary pairs
+    /// with it by itself when it has no standby. Needs --coordinator.
+    #[arg(long, value_name = "ID", requires = "coordinator")]
+    join: Option<String>,
+    /// Where primaries reach this standby, as registered in the coordinator (default: the
+    /// --listen address).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
     /// Serial console of the VM once taken over here: stdout, file:PATH or none.
     #[arg(long, value_name = "stdout|file:PATH|none", default_value = "none")]
     serial: SerialConfig,
@@ -306,7 +314,7 @@ struct RunArgs {
     /// The VM's name in the coordinator and to its standbys (default vmr-<pid>).
     #[arg(long, value_name = "ID")]
     vm_id: Option<String>,
-    /// This host's name as the VM's owner in the coordinator (default <hostname>/run-<pid>).
+    /// This host's name as the VM's owner in the coordinator (default <hostname>-run-<pid>).
     #[arg(long, value_name = "NAME")]
     host_id: Option<String>,
 }
@@ -411,7 +419,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         let coordination = Coordination::connect(
             endpoints,
             replication.host_id.clone(),
-            &format!("/run-{}", std::process::id()),
+            &format!("-run-{}", std::process::id()),
         )?;
         options.authority = Some(coordination.own(&vm_id)?);
     }
@@ -443,10 +451,11 @@ fn run_standby(args: StandbyArgs) -> Result<ExitCode, String> {
             Coordination::connect(
                 c,
                 args.host_id.clone(),
-                &format!("/standby-{}", args.listen),
+                &format!("-standby-{}", args.listen),
             )
         })
         .transpose()?;
+    let advertise = args.advertise.unwrap_or_else(|| args.listen.clone());
     let (host, requests) = standby::StandbyHost::new(standby::StandbyOptions {
         listen: args.listen,
         key_file: args.key_file,
@@ -459,6 +468,8 @@ fn run_standby(args: StandbyArgs) -> Result<ExitCode, String> {
         },
         coordination,
         detect,
+        join: args.join,
+        advertise,
     })
     .map_err(|e| e.to_string())?;
     let host = Arc::new(host);

@@ -149,13 +149,101 @@ fn serve_requests(
     vm_id: &str,
     requests: &Receiver<ProtectRequest>,
 ) {
+    let mut joins = Joins::default();
     while !vm.has_ended() {
         let Ok(request) = requests.recv_timeout(Duration::from_millis(50)) else {
+            if let (Some(p), Some(h)) = (protection, hook) {
+                joins.pair_joined(vm, engine, p, h, vm_id);
+            }
             continue;
         };
         match (protection, hook) {
             (Some(p), Some(h)) => serve_protect(vm, engine, p, h, vm_id, request),
             _ => (request.reply)(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
+        }
+    }
+}
+
+/// Standbys that offered themselves to the VM in the coordinator (`vmr standby --join`, or
+/// one that followed a new primary): paired by themselves when the VM has no standby.
+#[derive(Default)]
+struct Joins {
+    /// When the coordinator was last read.
+    last: Option<Instant>,
+    /// Standbys that could not be paired, and when: tried again after [`JOIN_RETRY`].
+    failed: std::collections::HashMap<String, Instant>,
+}
+
+/// How often an unprotected primary with a coordinator looks for standbys that joined.
+const JOIN_EVERY: Duration = Duration::from_secs(1);
+/// How long a standby that could not be paired is left alone.
+const JOIN_RETRY: Duration = Duration::from_secs(10);
+
+impl Joins {
+    fn pair_joined(
+        &mut self,
+        vm: &VmThread,
+        engine: &mut Option<EngineHandle>,
+        protection: &Protection,
+        hook: &PrimaryHook,
+        vm_id: &str,
+    ) {
+        let Some(authority) = &protection.options.authority else {
+            return;
+        };
+        if self.last.is_some_and(|t| t.elapsed() < JOIN_EVERY)
+            || engine.as_ref().is_some_and(EngineHandle::is_running)
+        {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let Ok(members) = authority.coordinator.members(vm_id) else {
+            return;
+        };
+        let fresh: Vec<_> = members
+            .into_iter()
+            .filter(|m| m.host != authority.me && m.committed_epoch == 0)
+            .filter(|m| {
+                self.failed
+                    .get(&m.addr)
+                    .is_none_or(|t| t.elapsed() >= JOIN_RETRY)
+            })
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let paired = protection.current_options().and_then(|options| {
+            let config = vm.run(|m| m.config().clone()).map_err(|e| e.to_string())?;
+            let hello = protect::hello(&config, vm_id, options.term).map_err(|e| e.to_string())?;
+            let mut standbys = Vec::new();
+            for m in &fresh {
+                match protect::pair(&m.addr, &protection.key, &hello, options.standby_timeout) {
+                    Ok(s) => standbys.push(s),
+                    Err(e) => {
+                        tracing::warn!(
+                            standby = m.host,
+                            addr = m.addr,
+                            "cannot pair with a standby that joined: {e}"
+                        );
+                        self.failed.insert(m.addr.clone(), Instant::now());
+                    }
+                }
+            }
+            if standbys.is_empty() {
+                return Ok(None);
+            }
+            protect_with(vm, standbys, options, hook).map(Some)
+        });
+        match paired {
+            Ok(Some(handle)) => {
+                tracing::info!(
+                    standbys = fresh.len(),
+                    "protecting the VM with the standbys that joined it"
+                );
+                *engine = Some(handle);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot protect the VM with the standbys that joined: {e}"),
         }
     }
 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use replicator::auth::ReplicationKey;
 use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
 use replicator::conn::Conn;
+use replicator::coordinator::Member;
 use replicator::pairing::{self, PairError};
 use replicator::primary::EngineOptions;
 use replicator::standby::committed::DiskImage;
@@ -63,6 +64,12 @@ const SYNC_SILENCE: Duration = Duration::from_secs(10);
 pub const DEFAULT_DETECT: Duration = Duration::from_millis(50);
 /// How often a takeover whose claim could not be made (coordinator unreachable) is retried.
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
+/// How long the standbys of a lost primary give each other to register what they hold before
+/// the most up-to-date claims: they detect the loss within about one epoch of each other.
+const ELECTION_WINDOW: Duration = Duration::from_millis(30);
+/// How long a standby waits for a more up-to-date one to claim before it claims itself (the
+/// other may be dead too).
+const ELECTION_DEFER: Duration = Duration::from_secs(2);
 /// How often progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
@@ -107,6 +114,11 @@ pub struct StandbyOptions {
     pub coordination: Option<Coordination>,
     /// A synchronised primary silent this long is lost.
     pub detect: Duration,
+    /// The VM this standby offers itself to before any primary paired with it (`--join`):
+    /// registered in the coordinator, a primary of that VM pairs with it by itself.
+    pub join: Option<String>,
+    /// Where primaries reach this standby (`--advertise`, default the listen address).
+    pub advertise: String,
 }
 
 /// A takeover asked for: by the API (`vmr ctl failover`) or by the loss of the primary.
@@ -387,6 +399,131 @@ impl StandbyHost {
 }
 
 impl StandbyHost {
+    /// The VM this standby stands by for: the one it holds, else the one it joins.
+    fn vm_id(&self) -> Option<String> {
+        self.held()
+            .as_ref()
+            .map(|h| h.hello.vm_id.clone())
+            .or_else(|| self.options.join.clone())
+    }
+
+    /// This standby as it registers: its committed epoch and term (0: fresh).
+    fn member(&self, c: &Coordination) -> Member {
+        let (committed_epoch, term) = self
+            .standby()
+            .map(|s| {
+                let s = s.committed();
+                (s.committed_epoch(), s.committed_term())
+            })
+            .unwrap_or((0, 0));
+        Member {
+            host: c.me.clone(),
+            addr: self.options.advertise.clone(),
+            committed_epoch,
+            term,
+        }
+    }
+
+    /// Registers this standby for its VM, if it has one; the VM's id. A failure is logged.
+    fn register(&self, c: &Coordination) -> Option<String> {
+        let vm = self.vm_id()?;
+        if let Err(e) = c.coordinator.register(&vm, &self.member(c)) {
+            tracing::debug!("cannot register with the coordinator: {e}");
+        }
+        Some(vm)
+    }
+
+    /// The election among the standbys of a lost primary, before this one claims: registers
+    /// what it holds, gives the others [`ELECTION_WINDOW`] to do the same, and defers to the
+    /// most up to date (highest committed epoch of the same term; ties to the lowest host
+    /// name) for as long as it may take to claim. Returns whether to claim now; `false`: the
+    /// VM was claimed by another standby (this one then follows: it is reset to fresh).
+    fn elect(&self, c: &Coordination) -> bool {
+        let Some(vm) = self.register(c) else {
+            return true;
+        };
+        let me = self.member(c);
+        let rivals = |members: Vec<Member>| -> Vec<Member> {
+            members
+                .into_iter()
+                .filter(|m| m.host != me.host && m.term == me.term && m.committed_epoch > 0)
+                .collect()
+        };
+        // Alone: no need to wait.
+        if c.coordinator
+            .members(&vm)
+            .map(rivals)
+            .is_ok_and(|r| r.is_empty())
+        {
+            return true;
+        }
+        std::thread::sleep(ELECTION_WINDOW);
+        let Ok(members) = c.coordinator.members(&vm) else {
+            return true;
+        };
+        let better = rivals(members).into_iter().find(|m| {
+            (m.committed_epoch, std::cmp::Reverse(&m.host))
+                > (me.committed_epoch, std::cmp::Reverse(&me.host))
+        });
+        let Some(better) = better else {
+            tracing::info!(
+                epoch = me.committed_epoch,
+                "elected: the most up-to-date standby"
+            );
+            return true;
+        };
+        tracing::info!(
+            better = better.host,
+            its_epoch = better.committed_epoch,
+            epoch = me.committed_epoch,
+            "a standby more up to date is to take the VM over: waiting for its claim"
+        );
+        let t0 = Instant::now();
+        while t0.elapsed() < ELECTION_DEFER {
+            if let Ok(Some((o, _))) = c.coordinator.current(&vm) {
+                if o.term > me.term && o.owner != me.host {
+                    self.follow(c, &o);
+                    return false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tracing::warn!(
+            better = better.host,
+            "the elected standby did not claim the VM: claiming it here"
+        );
+        true
+    }
+
+    /// If another host owns the VM with a later term than this standby's, follows it.
+    fn follow_if_taken(&self, c: &Coordination) {
+        let (Some(vm), Some(standby)) = (self.vm_id(), self.standby()) else {
+            return;
+        };
+        let term = standby.committed().committed_term();
+        if let Ok(Some((o, _))) = c.coordinator.current(&vm) {
+            if o.term > term && o.owner != c.me {
+                self.follow(c, &o);
+            }
+        }
+    }
+
+    /// Another standby took the VM over (`owner`): this one drops its committed state and
+    /// registers fresh, for the new primary to pair with it.
+    fn follow(&self, c: &Coordination, owner: &replicator::coordinator::Ownership) {
+        let vm = self.vm_id();
+        *self.held() = None;
+        tracing::warn!(
+            new_primary = %owner,
+            "another standby took the VM over: this one is fresh again, for it to pair with"
+        );
+        if let Some(vm) = vm {
+            if let Err(e) = c.coordinator.register(&vm, &self.member(c)) {
+                tracing::warn!("cannot register with the coordinator: {e}");
+            }
+        }
+    }
+
     /// Once the initial synchronisation is committed, bounds the reads of `socket` (the
     /// primary's link) by `--detect-ms`: a primary silent that long is lost (and taken over).
     fn watch_sync(self: &Arc<Self>, socket: Conn) {
@@ -691,8 +828,10 @@ const COORDINATOR_EVERY: Duration = Duration::from_secs(2);
 fn keep_coordinator_warm(host: &StandbyHost, c: &Coordination) {
     let mut answering = None;
     while !host.taken_over.load(Ordering::Acquire) {
-        let vm = host.held().as_ref().map(|h| h.hello.vm_id.clone());
-        let read = c.coordinator.current(vm.as_deref().unwrap_or("probe"));
+        let read = match host.register(c) {
+            Some(vm) => c.coordinator.current(&vm).map(drop),
+            None => c.coordinator.current("probe").map(drop),
+        };
         match (&read, answering) {
             (Ok(_), Some(true)) | (Err(_), Some(false)) => {}
             (Ok(_), _) => tracing::info!(coordinator = c.endpoints, "the coordinator answers"),
@@ -780,6 +919,7 @@ fn wait_claim(
     requests: &Receiver<TakeoverRequest>,
 ) -> (Claimed, Option<ProtectReply>) {
     let mut pending: Option<TakeoverRequest> = None;
+    let mut pending_retry = false;
     let mut last_log = Instant::now() - PROGRESS_EVERY;
     loop {
         let request = match pending.take() {
@@ -801,6 +941,14 @@ fn wait_claim(
             },
         };
         let t0 = Instant::now();
+        // A loss seen here may be seen by other standbys too: the most up to date claims.
+        let automatic = request.reply.is_none() && !request.force;
+        if let (true, false, Some(c)) = (automatic, pending_retry, &host.options.coordination) {
+            if !host.elect(c) {
+                continue;
+            }
+        }
+        pending_retry = false;
         match host.claim(request.force) {
             Ok(claimed) => {
                 tracing::info!(
@@ -817,6 +965,10 @@ fn wait_claim(
                 if let Some(reply) = request.reply {
                     reply(Err(reason));
                 }
+                // Another standby won: follow it (fresh, for it to pair with).
+                if let (true, Some(c)) = (automatic, &host.options.coordination) {
+                    host.follow_if_taken(c);
+                }
             }
             Err(ClaimError::Retry(reason)) => {
                 if last_log.elapsed() >= PROGRESS_EVERY {
@@ -824,6 +976,7 @@ fn wait_claim(
                     last_log = Instant::now();
                 }
                 pending = Some(request);
+                pending_retry = true;
             }
         }
     }

@@ -61,6 +61,20 @@ impl fmt::Display for Ownership {
     }
 }
 
+/// A standby of a VM as it registers itself in the coordinator ([`Coordinator::register`]):
+/// where a primary pairs with it, and what it holds (for the election among standbys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its host's name (its owner name if it takes the VM over).
+    pub host: String,
+    /// Where it listens for a primary (`HOST:PORT`).
+    pub addr: String,
+    /// The last epoch it committed (0: fresh, a primary may pair with it).
+    pub committed_epoch: u64,
+    /// The term of that epoch.
+    pub term: u64,
+}
+
 /// etcd's revision of the key's last modification (its `mod_revision`).
 pub type Revision = i64;
 
@@ -114,6 +128,48 @@ pub trait Coordinator: Send + Sync {
         Ok(self
             .current(vm)?
             .is_some_and(|(current, _)| current == *mine))
+    }
+
+    /// Registers (or updates) `member` as a standby of `vm`, under
+    /// `/vmr/vms/<vm>/standbys/<host>` ([`member_key`]).
+    fn register(&self, vm: &str, member: &Member) -> Result<(), CoordinatorError>;
+
+    /// The standbys registered for `vm`, by host name.
+    fn members(&self, vm: &str) -> Result<Vec<Member>, CoordinatorError>;
+}
+
+/// The key under which a standby of `vm` registers: `/vmr/vms/<vm>/standbys/<host>`.
+pub fn member_key(vm: &str, host: &str) -> String {
+    format!("/vmr/vms/{vm}/standbys/{host}")
+}
+
+/// The key's prefix of a VM's standbys.
+fn members_prefix(vm: &str) -> String {
+    format!("/vmr/vms/{vm}/standbys/")
+}
+
+/// A host name usable in a key (as [`check_vm`] for VM ids).
+fn check_host(host: &str) -> Result<(), CoordinatorError> {
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return Err(CoordinatorError::BadVmId {
+            vm: host.escape_debug().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A registered member's value, decoded; a malformed one is left out (logged).
+fn decode_member(key: &str, value: &[u8]) -> Option<Member> {
+    match serde_json::from_slice(value) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(key, "not a standby's registration, left out: {e}");
+            None
+        }
     }
 }
 
@@ -268,6 +324,16 @@ pub enum CoordinatorError {
         /// The key.
         key: String,
     },
+    /// etcd refused to write a key.
+    #[error("coordinator {endpoints}: put {key} failed: {reason}")]
+    Put {
+        /// The endpoints, as given.
+        endpoints: String,
+        /// The key.
+        key: String,
+        /// etcd's reason, on one line.
+        reason: String,
+    },
 }
 
 /// The tail of [`CoordinatorError::Unreachable`]'s message.
@@ -410,6 +476,7 @@ pub struct MemoryCoordinator {
 struct MemoryKeys {
     revision: Revision,
     owners: HashMap<String, (Ownership, Revision)>,
+    members: std::collections::BTreeMap<String, Member>,
 }
 
 impl MemoryCoordinator {
@@ -435,7 +502,9 @@ impl Coordinator for MemoryCoordinator {
         let key = check_vm(vm)?;
         let term = next_term(&key, expected)?;
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let MemoryKeys { revision, owners } = &mut *keys;
+        let MemoryKeys {
+            revision, owners, ..
+        } = &mut *keys;
         match (owners.get(&key), expected) {
             (None, Some(e)) => {
                 return Err(CoordinatorError::Vanished {
@@ -455,6 +524,27 @@ impl Coordinator for MemoryCoordinator {
         };
         owners.insert(key, (new.clone(), *revision));
         Ok(Claim::Won(new))
+    }
+
+    fn register(&self, vm: &str, member: &Member) -> Result<(), CoordinatorError> {
+        check_vm(vm)?;
+        check_host(&member.host)?;
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.members
+            .insert(member_key(vm, &member.host), member.clone());
+        Ok(())
+    }
+
+    fn members(&self, vm: &str) -> Result<Vec<Member>, CoordinatorError> {
+        check_vm(vm)?;
+        let prefix = members_prefix(vm);
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(keys
+            .members
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, m)| m.clone())
+            .collect())
     }
 }
 

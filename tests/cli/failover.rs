@@ -53,6 +53,13 @@ fn primary(name: &str, key: &Path, standby: &str, extra: &[&str]) -> (Vmr, std::
     (vm, api)
 }
 
+/// Whether a standby's status says it may take the VM over (synchronised, protected).
+fn ready(status: &serde_json::Value) -> bool {
+    status["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("ready to take it over"))
+}
+
 /// Waits until the standby's log says it took the VM over, and its API serves the VM running.
 fn wait_taken_over(standby: &StandbyProc) -> serde_json::Value {
     let line = standby.wait_log("the takeover", |l| l.contains("TAKEN OVER"));
@@ -105,9 +112,7 @@ fn a_lost_primary_is_taken_over_by_its_standby_which_is_protected_and_taken_over
             "primary",
         ],
     );
-    wait_replication(first.api(), |s| {
-        s["last_committed_epoch"].as_u64() >= Some(5)
-    });
+    wait_replication(first.api(), ready);
     assert_eq!(owner(&etcd, "vm1").owner, "primary");
     assert_eq!(owner(&etcd, "vm1").term, 1);
     let ours = replication(&api);
@@ -141,9 +146,7 @@ fn a_lost_primary_is_taken_over_by_its_standby_which_is_protected_and_taken_over
         ],
     );
     protect_ok(first.api(), &second.addr);
-    let synced = wait_replication(second.api(), |s| {
-        s["last_committed_epoch"].as_u64() >= Some(5)
-    });
+    let synced = wait_replication(second.api(), ready);
     assert_eq!(synced["term"], 2, "{synced}");
     // The first standby's process is lost in turn: the second takes the VM over.
     let mut first = first;
@@ -168,6 +171,8 @@ fn a_frozen_primary_taken_over_is_fenced_when_it_wakes() {
             "--host-id",
             "standby",
             "--allow-pvm",
+            "--detect-ms",
+            "300",
         ],
     );
     let (mut p, api) = primary(
@@ -183,9 +188,7 @@ fn a_frozen_primary_taken_over_is_fenced_when_it_wakes() {
             "primary",
         ],
     );
-    wait_replication(standby.api(), |s| {
-        s["last_committed_epoch"].as_u64() >= Some(5)
-    });
+    wait_replication(standby.api(), ready);
     // The primary stops (a partition, a host frozen): its standby takes the VM over.
     let pid = p.child.id() as i32;
     // SAFETY: signals a child process of this test.
@@ -212,7 +215,11 @@ fn a_frozen_primary_taken_over_is_fenced_when_it_wakes() {
 #[test]
 fn without_a_coordinator_a_takeover_is_manual_and_forced() {
     let key = key_file("manual.key", 6);
-    let standby = StandbyProc::spawn("manual-standby", &key, &["--allow-pvm"]);
+    let standby = StandbyProc::spawn(
+        "manual-standby",
+        &key,
+        &["--allow-pvm", "--detect-ms", "300"],
+    );
     let api = standby.api().to_str().unwrap().to_string();
     // Nothing to take over yet.
     let out = vmr(&["ctl", "--api", &api, "failover", "--force"]);
@@ -223,9 +230,7 @@ fn without_a_coordinator_a_takeover_is_manual_and_forced() {
         String::from_utf8_lossy(&out.stderr)
     );
     let (mut p, primary_api) = primary("manual-primary", &key, &standby.addr, &[]);
-    wait_replication(standby.api(), |s| {
-        s["last_committed_epoch"].as_u64() >= Some(5)
-    });
+    wait_replication(standby.api(), ready);
     let status = replication(&primary_api);
     assert!(
         status["message"]
@@ -265,4 +270,141 @@ fn without_a_coordinator_a_takeover_is_manual_and_forced() {
     wait_for_socket(standby.api());
     assert_eq!(vm_status(standby.api())["state"], "running");
     wait_taken_over(&standby);
+}
+
+#[test]
+fn of_two_standbys_one_takes_over_the_other_follows_it_and_takes_over_in_turn() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("elect.key", 9);
+    let mut standbys: Vec<StandbyProc> = ["a", "b"]
+        .iter()
+        .map(|host| {
+            StandbyProc::spawn(
+                &format!("elect-{host}"),
+                &key,
+                &[
+                    "--coordinator",
+                    &coordinator,
+                    "--host-id",
+                    host,
+                    "--allow-pvm",
+                    "--detect-ms",
+                    "300",
+                ],
+            )
+        })
+        .collect();
+    let kernel = tiny_elf("epoch_writer");
+    let api = scratch("elect-primary.sock");
+    let mut args = writer_args(&kernel);
+    for s in &standbys {
+        args.extend(["--protect".to_string(), s.addr.clone()]);
+    }
+    args.extend(["--key-file".to_string(), key.display().to_string()]);
+    args.extend(
+        [
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm3",
+            "--host-id",
+            "p",
+            "--api",
+        ]
+        .map(String::from),
+    );
+    args.push(api.display().to_string());
+    let mut p = Vmr::spawn(
+        "elect-primary",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for s in &standbys {
+        wait_replication(s.api(), ready);
+    }
+    // Both see the primary go; exactly one takes the VM over, the other follows it.
+    p.kill();
+    let t0 = Instant::now();
+    let winner = loop {
+        if let Some(i) = standbys.iter().position(|s| s.log().contains("TAKEN OVER")) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nobody took over:\n{}\n{}",
+            standbys[0].log(),
+            standbys[1].log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let loser = 1 - winner;
+    assert_eq!(owner(&etcd, "vm3").term, 2);
+    standbys[loser].wait_log("following", |l| l.contains("fresh again"));
+    assert!(
+        !standbys[loser].log().contains("TAKEN OVER"),
+        "{}",
+        standbys[loser].log()
+    );
+    // The new primary pairs with the one that followed it, by itself.
+    let followed = wait_replication(standbys[loser].api(), |s| {
+        s["term"].as_u64() == Some(2) && ready(s)
+    });
+    assert!(
+        followed["last_committed_epoch"].as_u64() > Some(0),
+        "{followed}"
+    );
+    let status = replication(standbys[winner].api());
+    assert_eq!(status["role"], "primary", "{status}");
+    assert_eq!(status["protected"], true, "{status}");
+    // The new primary is lost in turn: the follower takes the VM over.
+    let _ = standbys[winner].child.kill();
+    let _ = standbys[winner].child.wait();
+    wait_taken_over(&standbys[loser]);
+    assert_eq!(owner(&etcd, "vm3").term, 3);
+}
+
+#[test]
+fn a_standby_that_joins_an_unprotected_vm_protects_it_by_itself() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("join.key", 10);
+    let kernel = tiny_elf("epoch_writer");
+    let api = scratch("join-primary.sock");
+    let mut args = writer_args(&kernel);
+    args.extend(["--key-file".to_string(), key.display().to_string()]);
+    args.extend(
+        [
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm4",
+            "--host-id",
+            "p",
+            "--api",
+        ]
+        .map(String::from),
+    );
+    args.push(api.display().to_string());
+    let _p = Vmr::spawn(
+        "join-primary",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_for_socket(&api);
+    assert_eq!(replication(&api)["role"], "unprotected");
+    let s = StandbyProc::spawn(
+        "join-standby",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--join",
+            "vm4",
+            "--allow-pvm",
+            "--detect-ms",
+            "300",
+        ],
+    );
+    let status = wait_replication(&api, |s| s["protected"] == true);
+    assert_eq!(status["peers"][0]["name"], s.addr.as_str(), "{status}");
+    wait_replication(s.api(), |s| s["last_committed_epoch"].as_u64() >= Some(5));
 }

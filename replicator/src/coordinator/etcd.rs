@@ -6,7 +6,9 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+};
 
 use super::*;
 
@@ -332,7 +334,70 @@ impl EtcdCoordinator {
     }
 }
 
+impl EtcdCoordinator {
+    async fn put(
+        &self,
+        mut client: Client,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), CoordinatorError> {
+        client.put(key, value, None).await.map(drop).map_err(|e| {
+            self.classify(&format!("put {key}"), e, |endpoints, reason| {
+                CoordinatorError::Put {
+                    endpoints,
+                    key: key.to_owned(),
+                    reason,
+                }
+            })
+        })
+    }
+
+    async fn range(
+        &self,
+        mut client: Client,
+        prefix: &str,
+    ) -> Result<Vec<Member>, CoordinatorError> {
+        let resp = client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| {
+                self.classify(&format!("get {prefix}*"), e, |endpoints, reason| {
+                    CoordinatorError::Get {
+                        endpoints,
+                        key: prefix.to_owned(),
+                        reason,
+                    }
+                })
+            })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| decode_member(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect())
+    }
+}
+
 impl Coordinator for EtcdCoordinator {
+    fn register(&self, vm: &str, member: &Member) -> Result<(), CoordinatorError> {
+        check_vm(vm)?;
+        check_host(&member.host)?;
+        let key = member_key(vm, &member.host);
+        let value = serde_json::to_vec(member).unwrap_or_default();
+        self.run(
+            || format!("put {key}"),
+            |client, _| self.put(client, &key, value.clone()),
+        )
+    }
+
+    fn members(&self, vm: &str) -> Result<Vec<Member>, CoordinatorError> {
+        check_vm(vm)?;
+        let prefix = members_prefix(vm);
+        self.run(
+            || format!("get {prefix}*"),
+            |client, _| self.range(client, &prefix),
+        )
+    }
+
     fn current(&self, vm: &str) -> Result<Option<(Ownership, Revision)>, CoordinatorError> {
         let key = check_vm(vm)?;
         self.run(|| format!("get {key}"), |client, _| self.get(client, &key))
