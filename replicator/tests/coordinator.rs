@@ -7,7 +7,8 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use replicator::coordinator::{
-    owner_key, Claim, Coordinator, CoordinatorError, Endpoints, EtcdCoordinator, Ownership,
+    member_key, owner_key, Claim, Coordinator, CoordinatorError, Endpoints, EtcdCoordinator,
+    Member, MemoryCoordinator, Ownership,
 };
 
 #[path = "support/etcd.rs"]
@@ -330,4 +331,33 @@ fn calling_from_inside_an_async_runtime_is_refused_not_a_panic() {
         // Dropping it here must not panic either.
         drop(outside);
     });
+}
+
+#[test]
+fn standbys_register_under_their_vm_and_are_listed_by_host() {
+    let etcd = Etcd::start();
+    let c = etcd.coordinator();
+    let member = |host: &str, epoch: u64| Member {
+        host: host.into(),
+        addr: format!("{host}:7171"),
+        committed_epoch: epoch,
+        term: 1,
+    };
+    assert_eq!(c.members("vm-m").unwrap(), []);
+    c.register("vm-m", &member("b", 0)).unwrap();
+    c.register("vm-m", &member("a", 7)).unwrap();
+    c.register("vm-other", &member("c", 1)).unwrap();
+    // An update replaces the registration.
+    c.register("vm-m", &member("b", 9)).unwrap();
+    assert_eq!(c.members("vm-m").unwrap(), [member("a", 7), member("b", 9)]);
+    // Garbage under the prefix (an operator's etcdctl) is left out, not an error.
+    etcd.put_raw(&member_key("vm-m", "junk"), b"not json");
+    assert_eq!(c.members("vm-m").unwrap().len(), 2);
+    assert!(c.register("vm-m", &member("bad/host", 0)).is_err());
+    // The same semantics in memory.
+    let m = MemoryCoordinator::new();
+    m.register("vm-m", &member("b", 0)).unwrap();
+    m.register("vm-m", &member("a", 7)).unwrap();
+    m.register("vm-m2", &member("z", 7)).unwrap();
+    assert_eq!(m.members("vm-m").unwrap(), [member("a", 7), member("b", 0)]);
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use replicator::conn::Conn;
 use replicator::coordinator::{
-    Claim, Coordinator, CoordinatorError, MemoryCoordinator, Ownership, Revision,
+    Claim, Coordinator, CoordinatorError, Member, MemoryCoordinator, Ownership, Revision,
 };
 use replicator::primary::vm::VmThread;
 use replicator::primary::{pair_standby, Authority, Engine, EngineOptions, NewStandby};
@@ -270,6 +270,14 @@ impl Coordinator for Unreachable {
         _expected: Option<&Ownership>,
         _me: &str,
     ) -> Result<Claim, CoordinatorError> {
+        Err(self.error())
+    }
+
+    fn register(&self, _vm: &str, _member: &Member) -> Result<(), CoordinatorError> {
+        Err(self.error())
+    }
+
+    fn members(&self, _vm: &str) -> Result<Vec<Member>, CoordinatorError> {
         Err(self.error())
     }
 }
