@@ -201,7 +201,7 @@ const GUEST_STUCK: i32 = 86;
 /// The lab's CPUs for the scenarios: one, because QEMU's multi-threaded TCG made the nested
 /// guests' faults (below) several times more frequent (redis migration: 1 failure in 6 runs
 /// with one CPU, about 1 in 2 with two). Benchmarks keep two.
-const LAB_CPUS: u32 = 1;
+pub const LAB_CPUS: u32 = 1;
 /// Runs of one scenario at most: a lab that died or froze, or a guest stuck, is started
 /// again, up to this.
 pub const MAX_ATTEMPTS: u32 = 3;

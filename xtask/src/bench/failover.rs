@@ -48,6 +48,10 @@ pub struct FailoverArgs {
     /// Skip the failovers of the tiny guest on this host's /dev/kvm.
     #[arg(long)]
     no_direct: bool,
+    /// Only the failovers on this host: their figures are added to the `failover.json` of an
+    /// earlier lab run in --out (the lab is not run).
+    #[arg(long, conflicts_with = "no_direct")]
+    direct_only: bool,
     /// The standbys' --detect-ms on this host (tiny guest).
     #[arg(long, default_value_t = 50)]
     direct_detect_ms: u64,
@@ -144,6 +148,12 @@ pub fn run(args: FailoverArgs) -> Result<(), String> {
             })
         }
     };
+    if args.direct_only {
+        let (Some(direct), false) = (direct, args.no_direct) else {
+            return Err("--direct-only measured nothing".into());
+        };
+        return add_direct(args.out.as_deref(), direct);
+    }
     let images = crate::lab::images()?;
     if std::env::var_os("VMR_BIN").is_none() {
         std::env::set_var("VMR_BIN", crate::lab::build_vmr()?);
@@ -222,6 +232,16 @@ pub fn run(args: FailoverArgs) -> Result<(), String> {
     print_table(&report);
     let out = super::out_dir(args.out.as_deref())?;
     let path = super::write_json(&out, "failover.json", &report)?;
+    // The scenario ran in the lab, this process outside it: say so in the meta.
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    json["meta"]["lab"]["mode"] = "images/lab (the scenario)".into();
+    json["meta"]["lab"]["cpus"] = vmr_tests::LAB_CPUS.into();
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     println!("written: {}", path.display());
     // Detection and resume on these machines (this host's KVM) when measured; the client's
     // gap needs the network: the lab's.
@@ -234,6 +254,43 @@ pub fn run(args: FailoverArgs) -> Result<(), String> {
     println!(
         "failover: detect_ms={:.0} resume_ms={:.0} client_gap_ms={:.0} client_gap_p99_ms={:.0} lost_acked={}",
         detect.p50, resume.p50, report.client_gap_ms.p50, report.client_gap_ms.p99, report.lost_acked
+    );
+    Ok(())
+}
+
+/// Adds `direct` to the `failover.json` of an earlier lab run in `out`, and prints the lines.
+fn add_direct(out: Option<&Path>, direct: Direct) -> Result<(), String> {
+    let path = super::out_dir(out)?.join("failover.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{}: {e} (run the lab part first)", path.display()))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    json["direct"] = serde_json::to_value(&direct).map_err(|e| e.to_string())?;
+    let (p50, p99) = (
+        json["client_gap_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+        json["client_gap_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+    );
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "failover of the tiny guest on this host's /dev/kvm over {} freezes (--detect-ms {}): \
+         detection p50 {:.1} p99 {:.1} ms, to running p50 {:.1} p99 {:.1} ms",
+        direct.failovers.len(),
+        direct.detect_ms_option,
+        direct.detect_ms.p50,
+        direct.detect_ms.p99,
+        direct.resume_ms.p50,
+        direct.resume_ms.p99
+    );
+    println!("written: {}", path.display());
+    println!(
+        "failover: detect_ms={:.0} resume_ms={:.0} client_gap_ms={p50:.0} client_gap_p99_ms={p99:.0} lost_acked={}",
+        direct.detect_ms.p50,
+        direct.resume_ms.p50,
+        json["lost_acked"].as_u64().unwrap_or(0)
     );
     Ok(())
 }

@@ -333,7 +333,10 @@ mod tests {
             1,
             "the epoch table compares with the naive way"
         );
-        assert!(md.contains("Not yet measured (no `failover.json`)"));
+        assert!(
+            md.contains("| client gap, ms (p50) |"),
+            "the failover table compares the client's gap with a restart from a snapshot"
+        );
         for (file, labels) in [
             ("boot.svg", &["vmr", "QEMU", "boot"][..]),
             ("migrate.svg", &["vmr", "QEMU", "idle", "under load"][..]),
