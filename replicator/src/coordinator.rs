@@ -150,13 +150,18 @@ fn members_prefix(vm: &str) -> String {
 
 /// A host name usable in a key (as [`check_vm`] for VM ids).
 fn check_host(host: &str) -> Result<(), CoordinatorError> {
-    if host.is_empty()
-        || host
+    check_name(host)
+}
+
+/// A name usable as one part of a key: not empty, no `/`, no whitespace or control character.
+fn check_name(name: &str) -> Result<(), CoordinatorError> {
+    if name.is_empty()
+        || name
             .chars()
             .any(|c| c == '/' || c.is_whitespace() || c.is_control())
     {
         return Err(CoordinatorError::BadVmId {
-            vm: host.escape_debug().to_string(),
+            vm: name.escape_debug().to_string(),
         });
     }
     Ok(())
@@ -180,15 +185,7 @@ pub fn owner_key(vm: &str) -> String {
 
 /// Checks a VM id is usable in a key: not empty, no `/`, no whitespace or control character.
 fn check_vm(vm: &str) -> Result<String, CoordinatorError> {
-    if vm.is_empty()
-        || vm
-            .chars()
-            .any(|c| c == '/' || c.is_whitespace() || c.is_control())
-    {
-        return Err(CoordinatorError::BadVmId {
-            vm: vm.escape_debug().to_string(),
-        });
-    }
+    check_name(vm)?;
     Ok(owner_key(vm))
 }
 

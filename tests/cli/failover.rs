@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::standby::{
-    key_file, protect_ok, replication, wait_replication, writer_args, StandbyProc,
+    ctl_json, key_file, protect_ok, replication, wait_replication, writer_args, StandbyProc,
 };
 use common::{scratch, tiny_elf, vmr, wait_for_socket, Vmr};
 use etcd::Etcd;
@@ -31,13 +31,7 @@ fn owner(etcd: &Etcd, vm: &str) -> Ownership {
 
 /// `vmr ctl --api API status`, parsed.
 fn vm_status(api: &Path) -> serde_json::Value {
-    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), "status"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    ctl_json(api, "status")
 }
 
 /// A protected epoch writer, its API at `api`.

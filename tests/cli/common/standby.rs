@@ -112,7 +112,12 @@ pub fn protect_ok(api: &Path, standby: &str) -> Output {
 
 /// `vmr ctl --api SOCKET replication`, parsed.
 pub fn replication(api: &Path) -> serde_json::Value {
-    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), "replication"]);
+    ctl_json(api, "replication")
+}
+
+/// `vmr ctl --api SOCKET ACTION`, which must succeed, its JSON answer parsed.
+pub fn ctl_json(api: &Path, action: &str) -> serde_json::Value {
+    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), action]);
     assert!(
         out.status.success(),
         "{}",

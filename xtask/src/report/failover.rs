@@ -124,7 +124,11 @@ fn render(json: &Value) -> Result<Section, String> {
             ("detection", d.detect_ms),
             ("detection to the VM running", d.resume_ms),
         ] {
-            let _ = writeln!(notes, "| {what} | {:.1} | {:.1} | {:.1} |", p.p50, p.p99, p.max);
+            let _ = writeln!(
+                notes,
+                "| {what} | {:.1} | {:.1} | {:.1} |",
+                p.p50, p.p99, p.max
+            );
         }
     }
     notes.push_str("\nEvery failover in the lab:\n\n| kill | detection | to running | client gap |\n|---:|---:|---:|---:|\n");
