@@ -1,8 +1,11 @@
 //! Failover through the `vmr` binary on this host's `/dev/kvm`, with the epoch writer guest
 //! and a real etcd: a standby with `--coordinator` takes a lost primary's VM over by itself
 //! (the claim in etcd, the VM running in the standby's process, its API serving it), is
-//! protected in turn by a new standby which takes it over again; a primary frozen long enough
-//! to be taken over is fenced when it wakes (its vCPUs paused, nothing released); without a
+//! protected in turn by a new standby which takes it over again; of two standbys one takes
+//! over and the other follows it; a standby that joins a VM is paired by itself; a primary
+//! frozen long enough to be taken over is fenced when it wakes (its vCPUs paused, nothing
+//! released); partitions (through proxies that drop everything) between primary and standby,
+//! and between either and the coordinator, leave exactly one side releasing output; without a
 //! coordinator the takeover is manual and must be forced.
 
 mod common;
@@ -13,6 +16,7 @@ mod etcd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::standby::{
     ctl_json, key_file, protect_ok, replication, wait_replication, writer_args, StandbyProc,
 };
@@ -401,4 +405,153 @@ fn a_standby_that_joins_an_unprotected_vm_protects_it_by_itself() {
     let status = wait_replication(&api, |s| s["protected"] == true);
     assert_eq!(status["peers"][0]["name"], s.addr.as_str(), "{status}");
     wait_replication(s.api(), |s| s["last_committed_epoch"].as_u64() >= Some(5));
+}
+
+/// The epoch a standby's log says it promoted (took the VM over at).
+fn promoted_epoch(standby: &StandbyProc) -> u64 {
+    let line = standby.wait_log("the promotion", |l| {
+        l.contains("promoted: the committed epoch")
+    });
+    line.split("epoch=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {line:?}"))
+}
+
+/// A primary and its standby joined through a proxy that can be cut, both with the
+/// coordinator, each through its own proxy too.
+struct Partitioned {
+    etcd: Etcd,
+    link: Proxy,
+    primary_coordinator: Proxy,
+    standby_coordinator: Proxy,
+    standby: StandbyProc,
+    primary: Vmr,
+    api: std::path::PathBuf,
+}
+
+fn partitioned(name: &str, vm: &str) -> Partitioned {
+    let etcd = Etcd::start();
+    let target = etcd.endpoints.hosts()[0].clone();
+    let (primary_coordinator, standby_coordinator) = (Proxy::start(&target), Proxy::start(&target));
+    let key = key_file(&format!("{name}.key"), 11);
+    let standby = StandbyProc::spawn(
+        &format!("{name}-standby"),
+        &key,
+        &[
+            "--coordinator",
+            &format!("etcd://{}", standby_coordinator.addr),
+            "--host-id",
+            "standby",
+            "--allow-pvm",
+            "--detect-ms",
+            "300",
+        ],
+    );
+    let link = Proxy::start(&standby.addr);
+    let (primary, api) = primary(
+        &format!("{name}-primary"),
+        &key,
+        &link.addr,
+        &[
+            "--coordinator",
+            &format!("etcd://{}", primary_coordinator.addr),
+            "--vm-id",
+            vm,
+            "--host-id",
+            "primary",
+            "--standby-timeout-ms",
+            "1000",
+        ],
+    );
+    wait_replication(standby.api(), ready);
+    Partitioned {
+        etcd,
+        link,
+        primary_coordinator,
+        standby_coordinator,
+        standby,
+        primary,
+        api,
+    }
+}
+
+#[test]
+fn a_partition_between_primary_and_standby_leaves_exactly_one_side_releasing_output() {
+    // Both sides reach the coordinator: the standby takes over, the primary is fenced and
+    // never released anything the standby's VM does not hold.
+    let mut p = partitioned("split", "vm5");
+    p.link.cut();
+    wait_taken_over(&p.standby);
+    let epoch = promoted_epoch(&p.standby);
+    let fenced = wait_replication(&p.api, |s| {
+        s["message"].as_str().is_some_and(|m| m.contains("FENCED"))
+    });
+    let released = fenced["last_committed_epoch"].as_u64().unwrap();
+    assert!(
+        released <= epoch,
+        "the old primary released epoch {released}, the new one resumed from {epoch}"
+    );
+    assert_eq!(vm_status(&p.api)["state"], "paused");
+    assert_eq!(owner(&p.etcd, "vm5").owner, "standby");
+    p.primary.kill();
+}
+
+#[test]
+fn a_standby_cut_off_from_the_coordinator_never_runs_the_vm_and_follows_the_primary() {
+    // The standby loses the primary and the coordinator; the primary reaches the coordinator,
+    // wins the next term and goes on unprotected. Healed, the standby's claim is lost: it
+    // never ran the VM, and it follows the primary (fresh again).
+    let p = partitioned("cutoff", "vm6");
+    p.standby_coordinator.cut();
+    p.link.cut();
+    let status = wait_replication(&p.api, |s| s["role"] == "unprotected");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("no standby left"),
+        "{status}"
+    );
+    assert_eq!(
+        owner(&p.etcd, "vm6"),
+        Ownership {
+            owner: "primary".into(),
+            term: 2
+        }
+    );
+    assert_eq!(vm_status(&p.api)["state"], "running");
+    p.standby
+        .wait_log("the failed claim", |l| l.contains("retrying"));
+    p.standby_coordinator.heal();
+    p.standby
+        .wait_log("following", |l| l.contains("fresh again"));
+    assert!(
+        !p.standby.log().contains("TAKEN OVER"),
+        "{}",
+        p.standby.log()
+    );
+    // The primary pairs with it again by itself, through the healed link.
+    p.link.heal();
+    wait_replication(&p.api, |s| s["protected"] == true);
+}
+
+#[test]
+fn a_primary_cut_off_from_the_coordinator_is_fenced_when_its_standby_takes_over() {
+    // The other way round: the standby reaches the coordinator and takes over; the primary
+    // cannot prove its ownership, so it is fenced.
+    let p = partitioned("fenced", "vm7");
+    p.primary_coordinator.cut();
+    p.link.cut();
+    wait_taken_over(&p.standby);
+    let fenced = wait_replication(&p.api, |s| {
+        s["message"].as_str().is_some_and(|m| m.contains("FENCED"))
+    });
+    assert!(
+        fenced["last_committed_epoch"].as_u64().unwrap() <= promoted_epoch(&p.standby),
+        "{fenced}"
+    );
+    assert_eq!(vm_status(&p.api)["state"], "paused");
+    assert_eq!(owner(&p.etcd, "vm7").owner, "standby");
 }

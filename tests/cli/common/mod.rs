@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)] // for `openapi`, which names them through `super::`
 use vmm::api::{HttpResponse, OPENAPI_YAML};
 
+pub mod proxy;
 pub mod standby;
 
 /// vmm's OpenAPI oracle, shared with vmm's API unit tests.
