@@ -14,7 +14,7 @@ use vmm::config::VmConfig;
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
 
-use crate::protect::{self, PrimaryHook, ProtectRequest, Protection};
+use crate::protect::{self, PrimaryHook, ProtectAction, ProtectRequest, Protection};
 
 /// Where the VM comes from.
 pub enum Boot {
@@ -157,9 +157,33 @@ fn serve_requests(
             }
             continue;
         };
-        match (protection, hook) {
-            (Some(p), Some(h)) => serve_protect(vm, engine, p, h, vm_id, request),
-            _ => (request.reply)(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
+        let ProtectRequest { action, reply } = request;
+        match (protection, hook, action) {
+            (Some(p), Some(h), ProtectAction::Protect(standby)) => {
+                serve_protect(vm, engine, p, h, vm_id, standby, reply)
+            }
+            (Some(_), Some(h), ProtectAction::HandOver) => {
+                let Some(e) = engine.as_ref().filter(|e| e.is_running()) else {
+                    reply(Err(
+                        "the VM is not protected: there is no standby to hand it over to".into(),
+                    ));
+                    continue;
+                };
+                match e.hand_over() {
+                    Ok((standby, epoch)) => {
+                        tracing::info!(standby, epoch, "VM handed over: this monitor ends");
+                        reply(Ok(h.status()));
+                        // Let the API answer before the VM, and the process, end.
+                        std::thread::sleep(Duration::from_millis(200));
+                        let _ = vm.run(|m| {
+                            m.run_state()
+                                .request_exit(vmm::vstate::vcpu::ExitReason::Migrated)
+                        });
+                    }
+                    Err(why) => reply(Err(why)),
+                }
+            }
+            _ => reply(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
         }
     }
 }
@@ -275,9 +299,9 @@ fn serve_protect(
     protection: &Protection,
     hook: &Arc<PrimaryHook>,
     id: &str,
-    request: ProtectRequest,
+    standby: String,
+    reply: vmm::api::ProtectReply,
 ) {
-    let ProtectRequest { standby, reply } = request;
     if engine.as_ref().is_some_and(EngineHandle::is_running) {
         return reply(Err(
             "the VM is protected already: adding a standby to a running protection is not \

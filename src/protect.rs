@@ -207,12 +207,20 @@ pub fn pair_all(protection: &Protection, hello: &Hello) -> Result<Vec<NewStandby
         .collect()
 }
 
-/// A request of `PUT /replication/protect`, for the thread that owns the VM.
+/// A request of the API's replication, for the thread that owns the VM.
 pub struct ProtectRequest {
-    /// The standby to pair with.
-    pub standby: String,
+    /// What is asked.
+    pub action: ProtectAction,
     /// The answer.
     pub reply: ProtectReply,
+}
+
+/// What [`ProtectRequest`] asks.
+pub enum ProtectAction {
+    /// `PUT /replication/protect`: pair with this standby.
+    Protect(String),
+    /// `PUT /replication/failover` on the primary: a planned switch-over to its standby.
+    HandOver,
 }
 
 /// The engine protecting the VM, as the API shows it: its figures and its standbys' names.
@@ -245,6 +253,12 @@ impl PrimaryHook {
             coordinator: options.authority.is_some(),
             engine: Mutex::new(None),
             requests: Mutex::new(requests),
+        }
+    }
+
+    fn ask(&self, action: ProtectAction, reply: ProtectReply) {
+        if let Err(e) = lock(&self.requests).send(ProtectRequest { action, reply }) {
+            (e.0.reply)(Err("the VM is ending".into()));
         }
     }
 
@@ -332,7 +346,9 @@ impl ReplicationHook for PrimaryHook {
                 }
             })
             .collect();
-        if let Some(f) = &m.fenced {
+        if let Some(h) = &m.handed_over {
+            status.message = Some(format!("{h}: the VM runs there now"));
+        } else if let Some(f) = &m.fenced {
             status.message = Some(format!(
                 "FENCED: {}; the vCPUs are paused and no output is released",
                 f.reason
@@ -351,22 +367,20 @@ impl ReplicationHook for PrimaryHook {
         status
     }
 
-    fn failover(&self, _params: FailoverParams, reply: ProtectReply) {
-        reply(Err(
-            "this monitor runs the VM: a failover is asked of a standby (vmr ctl failover on \
-             the standby's API)"
-                .into(),
-        ));
+    /// On the primary, a failover is a planned switch-over to its standby.
+    fn failover(&self, params: FailoverParams, reply: ProtectReply) {
+        if params.force {
+            return reply(Err(
+                "force is for a standby without a coordinator: on the primary, a failover \
+                 is a planned switch-over to its standby"
+                    .into(),
+            ));
+        }
+        self.ask(ProtectAction::HandOver, reply);
     }
 
     fn protect(&self, params: ProtectParams, reply: ProtectReply) {
-        let request = ProtectRequest {
-            standby: params.standby,
-            reply,
-        };
-        if let Err(e) = lock(&self.requests).send(request) {
-            (e.0.reply)(Err("the VM is ending".into()));
-        }
+        self.ask(ProtectAction::Protect(params.standby), reply);
     }
 }
 
@@ -419,7 +433,10 @@ mod tests {
             },
             Box::new(|_| {}),
         );
-        assert_eq!(rx.try_recv().unwrap().standby, "c:1");
+        assert!(matches!(
+            rx.try_recv().unwrap().action,
+            ProtectAction::Protect(s) if s == "c:1"
+        ));
     }
 
     #[test]

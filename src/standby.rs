@@ -129,6 +129,8 @@ pub struct TakeoverRequest {
     cause: String,
     /// The API's answer, if the API asked.
     reply: Option<ProtectReply>,
+    /// A planned switch-over: the primary chose this standby and stopped (no election).
+    planned: bool,
 }
 
 /// The VM this standby holds (or is being paired with).
@@ -354,6 +356,21 @@ impl StandbyHost {
                     return;
                 }
                 drop(held);
+                if let ServeError::Handover(epoch) = end {
+                    tracing::info!(
+                        primary = %peer,
+                        epoch,
+                        "the primary handed the VM over: taking it over"
+                    );
+                    host.ask_takeover(TakeoverRequest {
+                        // Without a coordinator: the primary stopped itself, no claim needed.
+                        force: host.options.coordination.is_none(),
+                        cause: format!("the primary {peer} handed it over at epoch {epoch}"),
+                        reply: None,
+                        planned: true,
+                    });
+                    return;
+                }
                 if let ServeError::Refused(_) = end {
                     tracing::warn!(
                         primary = %peer,
@@ -383,6 +400,7 @@ impl StandbyHost {
                         force: false,
                         cause: format!("the primary {peer} was lost ({end})"),
                         reply: None,
+                        planned: false,
                     });
                 } else {
                     tracing::warn!(
@@ -701,6 +719,7 @@ impl ReplicationHook for StandbyHost {
             force: params.force,
             cause: "asked through the API".into(),
             reply: Some(reply),
+            planned: false,
         });
     }
 }
@@ -840,6 +859,15 @@ fn keep_coordinator_warm(host: &StandbyHost, c: &Coordination) {
             }
         }
         answering = Some(read.is_ok());
+        // A standby let go (its primary went on without it, or handed the VM to another)
+        // follows the VM's owner once it moved on.
+        let idle = host
+            .held()
+            .as_ref()
+            .is_some_and(|h| !h.serving && h.standby.committed().committed_epoch() > 0);
+        if idle {
+            host.follow_if_taken(c);
+        }
         std::thread::sleep(COORDINATOR_EVERY);
     }
 }
@@ -942,7 +970,7 @@ fn wait_claim(
         };
         let t0 = Instant::now();
         // A loss seen here may be seen by other standbys too: the most up to date claims.
-        let automatic = request.reply.is_none() && !request.force;
+        let automatic = request.reply.is_none() && !request.force && !request.planned;
         if let (true, false, Some(c)) = (automatic, pending_retry, &host.options.coordination) {
             if !host.elect(c) {
                 continue;

@@ -321,6 +321,12 @@ pub enum Message {
         /// The last epoch whose output was released without this standby's ack.
         through: u64,
     },
+    /// A planned switch-over: the primary stopped its VM at `epoch`, which this standby
+    /// committed, and will not run it again: take it over from there.
+    Handover {
+        /// The last epoch, committed.
+        epoch: u64,
+    },
 }
 
 impl Message {
@@ -339,6 +345,7 @@ impl Message {
             Message::Ack { .. } => "Ack",
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Protected { .. } => "Protected",
+            Message::Handover { .. } => "Handover",
         }
     }
 
@@ -924,6 +931,7 @@ pub(crate) mod tests {
             (any::<u64>(), any::<u64>())
                 .prop_map(|(term, epoch)| Message::Heartbeat { term, epoch }),
             any::<u64>().prop_map(|through| Message::Protected { through }),
+            any::<u64>().prop_map(|epoch| Message::Handover { epoch }),
             ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
         ]
     }

@@ -150,7 +150,11 @@ fn commit_through(engine: &mut Engine, n: u64) {
         );
         engine.step().unwrap();
     }
-    let n = n.max(engine.synced_through().unwrap());
+    // The epoch after the one `Protected` followed: the standby has read it.
+    let n = n.max(engine.synced_through().unwrap() + 1);
+    while engine.next_epoch() <= n {
+        engine.step().unwrap();
+    }
     assert!(
         engine.wait_committed(n, Duration::from_secs(5)),
         "epoch {n} not acknowledged"

@@ -555,3 +555,76 @@ fn a_primary_cut_off_from_the_coordinator_is_fenced_when_its_standby_takes_over(
     assert_eq!(vm_status(&p.api)["state"], "paused");
     assert_eq!(owner(&p.etcd, "vm7").owner, "standby");
 }
+
+#[test]
+fn a_planned_switch_over_hands_the_vm_to_its_standby_and_ends_the_primary() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("handover.key", 12);
+    let standby = StandbyProc::spawn(
+        "handover-standby",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--host-id",
+            "standby",
+            "--allow-pvm",
+            "--detect-ms",
+            "300",
+        ],
+    );
+    let (mut p, api) = primary(
+        "handover-primary",
+        &key,
+        &standby.addr,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm8",
+            "--host-id",
+            "primary",
+        ],
+    );
+    wait_replication(standby.api(), ready);
+    let out = vmr(&["ctl", "--api", api.to_str().unwrap(), "failover"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log()
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("handed over")),
+        "{status}"
+    );
+    // The primary ends cleanly; the standby runs the VM from the last epoch, with no loss.
+    assert!(p.wait(), "the primary did not end cleanly: {}", p.log());
+    wait_taken_over(&standby);
+    let epoch = promoted_epoch(&standby);
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("VM handed over: this monitor ends"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("epoch={epoch}")), "{line}");
+    assert_eq!(
+        owner(&etcd, "vm8"),
+        Ownership {
+            owner: "standby".into(),
+            term: 2
+        }
+    );
+    // Asked of a primary without a standby, it is refused.
+    let out = vmr(&["ctl", "--api", standby.api().to_str().unwrap(), "failover"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not protected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

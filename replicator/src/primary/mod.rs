@@ -190,6 +190,8 @@ pub struct Metrics {
     /// Set when the primary was fenced (its ownership lost or unproven): its vCPUs are paused
     /// and it releases nothing more. The owner it learnt is inside.
     pub fenced: Option<Fenced>,
+    /// Set when the VM was handed over to a standby (a planned switch-over): to whom, when.
+    pub handed_over: Option<String>,
 }
 
 /// What losing a standby means for the VM ([`Engine::drop_standby`]).
@@ -508,7 +510,28 @@ impl Engine {
     /// (its pages stay in the dirty set, the devices stay in their epoch) is logged and taken
     /// again at the next period.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), EngineError> {
+        self.run_with(stop, &channel().1)
+    }
+
+    /// [`Engine::run`], serving `commands` between epochs.
+    fn run_with(
+        &mut self,
+        stop: &AtomicBool,
+        commands: &Receiver<Command>,
+    ) -> Result<(), EngineError> {
         while self.protected && !stop.load(Ordering::Relaxed) {
+            while let Ok(command) = commands.try_recv() {
+                match command {
+                    Command::HandOver(reply) => {
+                        let done = self.hand_over();
+                        let handed = done.is_ok();
+                        let _ = reply.send(done);
+                        if handed {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
             match self.step() {
                 Ok(_) => {}
                 Err(e @ EngineError::Checkpoint(_)) if self.protected => {
@@ -526,10 +549,11 @@ impl Engine {
         let metrics = self.metrics();
         let waker = self.waker.clone();
         let flag = stop.clone();
+        let (commands, command_rx) = channel();
         let thread = std::thread::Builder::new()
             .name("epochs".into())
             .spawn(move || {
-                let result = self.run(&flag);
+                let result = self.run_with(&flag, &command_rx);
                 if let Err(e) = &result {
                     tracing::error!("the epoch engine stopped: {e}");
                 }
@@ -541,8 +565,101 @@ impl Engine {
             stop,
             waker,
             metrics,
+            commands,
             thread: Some(thread),
         })
+    }
+
+    /// A planned switch-over to the first standby, with no loss: the vCPUs paused, a last
+    /// epoch taken and acknowledged by every standby (all of the guest's output released),
+    /// then `Handover` to the first standby, which takes the VM over from that epoch, and a
+    /// goodbye to the others. Waits until the standby closes its link and, with an authority,
+    /// claims the VM. The VM stays paused here: the caller ends it. On a failure before the
+    /// `Handover` the VM resumes, protected as before. Returns the standby and the epoch.
+    pub fn hand_over(&mut self) -> Result<(String, u64), String> {
+        if !self.protected || self.peers.is_empty() {
+            return Err("the VM is not protected: there is no standby to hand it over to".into());
+        }
+        if self.synced_through().is_none() {
+            return Err("the standbys are still synchronising: try again once protected".into());
+        }
+        let was_running = self
+            .vm
+            .run(|m| match m.phase() {
+                vmm::microvm::VmPhase::Running => m.pause().map(|()| true),
+                _ => Ok(false),
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot pause the VM: {e}"))?;
+        let resume = |engine: &mut Self, why: String| {
+            if was_running {
+                let _ = engine.vm.run(|m| m.resume());
+            }
+            Err(why)
+        };
+        let n = match self.epoch(false, None) {
+            Ok((n, _)) => n,
+            Err(e) => return resume(self, format!("the last epoch failed: {e}")),
+        };
+        let allowed = ack_allowance(self.options.standby_timeout, 0);
+        if !self.wait_committed(n, allowed) || self.peers.is_empty() {
+            return resume(
+                self,
+                format!("the standbys did not acknowledge the last epoch {n}"),
+            );
+        }
+        let name = self.peers[0].name.clone();
+        let peer_id = self.peers[0].id;
+        if let Err(e) = self.peers[0]
+            .writer
+            .send_now(&Message::Handover { epoch: n })
+        {
+            return resume(self, format!("cannot hand over to {name}: {e}"));
+        }
+        // From here on the standby may run the VM: this one never runs again.
+        self.protected = false;
+        self.stopping = true;
+        for p in self.peers.iter_mut().skip(1) {
+            p.close(Some(&format!("the VM was handed over to {name}")));
+        }
+        self.peers.truncate(1);
+        tracing::info!(
+            standby = name,
+            epoch = n,
+            "VM handed over: waiting for the standby"
+        );
+        let deadline = Instant::now() + self.options.standby_timeout;
+        while Instant::now() < deadline {
+            if let Ok(PeerEvent::Lost { peer, .. }) =
+                self.events.recv_timeout(Duration::from_millis(10))
+            {
+                if peer == peer_id {
+                    break;
+                }
+            }
+        }
+        if let Some(a) = &self.options.authority {
+            let deadline = Instant::now() + self.options.standby_timeout * 2;
+            while Instant::now() < deadline {
+                if let Ok(Some((o, _))) = a.coordinator.current(&a.vm) {
+                    if o.term > a.ownership.term {
+                        tracing::info!(owner = %o, "the standby owns the VM");
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        for p in &mut self.peers {
+            p.close(None);
+        }
+        self.peers.clear();
+        self.update_metrics(|m| {
+            m.protected = false;
+            m.standbys = 0;
+            m.handed_over = Some(format!("handed over to {name} at epoch {n}"));
+        });
+        Ok((name, n))
     }
 
     /// Waits for the end of the current epoch (its period, or an event that ends it early),
@@ -1043,11 +1160,17 @@ impl Drop for Engine {
     }
 }
 
+/// What an engine running on its own thread is asked between epochs.
+enum Command {
+    HandOver(Sender<Result<(String, u64), String>>),
+}
+
 /// An engine running on its own thread ([`Engine::spawn`]).
 pub struct EngineHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<EventFd>,
     metrics: Arc<Mutex<Metrics>>,
+    commands: Sender<Command>,
     thread: Option<JoinHandle<Result<(), EngineError>>>,
 }
 
@@ -1060,6 +1183,17 @@ impl EngineHandle {
     /// Whether the loop still runs (it ends when the VM is unprotected).
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// [`Engine::hand_over`] on the engine's thread; its answer.
+    pub fn hand_over(&self) -> Result<(String, u64), String> {
+        let (tx, rx) = channel();
+        self.commands
+            .send(Command::HandOver(tx))
+            .map_err(|_| "the epoch engine has stopped".to_string())?;
+        let _ = self.waker.write(1);
+        rx.recv()
+            .map_err(|_| "the epoch engine has stopped".to_string())?
     }
 
     /// Stops the loop, closes the standby links and releases the held output; how the loop

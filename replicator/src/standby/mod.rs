@@ -27,6 +27,9 @@ pub enum ServeError {
     /// The primary gave up, and why.
     #[error("the primary gave up: {0}")]
     Refused(String),
+    /// The primary handed the VM over at this epoch (a planned switch-over).
+    #[error("the primary handed the VM over at epoch {0}")]
+    Handover(u64),
 }
 
 /// Access to a staging area for [`serve_on`]: exclusive (`&mut`) or shared with readers of
@@ -82,6 +85,7 @@ pub fn serve_on<R: Read, W: Write, M: CommittedMemory, D: CommittedDisk>(
         }) {
             Ok((Received::Committed { epoch, .. }, _, _)) => Message::Ack { epoch },
             Ok((Received::Heartbeat { .. }, term, epoch)) => Message::Heartbeat { term, epoch },
+            Ok((Received::Handover { epoch }, _, _)) => return ServeError::Handover(epoch),
             Ok(_) => continue,
             Err(e @ StagingError::InboundLogFull { .. }) => {
                 tracing::warn!("{e}");

@@ -229,6 +229,11 @@ pub enum Received {
     InboundLogged,
     /// An inbound frame of an epoch already committed was dropped.
     InboundDropped,
+    /// A planned switch-over: the primary handed the VM over at `epoch`, the one committed.
+    Handover {
+        /// The epoch.
+        epoch: u64,
+    },
     /// A heartbeat (nothing staged).
     Heartbeat {
         /// The sender's term.
@@ -482,6 +487,12 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 digest,
             } => self.end(epoch, pages, digest),
             Message::Heartbeat { term, epoch } => Ok(Received::Heartbeat { term, epoch }),
+            Message::Handover { epoch } => {
+                if self.open.is_some() || epoch != self.epoch {
+                    return Err(StagingError::Unexpected { message: name });
+                }
+                Ok(Received::Handover { epoch })
+            }
             Message::Protected { through } => {
                 if self.open.is_some() {
                     return Err(StagingError::Unexpected { message: name });
