@@ -235,9 +235,11 @@ enum CtlAction {
         /// The standby.
         standby: String,
     },
-    /// On a standby: take the VM over from its committed epoch and run it here, once the
-    /// coordinator's claim is won; answers once the VM runs.
+    /// On the primary: a planned switch-over to its standby, with no loss (the VM paused, a
+    /// last epoch acknowledged, handed over; this monitor ends). On a standby whose primary is
+    /// lost: take the VM over from its committed epoch once the coordinator's claim is won.
     #[command(after_help = "Examples:\n  \
+        vmr ctl --api /run/vm.sock failover        # maintenance: move the VM to its standby\n  \
         vmr ctl --api /run/standby.sock failover\n  \
         vmr ctl --api /run/standby.sock failover --force   # no coordinator: the primary is known dead")]
     Failover {
