@@ -15,12 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use virtio_net_tap::GateMode;
+use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::builder::{restore_from_state, BuildError, PreparedVm, RestoreOptions};
 use vmm::devices::virtio::VirtioDeviceState;
 use vmm::microvm::MicroVm;
 use vmm::migration::wire::{decode_payload, WireError};
 use vmm::snapshot::{MicroVmState, SnapshotError, WrittenSnapshot};
-use vmm::vstate::memory::create_guest_memory;
+use vmm::vstate::memory::{create_guest_memory, GuestMemoryMmap, PAGE_SIZE};
 use vmm::vstate::vm::ClockRestore;
 
 use super::committed::{CommittedDisk, GuestRam};
@@ -253,18 +254,30 @@ impl<D: CommittedDisk> Standby<D> {
     /// Writes the last committed epoch to the new directory `dir` as an ordinary full
     /// snapshot, which `vmr restore --from DIR` (or [`vmm::snapshot::load`] and
     /// [`vmm::builder::restore_microvm`]) brings back to life with the standby's disk images.
-    /// No epoch is committed while it is written: the snapshot is exactly one committed epoch.
-    /// Refused before the first commit, on a damaged or promoted standby, and if `dir` exists.
+    /// The snapshot is exactly one committed epoch: its memory (the non-zero pages) and
+    /// state are copied while no epoch commits, then written while the standby goes on
+    /// committing (writing it all under the lock held the primary's acks for seconds in the
+    /// lab, long enough for the primary to drop the standby). Refused before the first commit,
+    /// on a damaged or promoted standby, and if `dir` exists.
     pub fn write_snapshot(&self, dir: &Path) -> Result<WrittenSnapshot, StandbyError> {
-        let staging = self.committed();
-        let epoch = staging.committed_epoch();
-        let mut state = committed_machine(&staging)?;
+        let (epoch, term, mut state, mem) = {
+            let staging = self.committed();
+            let epoch = staging.committed_epoch();
+            let state = committed_machine(&staging)?;
+            let mem = copy_memory(staging.memory().guest_memory()).map_err(|reason| {
+                StandbyError::Memory {
+                    bytes: self.profile.mem_bytes,
+                    reason,
+                }
+            })?;
+            (epoch, staging.committed_term(), state, mem)
+        };
         stand_alone(&mut state);
-        let written = vmm::snapshot::write(dir, state, staging.memory().guest_memory(), None)
+        let written = vmm::snapshot::write(dir, state, &mem, None)
             .map_err(|source| StandbyError::Snapshot { epoch, source })?;
         tracing::info!(
             epoch,
-            term = staging.committed_term(),
+            term,
             dir = %dir.display(),
             pages = written.pages,
             "committed epoch written as a snapshot"
@@ -315,6 +328,25 @@ impl<D: CommittedDisk> Standby<D> {
         );
         Ok(microvm)
     }
+}
+
+/// A copy of guest memory `src` in a new mapping of the same layout, its zero pages left
+/// untouched (so unallocated).
+fn copy_memory(src: &GuestMemoryMmap) -> Result<GuestMemoryMmap, String> {
+    let total: u64 = src.iter().map(|r| r.len()).sum();
+    let dst = create_guest_memory(total).map_err(|e| e.to_string())?;
+    let mut page = [0u8; PAGE_SIZE];
+    for region in src.iter() {
+        let base = region.start_addr();
+        for off in (0..region.len()).step_by(PAGE_SIZE) {
+            let addr = base.unchecked_add(off);
+            src.read_slice(&mut page, addr).map_err(|e| e.to_string())?;
+            if page.iter().any(|&b| b != 0) {
+                dst.write_slice(&page, addr).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(dst)
 }
 
 /// The committed machine state of `staging`, decoded, its disks the standby's images.
