@@ -129,9 +129,8 @@ pub fn disk_sizes<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<Vec<u64>,
         .collect()
 }
 
-/// The `Hello` the VM of `config` is introduced to its standbys with. The TSC frequency and
-/// the CPU features are not compared yet (0 and none): a standby does not run the VM before
-/// failover, and `vmr restore` sets the guest's TSC frequency where it runs.
+/// The `Hello` the VM of `config` is introduced to its standbys with: with this host's TSC
+/// frequency and CPU features, which a standby must match (or scale the TSC) to run the VM.
 pub fn hello(config: &VmConfig, vm_id: &str, term: u64) -> Result<Hello, ProtectError> {
     let disks = config.all_disks();
     Ok(Hello {
@@ -140,8 +139,8 @@ pub fn hello(config: &VmConfig, vm_id: &str, term: u64) -> Result<Hello, Protect
         term,
         mem_bytes: config.mem_mib << 20,
         vcpus: config.vcpus,
-        tsc_khz: 0,
-        cpu_features: Vec::new(),
+        tsc_khz: vmm::vstate::vcpu::host_tsc().map_or(0, |(khz, _)| khz),
+        cpu_features: vmm::vstate::vcpu::host_cpu_features(),
         devices: devices(config.net.len(), disks.len()),
         disk_sizes: disk_sizes(disks.iter().map(|d| d.path.as_path()))?,
     })

@@ -241,13 +241,15 @@ impl StandbyHost {
                 hello.vcpus
             ));
         }
+        // This host's TSC and CPU features: the VM must be able to run here. A side that
+        // cannot tell its TSC (0) is not compared.
+        let (tsc_khz, tsc_scaling) = vmm::vstate::vcpu::host_tsc().unwrap_or((0, true));
         let profile = StandbyProfile {
             mem_bytes: hello.mem_bytes,
             vcpus: hello.vcpus,
-            // Not compared yet (see `protect::hello`).
-            tsc_khz: hello.tsc_khz,
-            tsc_scaling: false,
-            cpu_features: hello.cpu_features.clone(),
+            tsc_khz: if hello.tsc_khz == 0 { 0 } else { tsc_khz },
+            tsc_scaling: tsc_scaling || tsc_khz == 0,
+            cpu_features: vmm::vstate::vcpu::host_cpu_features(),
             devices: devices(self.options.nets.len(), self.options.disks.len()),
             disk_sizes: self.disk_sizes.clone(),
         };

@@ -142,6 +142,36 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// This host's TSC frequency as KVM gives it to a new vCPU, in kHz, and whether KVM can run a
+/// guest at another frequency (`KVM_CAP_TSC_CONTROL`); `None` if KVM cannot tell. Asked once
+/// (a throwaway VM and vCPU), then remembered.
+pub fn host_tsc() -> Option<(u32, bool)> {
+    static TSC: OnceLock<Option<(u32, bool)>> = OnceLock::new();
+    *TSC.get_or_init(|| {
+        let kvm = Kvm::new().ok()?;
+        let vm = kvm.create_vm().ok()?;
+        let vcpu = vm.create_vcpu(0).ok()?;
+        let khz = vcpu.get_tsc_khz().ok()?;
+        Some((khz, kvm.check_extension(kvm_ioctls::Cap::TscControl)))
+    })
+}
+
+/// The CPU feature flags of this host (`flags` of `/proc/cpuinfo`), sorted; empty if unknown.
+pub fn host_cpu_features() -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return Vec::new();
+    };
+    let mut flags: Vec<String> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
+    flags.sort();
+    flags.dedup();
+    flags
+}
+
 /// The MSRs KVM can save and restore on this host.
 fn saveable_msrs() -> Result<&'static [u32], VcpuError> {
     static LIST: OnceLock<Vec<u32>> = OnceLock::new();
