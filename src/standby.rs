@@ -388,7 +388,11 @@ impl StandbyHost {
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        format!("silent for {} ms", host.options.detect.as_millis())
+                        let bound = match host.options.coordination {
+                            Some(_) => host.options.detect,
+                            None => SYNC_SILENCE,
+                        };
+                        format!("silent for {} ms", bound.as_millis())
                     }
                     end => format!("its link ended: {end}"),
                 };
