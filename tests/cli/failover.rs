@@ -51,6 +51,24 @@ fn primary(name: &str, key: &Path, standby: &str, extra: &[&str]) -> (Vmr, std::
     (vm, api)
 }
 
+/// A standby with the coordinator, as `host` (its detection bound one that debug builds two
+/// at a time keep on a loaded host).
+fn standby_of(name: &str, key: &Path, coordinator: &str, host: &str) -> StandbyProc {
+    StandbyProc::spawn(
+        name,
+        key,
+        &[
+            "--coordinator",
+            coordinator,
+            "--host-id",
+            host,
+            "--allow-pvm",
+            "--detect-ms",
+            "300",
+        ],
+    )
+}
+
 /// Whether a standby's status says it may take the VM over (synchronised, protected).
 fn ready(status: &serde_json::Value) -> bool {
     status["message"]
@@ -86,17 +104,7 @@ fn a_lost_primary_is_taken_over_by_its_standby_which_is_protected_and_taken_over
     let etcd = Etcd::start();
     let coordinator = etcd.endpoints.to_string();
     let key = key_file("failover.key", 3);
-    let first = StandbyProc::spawn(
-        "failover-first",
-        &key,
-        &[
-            "--coordinator",
-            &coordinator,
-            "--host-id",
-            "first",
-            "--allow-pvm",
-        ],
-    );
+    let first = standby_of("failover-first", &key, &coordinator, "first");
     let (mut p, api) = primary(
         "failover-primary",
         &key,
@@ -132,17 +140,7 @@ fn a_lost_primary_is_taken_over_by_its_standby_which_is_protected_and_taken_over
     assert!(after["uptime_ms"].as_u64().unwrap() > before, "{after}");
 
     // A new standby protects the VM now running at the first standby.
-    let second = StandbyProc::spawn(
-        "failover-second",
-        &key,
-        &[
-            "--coordinator",
-            &coordinator,
-            "--host-id",
-            "second",
-            "--allow-pvm",
-        ],
-    );
+    let second = standby_of("failover-second", &key, &coordinator, "second");
     protect_ok(first.api(), &second.addr);
     let synced = wait_replication(second.api(), ready);
     assert_eq!(synced["term"], 2, "{synced}");
@@ -160,19 +158,7 @@ fn a_frozen_primary_taken_over_is_fenced_when_it_wakes() {
     let etcd = Etcd::start();
     let coordinator = etcd.endpoints.to_string();
     let key = key_file("fence.key", 4);
-    let standby = StandbyProc::spawn(
-        "fence-standby",
-        &key,
-        &[
-            "--coordinator",
-            &coordinator,
-            "--host-id",
-            "standby",
-            "--allow-pvm",
-            "--detect-ms",
-            "300",
-        ],
-    );
+    let standby = standby_of("fence-standby", &key, &coordinator, "standby");
     let (mut p, api) = primary(
         "fence-primary",
         &key,
@@ -277,21 +263,7 @@ fn of_two_standbys_one_takes_over_the_other_follows_it_and_takes_over_in_turn() 
     let key = key_file("elect.key", 9);
     let mut standbys: Vec<StandbyProc> = ["a", "b"]
         .iter()
-        .map(|host| {
-            StandbyProc::spawn(
-                &format!("elect-{host}"),
-                &key,
-                &[
-                    "--coordinator",
-                    &coordinator,
-                    "--host-id",
-                    host,
-                    "--allow-pvm",
-                    "--detect-ms",
-                    "300",
-                ],
-            )
-        })
+        .map(|host| standby_of(&format!("elect-{host}"), &key, &coordinator, host))
         .collect();
     let kernel = tiny_elf("epoch_writer");
     let api = scratch("elect-primary.sock");
@@ -561,19 +533,7 @@ fn a_planned_switch_over_hands_the_vm_to_its_standby_and_ends_the_primary() {
     let etcd = Etcd::start();
     let coordinator = etcd.endpoints.to_string();
     let key = key_file("handover.key", 12);
-    let standby = StandbyProc::spawn(
-        "handover-standby",
-        &key,
-        &[
-            "--coordinator",
-            &coordinator,
-            "--host-id",
-            "standby",
-            "--allow-pvm",
-            "--detect-ms",
-            "300",
-        ],
-    );
+    let standby = standby_of("handover-standby", &key, &coordinator, "standby");
     let (mut p, api) = primary(
         "handover-primary",
         &key,
