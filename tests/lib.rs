@@ -342,8 +342,8 @@ pub fn run_scenario(name: &str) -> ScenarioRun {
 /// Runs the scenario `name` with `env` as a failover scenario is run: any failure of its own
 /// (a failed check, a stuck guest) fails at once; only a run the lab itself ended (its
 /// kernel's fault, or frozen) is run again, at most [`MAX_ATTEMPTS`] runs, and the reruns are
-/// printed.
-pub fn run_scenario_strict(name: &str, env: &[(&str, &str)]) -> ScenarioRun {
+/// printed. A run may take `timeout_secs`.
+pub fn run_scenario_strict(name: &str, env: &[(&str, &str)], timeout_secs: u32) -> ScenarioRun {
     let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let images = images();
     let opts = RunOptions {
@@ -351,6 +351,7 @@ pub fn run_scenario_strict(name: &str, env: &[(&str, &str)]) -> ScenarioRun {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        timeout_secs,
         ..RunOptions::default()
     };
     let mut attempt = 0;
