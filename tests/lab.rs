@@ -55,7 +55,7 @@ fn redis_benchmark_runs_through_a_live_migration() {
 }
 
 #[test]
-#[ignore = "passed 7 of 7 valid lab runs so far: in CI once soaked; `cargo test -p vmr-tests --test lab -- --ignored protected`"]
+#[ignore = "passed 12 of 12 valid lab runs (two soaks of 5): in CI once CI time allows; `cargo test -p vmr-tests --test lab -- --ignored protected`"]
 fn redis_protected_by_a_standby_loses_no_acknowledged_write() {
     scenario("protect_redis");
 }
