@@ -233,15 +233,10 @@ pub fn run(args: FailoverArgs) -> Result<(), String> {
     let out = super::out_dir(args.out.as_deref())?;
     let path = super::write_json(&out, "failover.json", &report)?;
     // The scenario ran in the lab, this process outside it: say so in the meta.
-    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
-    let mut json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    json["meta"]["lab"]["mode"] = "images/lab (the scenario)".into();
-    json["meta"]["lab"]["cpus"] = vmr_tests::LAB_CPUS.into();
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    update_json(&path, |json| {
+        json["meta"]["lab"]["mode"] = "images/lab (the scenario)".into();
+        json["meta"]["lab"]["cpus"] = vmr_tests::LAB_CPUS.into();
+    })?;
     println!("written: {}", path.display());
     // Detection and resume on these machines (this host's KVM) when measured; the client's
     // gap needs the network: the lab's.
@@ -261,20 +256,13 @@ pub fn run(args: FailoverArgs) -> Result<(), String> {
 /// Adds `direct` to the `failover.json` of an earlier lab run in `out`, and prints the lines.
 fn add_direct(out: Option<&Path>, direct: Direct) -> Result<(), String> {
     let path = super::out_dir(out)?.join("failover.json");
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{}: {e} (run the lab part first)", path.display()))?;
-    let mut json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    json["direct"] = serde_json::to_value(&direct).map_err(|e| e.to_string())?;
+    let value = serde_json::to_value(&direct).map_err(|e| e.to_string())?;
+    let json = update_json(&path, |json| json["direct"] = value)
+        .map_err(|e| format!("{e} (run the lab part first)"))?;
     let (p50, p99) = (
         json["client_gap_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
         json["client_gap_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
     );
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
     println!(
         "failover of the tiny guest on this host's /dev/kvm over {} freezes (--detect-ms {}): \
          detection p50 {:.1} p99 {:.1} ms, to running p50 {:.1} p99 {:.1} ms",
@@ -293,6 +281,20 @@ fn add_direct(out: Option<&Path>, direct: Direct) -> Result<(), String> {
         json["lost_acked"].as_u64().unwrap_or(0)
     );
     Ok(())
+}
+
+/// Reads the JSON at `path`, changes it with `f`, writes it back; the new JSON.
+fn update_json(
+    path: &Path,
+    f: impl FnOnce(&mut serde_json::Value),
+) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    f(&mut json);
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(json)
 }
 
 /// The rows of a whitespace-separated table with a header line, as numbers.

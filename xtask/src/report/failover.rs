@@ -69,6 +69,17 @@ struct Percentiles {
     max: f64,
 }
 
+/// One table row per figure: p50, p99 and max with `digits` decimals.
+fn percentile_rows(notes: &mut String, rows: &[(&str, Percentiles)], digits: usize) {
+    for (what, p) in rows {
+        let _ = writeln!(
+            notes,
+            "| {what} | {:.digits$} | {:.digits$} | {:.digits$} |",
+            p.p50, p.p99, p.max
+        );
+    }
+}
+
 fn render(json: &Value) -> Result<Section, String> {
     let f: Failover = parse(json)?;
     let mut rows = Vec::new();
@@ -101,17 +112,15 @@ fn render(json: &Value) -> Result<Section, String> {
         f.restart_lost_acked,
         f.restarts.len()
     );
-    for (what, p) in [
-        ("detection", f.detect_ms),
-        ("detection to the VM running", f.resume_ms),
-        ("client gap", f.client_gap_ms),
-    ] {
-        let _ = writeln!(
-            notes,
-            "| {what} | {:.0} | {:.0} | {:.0} |",
-            p.p50, p.p99, p.max
-        );
-    }
+    percentile_rows(
+        &mut notes,
+        &[
+            ("detection", f.detect_ms),
+            ("detection to the VM running", f.resume_ms),
+            ("client gap", f.client_gap_ms),
+        ],
+        0,
+    );
     if let Some(d) = &f.direct {
         let _ = write!(
             notes,
@@ -120,16 +129,14 @@ fn render(json: &Value) -> Result<Section, String> {
             d.failovers.len(),
             d.detect_ms_option
         );
-        for (what, p) in [
-            ("detection", d.detect_ms),
-            ("detection to the VM running", d.resume_ms),
-        ] {
-            let _ = writeln!(
-                notes,
-                "| {what} | {:.1} | {:.1} | {:.1} |",
-                p.p50, p.p99, p.max
-            );
-        }
+        percentile_rows(
+            &mut notes,
+            &[
+                ("detection", d.detect_ms),
+                ("detection to the VM running", d.resume_ms),
+            ],
+            1,
+        );
     }
     notes.push_str("\nEvery failover in the lab:\n\n| kill | detection | to running | client gap |\n|---:|---:|---:|---:|\n");
     for k in &f.failovers {
