@@ -323,7 +323,8 @@ fn of_two_standbys_one_takes_over_the_other_follows_it_and_takes_over_in_turn() 
         followed["last_committed_epoch"].as_u64() > Some(0),
         "{followed}"
     );
-    let status = replication(standbys[winner].api());
+    // The new primary counts itself protected once it has the follower's ack of that epoch.
+    let status = wait_replication(standbys[winner].api(), |s| s["protected"] == true);
     assert_eq!(status["role"], "primary", "{status}");
     assert_eq!(status["protected"], true, "{status}");
     // The new primary is lost in turn: the follower takes the VM over.

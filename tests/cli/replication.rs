@@ -56,8 +56,8 @@ fn a_standby_refuses_a_primary_without_the_key_then_commits_a_protected_vms_epoc
             .starts_with("127.0.0.1:"),
         "{status}"
     );
-    wait_for_socket(&primary_api);
-    let ours = replication(&primary_api);
+    // Protected once the standby keeps up (the initial synchronisation converged).
+    let ours = wait_replication(&primary_api, |s| s["protected"] == true);
     assert_eq!(ours["role"], "primary", "{ours}");
     assert_eq!(ours["protected"], true, "{ours}");
     assert_eq!(ours["peers"][0]["name"], standby.addr.as_str(), "{ours}");
