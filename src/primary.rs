@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use replicator::primary::vm::{VmThread, VmThreadError};
 use replicator::primary::{Engine, EngineHandle, EngineOptions, NewStandby};
-use vmm::api::{ApiReceiver, ApiServer, ReplicationHook, ReplicationRole, ReplicationStatus};
+use vmm::api::{
+    ApiReceiver, ApiServer, PeerState, ReplicationHook, ReplicationRole, ReplicationStatus,
+};
 use vmm::config::VmConfig;
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
@@ -189,7 +191,8 @@ fn serve_requests(
 }
 
 /// Standbys that offered themselves to the VM in the coordinator (`vmr standby --join`, or
-/// one that followed a new primary): paired by themselves when the VM has no standby.
+/// one that followed a new primary): paired by themselves, as the VM's first standbys or as
+/// ones joining its protection.
 #[derive(Default)]
 struct Joins {
     /// When the coordinator was last read.
@@ -198,7 +201,7 @@ struct Joins {
     failed: std::collections::HashMap<String, Instant>,
 }
 
-/// How often an unprotected primary with a coordinator looks for standbys that joined.
+/// How often a primary with a coordinator looks for standbys that joined.
 const JOIN_EVERY: Duration = Duration::from_secs(1);
 /// How long a standby that could not be paired is left alone.
 const JOIN_RETRY: Duration = Duration::from_secs(10);
@@ -215,18 +218,28 @@ impl Joins {
         let Some(authority) = &protection.options.authority else {
             return;
         };
-        if self.last.is_some_and(|t| t.elapsed() < JOIN_EVERY)
-            || engine.as_ref().is_some_and(EngineHandle::is_running)
-        {
+        if self.last.is_some_and(|t| t.elapsed() < JOIN_EVERY) {
             return;
         }
         self.last = Some(Instant::now());
+        let running = engine.as_ref().filter(|e| e.is_running());
+        let status = hook.status();
+        // A protection still synchronising its first standbys takes none more.
+        if running.is_some() && !status.protected {
+            return;
+        }
         let Ok(members) = authority.coordinator.members(vm_id) else {
             return;
         };
         let fresh: Vec<_> = members
             .into_iter()
             .filter(|m| m.host != authority.me && m.committed_epoch == 0)
+            .filter(|m| {
+                !status
+                    .peers
+                    .iter()
+                    .any(|p| p.name == m.addr && p.state != PeerState::Dropped)
+            })
             .filter(|m| {
                 self.failed
                     .get(&m.addr)
@@ -241,8 +254,17 @@ impl Joins {
             let hello = protect::hello(&config, vm_id, options.term).map_err(|e| e.to_string())?;
             let mut standbys = Vec::new();
             for m in &fresh {
-                match protect::pair(&m.addr, &protection.key, &hello, options.standby_timeout) {
-                    Ok(s) => standbys.push(s),
+                let new = protect::pair(&m.addr, &protection.key, &hello, options.standby_timeout)
+                    .map_err(|e| e.to_string());
+                match new.and_then(|s| match running {
+                    Some(e) => e.add_standby(s).map(|()| None),
+                    None => Ok(Some(s)),
+                }) {
+                    Ok(Some(s)) => standbys.push(s),
+                    Ok(None) => tracing::info!(
+                        standby = m.host,
+                        "a standby that joined joins the protection"
+                    ),
                     Err(e) => {
                         tracing::warn!(
                             standby = m.host,
@@ -280,14 +302,13 @@ fn protect_with(
     options: EngineOptions,
     hook: &PrimaryHook,
 ) -> Result<EngineHandle, String> {
-    let names = standbys.iter().map(|s| s.name.clone()).collect();
     let engine =
         Engine::start(vm, standbys, options).map_err(|e| format!("cannot protect the VM: {e}"))?;
     let metrics = engine.metrics();
     let handle = engine
         .spawn()
         .map_err(|e| format!("cannot protect the VM: {e}"))?;
-    hook.set_engine(metrics, names);
+    hook.set_engine(metrics);
     Ok(handle)
 }
 
@@ -302,30 +323,28 @@ fn serve_protect(
     standby: String,
     reply: vmm::api::ProtectReply,
 ) {
-    if engine.as_ref().is_some_and(EngineHandle::is_running) {
-        return reply(Err(
-            "the VM is protected already: adding a standby to a running protection is not \
-             supported yet"
-                .into(),
-        ));
-    }
+    let running = engine.as_ref().filter(|e| e.is_running());
     let paired = protection.current_options().and_then(|options| {
         let config = vm.run(|m| m.config().clone()).map_err(|e| e.to_string())?;
         let hello = protect::hello(&config, id, options.term).map_err(|e| e.to_string())?;
-        let standby = protect::pair(
+        let new = protect::pair(
             &standby,
             &protection.key,
             &hello,
             protection.options.standby_timeout,
         )
         .map_err(|e| e.to_string())?;
-        protect_with(vm, vec![standby], options, hook)
+        match running {
+            // Protected already: the standby joins the others.
+            Some(e) => e.add_standby(new).map(|()| None),
+            None => protect_with(vm, vec![new], options, hook).map(Some),
+        }
     });
-    let handle = match paired {
-        Ok(handle) => handle,
+    match paired {
+        Ok(Some(handle)) => *engine = Some(handle),
+        Ok(None) => {}
         Err(e) => return reply(Err(e)),
-    };
-    *engine = Some(handle);
+    }
     let hook = hook.clone();
     let waited = std::thread::Builder::new()
         .name("protect".into())
@@ -333,11 +352,14 @@ fn serve_protect(
             let t0 = Instant::now();
             loop {
                 let status = hook.status();
-                if status.protected {
+                let peer = status.peers.iter().rev().find(|p| p.name == standby);
+                if status.protected && peer.is_some_and(|p| p.state == PeerState::Protecting) {
                     return reply(Ok(status));
                 }
-                if status.role != ReplicationRole::Primary || t0.elapsed() > SYNC_TIMEOUT {
-                    let why = status.peers.first().and_then(|p| p.reason.clone());
+                let dropped = peer.is_some_and(|p| p.state == PeerState::Dropped);
+                if dropped || status.role != ReplicationRole::Primary || t0.elapsed() > SYNC_TIMEOUT
+                {
+                    let why = peer.and_then(|p| p.reason.clone());
                     return reply(Err(format!(
                         "the standby did not complete the initial synchronisation{}",
                         why.map(|w| format!(": {w}")).unwrap_or_default()

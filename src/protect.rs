@@ -222,9 +222,6 @@ pub enum ProtectAction {
     HandOver,
 }
 
-/// The engine protecting the VM, as the API shows it: its figures and its standbys' names.
-type Protecting = (Arc<Mutex<Metrics>>, Vec<String>);
-
 /// The primary's side of the API ([`ReplicationHook`]): the status from the engine's figures,
 /// and protection requests handed to the thread that owns the VM.
 pub struct PrimaryHook {
@@ -232,7 +229,8 @@ pub struct PrimaryHook {
     term: u64,
     /// Whether a coordinator decides who owns the VM (automatic failover).
     coordinator: bool,
-    engine: Mutex<Option<Protecting>>,
+    /// The figures of the engine protecting the VM.
+    engine: Mutex<Option<Arc<Mutex<Metrics>>>>,
     requests: Mutex<Sender<ProtectRequest>>,
 }
 
@@ -261,9 +259,9 @@ impl PrimaryHook {
         }
     }
 
-    /// The engine now protecting the VM: its figures and its standbys' names.
-    pub fn set_engine(&self, metrics: Arc<Mutex<Metrics>>, standbys: Vec<String>) {
-        *lock(&self.engine) = Some((metrics, standbys));
+    /// The engine now protecting the VM: its figures.
+    pub fn set_engine(&self, metrics: Arc<Mutex<Metrics>>) {
+        *lock(&self.engine) = Some(metrics);
     }
 }
 
@@ -277,7 +275,7 @@ impl ReplicationHook for PrimaryHook {
             ..ReplicationStatus::default()
         };
         let engine = lock(&self.engine);
-        let Some((metrics, names)) = engine.as_ref() else {
+        let Some(metrics) = engine.as_ref() else {
             status.message =
                 Some("unprotected: `vmr ctl protect HOST:PORT` pairs a standby".into());
             return status;
@@ -317,7 +315,8 @@ impl ReplicationHook for PrimaryHook {
         status.held_egress_frames = m.held_frames as u64;
         status.held_egress_bytes = m.held_bytes as u64;
         status.inbound_frames_logged = m.inbound_frames;
-        status.peers = names
+        status.peers = m
+            .peer_names
             .iter()
             .map(|name| {
                 let dropped = m
@@ -333,7 +332,7 @@ impl ReplicationHook for PrimaryHook {
                     },
                     None => ReplicationPeer {
                         name: name.clone(),
-                        state: if synced {
+                        state: if synced && !m.joining.contains(name) {
                             PeerState::Protecting
                         } else {
                             PeerState::Syncing
@@ -400,9 +399,10 @@ mod tests {
             standbys: 2,
             last_sent_epoch: 3,
             synced_through: Some(2),
+            peer_names: vec!["a:1".into(), "b:1".into()],
             ..Metrics::default()
         }));
-        hook.set_engine(metrics.clone(), vec!["a:1".into(), "b:1".into()]);
+        hook.set_engine(metrics.clone());
         let status = hook.status();
         assert_eq!(status.role, ReplicationRole::Primary);
         assert!(!status.protected, "not synchronised yet");
@@ -423,6 +423,16 @@ mod tests {
             status.peers[1].reason.as_deref(),
             Some("no ack of epoch 4 within 2s")
         );
+        // A standby joining the protected VM synchronises while the others protect it.
+        {
+            let mut m = lock(&metrics);
+            m.peer_names.push("c:1".into());
+            m.joining.push("c:1".into());
+        }
+        let status = hook.status();
+        assert!(status.protected);
+        assert_eq!(status.peers[2].state, PeerState::Syncing);
+        assert_eq!(status.peers[0].state, PeerState::Protecting);
         lock(&metrics).protected = false;
         assert_eq!(hook.status().role, ReplicationRole::Unprotected);
         // Protection requests go to the thread that owns the VM.

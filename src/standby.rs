@@ -325,15 +325,16 @@ impl StandbyHost {
             vcpus = hello.vcpus,
             "paired with a primary: standing by"
         );
-        // The initial synchronisation may be slow to start; after it, the primary sends an
-        // epoch every few ms, and one silent for `detect` is lost.
+        // The initial synchronisation may be slow to start; once protected, the primary sends
+        // an epoch every few ms, and one silent for `detect` is lost.
         if let Err(e) = socket.set_read_timeout(Some(SYNC_SILENCE)) {
             tracing::warn!("cannot bound reads from the primary: {e}");
         }
         // Without a coordinator, a short silence decides nothing (no takeover is automatic):
         // the link is kept through the primary's hiccups.
+        let armed = Arc::new(AtomicBool::new(false));
         if self.options.coordination.is_some() {
-            self.watch_sync(socket);
+            self.watch_sync(socket, armed.clone());
         }
         let host = self.clone();
         let serving = std::thread::Builder::new()
@@ -388,9 +389,9 @@ impl StandbyHost {
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        let bound = match host.options.coordination {
-                            Some(_) => host.options.detect,
-                            None => SYNC_SILENCE,
+                        let bound = match armed.load(Ordering::Relaxed) {
+                            true => host.options.detect,
+                            false => SYNC_SILENCE,
                         };
                         format!("silent for {} ms", bound.as_millis())
                     }
@@ -550,9 +551,12 @@ impl StandbyHost {
         }
     }
 
-    /// Once the initial synchronisation is committed, bounds the reads of `socket` (the
-    /// primary's link) by `--detect-ms`: a primary silent that long is lost (and taken over).
-    fn watch_sync(self: &Arc<Self>, socket: Conn) {
+    /// Once this standby can take the VM over (it committed the epoch through which the
+    /// primary said it is protected), bounds the reads of `socket` (the primary's link) by
+    /// `--detect-ms` and sets `armed`: a primary silent that long is lost (and taken over).
+    /// Before, the primary may be busy synchronising another standby, and a loss would lead
+    /// to no takeover anyway.
+    fn watch_sync(self: &Arc<Self>, socket: Conn, armed: Arc<AtomicBool>) {
         let host = self.clone();
         let watched = std::thread::Builder::new()
             .name("sync-watch".into())
@@ -564,13 +568,16 @@ impl StandbyHost {
                 if !host.held().as_ref().is_some_and(|h| h.serving) {
                     return;
                 }
-                if standby.committed().committed_epoch() > 0 {
+                if standby.check_takeover().is_ok() {
                     let detect = host.options.detect;
                     match socket.set_read_timeout(Some(detect)) {
-                        Ok(()) => tracing::info!(
-                            detect_ms = detect.as_millis() as u64,
-                            "synchronised: a primary silent this long is lost"
-                        ),
+                        Ok(()) => {
+                            armed.store(true, Ordering::Relaxed);
+                            tracing::info!(
+                                detect_ms = detect.as_millis() as u64,
+                                "protected: a primary silent this long is lost"
+                            );
+                        }
                         Err(e) => tracing::warn!("cannot bound reads from the primary: {e}"),
                     }
                     return;

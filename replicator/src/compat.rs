@@ -24,7 +24,7 @@ impl std::fmt::Display for ProtocolVersion {
 }
 
 /// The protocol this build speaks.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 
 /// Largest TSC frequency difference a pair may have when the host cannot scale the TSC
 /// (DESIGN.md §5), in parts per million.

@@ -327,6 +327,12 @@ pub enum Message {
         /// The last epoch, committed.
         epoch: u64,
     },
+    /// This (fresh) standby joins a VM protected already: its first epoch is `epoch`, which
+    /// carries all of guest memory; the epochs before it are not sent to it (protocol 1.2).
+    Join {
+        /// Its first epoch.
+        epoch: u64,
+    },
 }
 
 impl Message {
@@ -346,6 +352,7 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Protected { .. } => "Protected",
             Message::Handover { .. } => "Handover",
+            Message::Join { .. } => "Join",
         }
     }
 
@@ -932,6 +939,7 @@ pub(crate) mod tests {
                 .prop_map(|(term, epoch)| Message::Heartbeat { term, epoch }),
             any::<u64>().prop_map(|through| Message::Protected { through }),
             any::<u64>().prop_map(|epoch| Message::Handover { epoch }),
+            any::<u64>().prop_map(|epoch| Message::Join { epoch }),
             ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
         ]
     }

@@ -380,6 +380,111 @@ fn a_standby_that_joins_an_unprotected_vm_protects_it_by_itself() {
     wait_replication(s.api(), |s| s["last_committed_epoch"].as_u64() >= Some(5));
 }
 
+#[test]
+fn standbys_added_to_a_protected_vm_join_it_and_take_it_over() {
+    let etcd = Etcd::start();
+    let coordinator = etcd.endpoints.to_string();
+    let key = key_file("add.key", 12);
+    let first = standby_of("add-first", &key, &coordinator, "a");
+    let (mut p, api) = primary(
+        "add-primary",
+        &key,
+        &first.addr,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--vm-id",
+            "vm6",
+            "--host-id",
+            "p",
+        ],
+    );
+    wait_replication(&api, |s| s["protected"] == true);
+    // A second standby, by `vmr ctl protect`: it answers once the standby protects the VM.
+    let second = standby_of("add-second", &key, &coordinator, "b");
+    let added = protect_ok(&api, &second.addr);
+    let added: serde_json::Value = serde_json::from_slice(&added.stdout).unwrap();
+    let states = |s: &serde_json::Value| -> Vec<String> {
+        s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}={}",
+                    p["name"].as_str().unwrap(),
+                    p["state"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        states(&added),
+        [
+            format!("{}=protecting", first.addr),
+            format!("{}=protecting", second.addr)
+        ],
+        "{added}"
+    );
+    assert_eq!(added["protected"], true, "{added}");
+    wait_replication(second.api(), ready);
+    // A third, by `vmr standby --join`: the primary pairs it by itself.
+    let third = StandbyProc::spawn(
+        "add-third",
+        &key,
+        &[
+            "--coordinator",
+            &coordinator,
+            "--join",
+            "vm6",
+            "--host-id",
+            "c",
+            "--allow-pvm",
+            "--detect-ms",
+            "300",
+        ],
+    );
+    let three = wait_replication(&api, |s| {
+        states(s).len() == 3 && states(s).iter().all(|p| p.ends_with("=protecting"))
+    });
+    assert_eq!(three["term"], 1, "{three}");
+    wait_replication(third.api(), ready);
+    // The first standby is lost: the primary wins the next term and goes on protected by the
+    // two that joined.
+    let mut first = first;
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let two = wait_replication(&api, |s| s["term"] == 2);
+    assert_eq!(two["protected"], true, "{two}");
+    let committed = two["last_committed_epoch"].as_u64().unwrap();
+    wait_replication(&api, |s| {
+        s["last_committed_epoch"].as_u64() > Some(committed + 5)
+    });
+    // The primary is lost: one of the two takes the VM over from its committed state, the
+    // other follows it.
+    p.kill();
+    let t0 = Instant::now();
+    let (winner, loser) = loop {
+        if second.log().contains("TAKEN OVER") {
+            break (&second, &third);
+        }
+        if third.log().contains("TAKEN OVER") {
+            break (&third, &second);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "nobody took over:\n{}\n{}",
+            second.log(),
+            third.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let vm = wait_taken_over(winner);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(owner(&etcd, "vm6").term, 3);
+    loser.wait_log("following", |l| l.contains("fresh again"));
+}
+
 /// The epoch a standby's log says it promoted (took the VM over at).
 fn promoted_epoch(standby: &StandbyProc) -> u64 {
     let line = standby.wait_log("the promotion", |l| {

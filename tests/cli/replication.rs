@@ -191,9 +191,9 @@ fn vmr_ctl_protect_pairs_a_running_vm_with_a_standby() {
     wait_replication(standby.api(), |s| {
         s["last_committed_epoch"].as_u64() >= Some(5)
     });
-    // A second standby is not supported yet: refused in one line.
+    // The same standby once more: it refuses, in one line (it holds this VM already).
     let out = protect(&api, &standby.addr);
-    assert_refused(&out, "protected already");
+    assert_refused(&out, "is serving VM");
 
     // A VM without a key cannot be protected.
     let bare_api = scratch("bare.sock");

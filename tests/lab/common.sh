@@ -43,19 +43,20 @@ make_netns() {
     NS_MADE=1
 }
 
-# make_bridged_netns: a namespace with a bridge br0 (HOST_IP/24) and two TAPs on it, tap0 and
-# tap1, as two hosts on one LAN: a VM moving from one TAP to the other stays reachable.
+# make_bridged_netns [N]: a namespace with a bridge br0 (HOST_IP/24) and N TAPs on it (default
+# 2: tap0 and tap1), as hosts on one LAN: a VM moving from one TAP to another stays reachable.
 make_bridged_netns() {
+    local taps=${1:-2} i
     modprobe tun 2>/dev/null || true
     modprobe bridge 2>/dev/null || true
     ip netns add "$NS"
     ip -n "$NS" link set lo up
     ip -n "$NS" link add br0 type bridge
     ip -n "$NS" addr add "$HOST_IP/24" dev br0
-    for tap in tap0 tap1; do
-        ip -n "$NS" tuntap add dev "$tap" mode tap vnet_hdr
-        ip -n "$NS" link set "$tap" master br0
-        ip -n "$NS" link set "$tap" up
+    for ((i = 0; i < taps; i++)); do
+        ip -n "$NS" tuntap add dev "tap$i" mode tap vnet_hdr
+        ip -n "$NS" link set "tap$i" master br0
+        ip -n "$NS" link set "tap$i" up
     done
     ip -n "$NS" link set br0 up
     NS_MADE=1

@@ -177,6 +177,10 @@ pub struct EpochCapture {
     pub epoch: u64,
     /// Page numbers (as [`crate::vstate::memory::PageMap`] numbers them), ascending.
     pub pfns: Vec<u64>,
+    /// Of a full epoch ([`EpochOptions::full`]): the pages a delta epoch would have held
+    /// (dirty since the last epoch, and the virtqueues), ascending: what a consumer that
+    /// holds the previous epoch needs of this one.
+    pub delta_pfns: Option<Vec<u64>>,
     /// Their contents, [`PAGE_SIZE`] bytes each, in the order of `pfns`.
     pub data: Vec<u8>,
     /// The machine's state, encoded as the migration stream sends it (postcard).
@@ -924,6 +928,7 @@ impl MicroVm {
         let finish = move |collected: Collected| {
             let Collected {
                 pfns,
+                delta_pfns,
                 state,
                 pause,
                 active,
@@ -971,6 +976,7 @@ impl MicroVm {
             Ok(EpochCapture {
                 epoch: epoch_no,
                 pfns,
+                delta_pfns,
                 data,
                 state,
                 pause,
@@ -1038,14 +1044,16 @@ impl MicroVm {
             collected.disk_writes = tracker.device_step(epoch);
             return Ok(collected);
         }
-        let pfns = if options.full {
-            tracker.all_pfns()
+        let delta = tracker.pfns(&dirty, &state.devices);
+        let (pfns, delta_pfns) = if options.full {
+            (tracker.all_pfns(), Some(delta))
         } else {
-            tracker.pfns(&dirty, &state.devices)
+            (delta, None)
         };
         let t_state = Instant::now();
         let mut collected = Collected {
             pfns,
+            delta_pfns,
             state,
             pause: PauseBreakdown {
                 harvest: t_harvest - t0,
@@ -1198,6 +1206,7 @@ impl MicroVm {
         let all_copied = in_pause as usize == epoch.pfns.len();
         let mut collected = Collected {
             pfns: epoch.pfns.clone(),
+            delta_pfns: None,
             state,
             pause: PauseBreakdown {
                 harvest: t_harvest - t0,
@@ -1246,6 +1255,7 @@ struct Armed {
 /// What the pause collected, for the copy after it.
 struct Collected {
     pfns: Vec<u64>,
+    delta_pfns: Option<Vec<u64>>,
     state: crate::snapshot::MicroVmState,
     pause: PauseBreakdown,
     active: Option<Arc<ActiveEpoch>>,

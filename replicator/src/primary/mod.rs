@@ -152,6 +152,10 @@ pub struct Metrics {
     pub standbys: usize,
     /// Standbys dropped, with why.
     pub dropped: Vec<String>,
+    /// Every standby paired with the engine, in order (the dropped ones too).
+    pub peer_names: Vec<String>,
+    /// Standbys joining the VM protected already: synchronising, not protecting yet.
+    pub joining: Vec<String>,
     /// Epochs taken.
     pub epochs: u64,
     /// Epochs ended early (output waiting, disk flush).
@@ -225,6 +229,10 @@ pub fn ack_allowance(standby_timeout: Duration, raw_bytes: u64) -> Duration {
 /// epoch within this time of its send: protection (output waiting for their acks) starts.
 pub const SYNC_CONVERGED_ACK: Duration = Duration::from_millis(250);
 
+/// The protocol a standby needs to join a VM protected already (`Join`).
+pub const JOIN_SINCE: crate::compat::ProtocolVersion =
+    crate::compat::ProtocolVersion { major: 1, minor: 2 };
+
 /// A frame from a standby, or its loss.
 enum PeerEvent {
     Ack { peer: u64, epoch: u64 },
@@ -255,6 +263,11 @@ struct Peer {
     last_ack_at: Instant,
     acked: u64,
     reader: Option<JoinHandle<()>>,
+    /// Of a standby joining the VM protected already ([`Engine::add_standby`]): `Some(0)`
+    /// until its first, full, epoch is sent, then `Some(that epoch)` until it keeps up; its
+    /// acks release nothing meanwhile. `None`: it protects the VM (or synchronises with the
+    /// engine's first standbys).
+    joining: Option<u64>,
 }
 
 /// How long a goodbye (`Refuse`) to a standby may take to write.
@@ -360,6 +373,8 @@ pub struct Engine {
     /// the next one holds the gates.
     hold_requested: Option<u64>,
     metrics: Arc<Mutex<Metrics>>,
+    /// The id the next standby paired gets (its reader's events carry it).
+    next_peer: u64,
     protected: bool,
     /// Protection is being ended on purpose ([`Engine::shutdown`]): not a loss.
     stopping: bool,
@@ -413,11 +428,12 @@ impl Engine {
             protect_from: None,
             hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
+            next_peer: 0,
             protected: true,
             stopping: false,
         };
-        for (id, s) in standbys.into_iter().enumerate() {
-            engine.add_peer(id as u64, s)?;
+        for s in standbys {
+            engine.add_peer(s, false)?;
         }
         let term = engine.options.term;
         engine.update_metrics(|m| {
@@ -433,7 +449,9 @@ impl Engine {
         Ok(engine)
     }
 
-    fn add_peer(&mut self, id: u64, s: NewStandby) -> Result<(), EngineError> {
+    fn add_peer(&mut self, s: NewStandby, joining: bool) -> Result<(), EngineError> {
+        let id = self.next_peer;
+        self.next_peer += 1;
         let NewStandby {
             name, conn, link, ..
         } = s;
@@ -457,8 +475,92 @@ impl Engine {
             last_ack_at: Instant::now(),
             acked: 0,
             reader: Some(handle),
+            joining: joining.then_some(0),
+        });
+        let name = self
+            .peers
+            .last()
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        self.update_metrics(|m| {
+            m.peer_names.push(name.clone());
+            if joining {
+                m.joining.push(name);
+            }
         });
         Ok(())
+    }
+
+    /// Adds a fresh standby to the VM protected already: the next epoch carries all of memory
+    /// to it (the others get their delta of it), with `Join` before it; its acks release
+    /// nothing until it keeps up (every ack within [`SYNC_CONVERGED_ACK`] of its epoch's
+    /// send), when it is told `Protected` and protects the VM with the others.
+    pub fn add_standby(&mut self, s: NewStandby) -> Result<(), String> {
+        if !self.protected || self.protect_from.is_none() {
+            return Err(
+                "the VM's protection is still synchronising its first standbys: add this one \
+                 once it is protected"
+                    .into(),
+            );
+        }
+        if s.ack.committed_epoch != 0 {
+            return Err(EngineError::NotFresh {
+                peer: s.name.clone(),
+                committed: s.ack.committed_epoch,
+            }
+            .to_string());
+        }
+        if s.ack.protocol.minor < JOIN_SINCE.minor {
+            return Err(format!(
+                "the standby {} speaks protocol {}: joining a protected VM needs {JOIN_SINCE}",
+                s.name, s.ack.protocol
+            ));
+        }
+        let name = s.name.clone();
+        self.add_peer(s, true).map_err(|e| e.to_string())?;
+        let standbys = self.peers.len();
+        self.update_metrics(|m| m.standbys = standbys);
+        tracing::info!(
+            standby = name,
+            "standby joining the protected VM: its first epoch carries all of memory"
+        );
+        Ok(())
+    }
+
+    /// Joining standbys that keep up (every epoch sent to them acknowledged within
+    /// [`SYNC_CONVERGED_ACK`], their first one included) are told `Protected`: from now on
+    /// output waits for their acks too, and they may take the VM over once they committed the
+    /// last epoch sent (all output released so far is in it).
+    fn promote_joiners(&mut self) {
+        let through = self.next_epoch - 1;
+        let mut i = 0;
+        while i < self.peers.len() {
+            let p = &mut self.peers[i];
+            let keeps_up = p.joining.is_some_and(|first| first > 0 && p.acked >= first)
+                && p.in_flight
+                    .front()
+                    .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK);
+            if !keeps_up {
+                i += 1;
+                continue;
+            }
+            if let Err(e) = p.writer.send_now(&Message::Protected { through }) {
+                let reason = format!("telling it the VM is protected failed: {e}");
+                if self.drop_standby(i, &reason) != Decision::Continue {
+                    return;
+                }
+                continue;
+            }
+            p.joining = None;
+            let name = p.name.clone();
+            self.update_metrics(|m| m.joining.retain(|n| *n != name));
+            tracing::info!(
+                standby = name,
+                epoch = through,
+                "standby synchronised: it protects the VM with the others"
+            );
+            i += 1;
+        }
     }
 
     /// The engine's figures, shared (they change as it runs).
@@ -530,6 +632,9 @@ impl Engine {
                             return Ok(());
                         }
                     }
+                    Command::AddStandby(standby, reply) => {
+                        let _ = reply.send(self.add_standby(*standby));
+                    }
                 }
             }
             match self.step() {
@@ -570,7 +675,7 @@ impl Engine {
         })
     }
 
-    /// A planned switch-over to the first standby, with no loss: the vCPUs paused, a last
+    /// A planned switch-over to the first protecting standby, with no loss: the vCPUs paused, a last
     /// epoch taken and acknowledged by every standby (all of the guest's output released),
     /// then `Handover` to the first standby, which takes the VM over from that epoch, and a
     /// goodbye to the others. Waits until the standby closes its link and, with an authority,
@@ -608,6 +713,11 @@ impl Engine {
                 format!("the standbys did not acknowledge the last epoch {n}"),
             );
         }
+        // To a standby that protects the VM (not one still joining).
+        let Some(first) = self.peers.iter().position(|p| p.joining.is_none()) else {
+            return resume(self, "no standby protects the VM".into());
+        };
+        self.peers.swap(0, first);
         let name = self.peers[0].name.clone();
         let peer_id = self.peers[0].id;
         if let Err(e) = self.peers[0]
@@ -794,6 +904,7 @@ impl Engine {
                     });
                 }
                 self.release();
+                self.promote_joiners();
             }
             PeerEvent::Lost { peer, reason } => {
                 if let Some(i) = self.peers.iter().position(|p| p.id == peer) {
@@ -821,7 +932,13 @@ impl Engine {
 
     /// Releases the output of every epoch all standbys acknowledged.
     fn release(&mut self) {
-        let Some(all) = self.peers.iter().map(|p| p.acked).min() else {
+        let Some(all) = self
+            .peers
+            .iter()
+            .filter(|p| p.joining.is_none())
+            .map(|p| p.acked)
+            .min()
+        else {
             return;
         };
         if all > self.released {
@@ -839,26 +956,38 @@ impl Engine {
     /// is released (the dropped standby may be one that was promoted: the others' acks alone
     /// would release output it never saw). Won: go on, with the new term. Lost or no answer:
     /// [`Decision::Fenced`].
+    ///
+    /// A standby still joining ([`Engine::add_standby`]) protected nothing and could not be
+    /// taken over: dropping it decides nothing. Joining standbys left without a protecting
+    /// one are let go too.
     pub fn drop_standby(&mut self, index: usize, reason: &str) -> Decision {
         let mut peer = self.peers.remove(index);
         peer.close(Some(&format!("the primary dropped this standby: {reason}")));
         tracing::warn!(
             standby = peer.name,
             acked = peer.acked,
+            joining = peer.joining.is_some(),
             "standby dropped: {reason}"
         );
         let left = self.peers.len();
         self.update_metrics(|m| {
             m.dropped.push(format!("{}: {reason}", peer.name));
+            m.joining.retain(|n| *n != peer.name);
             m.standbys = left;
         });
+        if peer.joining.is_some() {
+            return Decision::Continue;
+        }
         if let Err(d) = self.renew_ownership(&format!("standby {} dropped", peer.name)) {
             return d;
         }
-        if left > 0 {
+        if self.peers.iter().any(|p| p.joining.is_none()) {
             // The slowest may be gone: the others' acks may release more.
             self.release();
             return Decision::Continue;
+        }
+        while let Some(i) = self.peers.iter().position(|p| p.joining.is_some()) {
+            self.drop_standby(i, "no standby protecting the VM is left to join");
         }
         self.go_unprotected("no standby left");
         Decision::Unprotected
@@ -970,7 +1099,7 @@ impl Engine {
     ) -> Result<(u64, Option<Reference>), EngineError> {
         let n = self.next_epoch;
         let mut options = options.unwrap_or_else(|| self.options.epoch.clone());
-        if !self.full_sent {
+        if !self.full_sent || self.peers.iter().any(|p| p.joining == Some(0)) {
             options.full = true;
         }
         let tracker = self.tracker.clone();
@@ -1051,14 +1180,27 @@ impl Engine {
     ) -> usize {
         let term = self.options.term;
         let allowed = ack_allowance(self.options.standby_timeout, capture.raw_bytes());
+        // A full epoch taken for a joining standby: the others, which hold the epoch before,
+        // get only their delta of it.
+        let delta = capture.delta_pfns.as_deref().filter(|_| self.full_sent);
         let mut sent = 0;
         let mut bytes = 0;
         let mut i = 0;
         while i < self.peers.len() {
             let p = &mut self.peers[i];
             let before = p.writer.bytes_sent();
-            match send_epoch(&mut p.writer, n, term, capture, writes, inbound) {
+            let joins = p.joining == Some(0);
+            let sending = match joins {
+                true => p.writer.send(&Message::Join { epoch: n }).and_then(|()| {
+                    send_epoch(&mut p.writer, n, term, capture, None, writes, inbound)
+                }),
+                false => send_epoch(&mut p.writer, n, term, capture, delta, writes, inbound),
+            };
+            match sending {
                 Ok(()) => {
+                    if joins {
+                        p.joining = Some(n);
+                    }
                     p.in_flight.push_back((n, Instant::now(), allowed));
                     bytes += p.writer.bytes_sent() - before;
                     sent += 1;
@@ -1163,6 +1305,7 @@ impl Drop for Engine {
 /// What an engine running on its own thread is asked between epochs.
 enum Command {
     HandOver(Sender<Result<(String, u64), String>>),
+    AddStandby(Box<NewStandby>, Sender<Result<(), String>>),
 }
 
 /// An engine running on its own thread ([`Engine::spawn`]).
@@ -1187,9 +1330,21 @@ impl EngineHandle {
 
     /// [`Engine::hand_over`] on the engine's thread; its answer.
     pub fn hand_over(&self) -> Result<(String, u64), String> {
+        self.ask(Command::HandOver)
+    }
+
+    /// [`Engine::add_standby`] on the engine's thread; its answer.
+    pub fn add_standby(&self, standby: NewStandby) -> Result<(), String> {
+        self.ask(|reply| Command::AddStandby(Box::new(standby), reply))
+    }
+
+    fn ask<T>(
+        &self,
+        command: impl FnOnce(Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
         let (tx, rx) = channel();
         self.commands
-            .send(Command::HandOver(tx))
+            .send(command(tx))
             .map_err(|_| "the epoch engine has stopped".to_string())?;
         let _ = self.waker.write(1);
         rx.recv()
@@ -1224,6 +1379,7 @@ fn send_epoch(
     n: u64,
     term: u64,
     capture: &EpochCapture,
+    only: Option<&[u64]>,
     writes: &[EpochWrites],
     inbound: &[(u64, u32, Vec<u8>)],
 ) -> Result<(), FrameError> {
@@ -1235,8 +1391,22 @@ fn send_epoch(
         })?;
     }
     let mut e = EpochWriter::begin(out, n, term)?;
-    for (pfn, contents) in capture.pages() {
-        e.page(pfn, contents)?;
+    match only {
+        None => {
+            for (pfn, contents) in capture.pages() {
+                e.page(pfn, contents)?;
+            }
+        }
+        Some(only) => {
+            // Both ascending: one pass.
+            let mut wanted = only.iter().copied().peekable();
+            for (pfn, contents) in capture.pages() {
+                while wanted.next_if(|&w| w < pfn).is_some() {}
+                if wanted.next_if_eq(&pfn).is_some() {
+                    e.page(pfn, contents)?;
+                }
+            }
+        }
     }
     e.state(capture.state.clone())?;
     for (disk, w) in writes.iter().enumerate() {

@@ -331,6 +331,9 @@ pub struct Staging<M: CommittedMemory, D: CommittedDisk> {
     open: Option<OpenEpoch>,
     /// Set by the primary's `Protected`: a takeover needs this epoch committed.
     protected_through: Option<u64>,
+    /// Set by the primary's `Join` before anything is committed: the first epoch, a full one,
+    /// of a standby joining a VM protected already.
+    first: Option<u64>,
     inbound: BTreeMap<u64, Vec<InboundFrame>>,
     inbound_bytes: u64,
     options: StagingOptions,
@@ -356,6 +359,7 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             term,
             open: None,
             protected_through: None,
+            first: None,
             inbound: BTreeMap::new(),
             inbound_bytes: 0,
             options,
@@ -493,6 +497,13 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 }
                 Ok(Received::Handover { epoch })
             }
+            Message::Join { epoch } => {
+                if self.open.is_some() || self.epoch != 0 || epoch == 0 {
+                    return Err(StagingError::Unexpected { message: name });
+                }
+                self.first = Some(epoch);
+                Ok(Received::Staged)
+            }
             Message::Protected { through } => {
                 if self.open.is_some() {
                     return Err(StagingError::Unexpected { message: name });
@@ -527,11 +538,12 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 committed: self.epoch,
             });
         }
-        if epoch != self.epoch + 1 {
-            return Err(StagingError::OutOfOrder {
-                epoch,
-                expected: self.epoch + 1,
-            });
+        let expected = match (self.epoch, self.first) {
+            (0, Some(first)) => first,
+            _ => self.epoch + 1,
+        };
+        if epoch != expected {
+            return Err(StagingError::OutOfOrder { epoch, expected });
         }
         self.open = Some(OpenEpoch::new(epoch, term));
         Ok(Received::Staged)
@@ -1154,6 +1166,45 @@ pub(crate) mod tests {
             })
         ));
         assert_eq!((s.protected_through(), s.committed_epoch()), (Some(1), 1));
+    }
+
+    #[test]
+    fn a_standby_joining_a_protected_vm_starts_at_the_epoch_it_is_told() {
+        let mut s = staging();
+        // Without `Join`, a fresh standby takes epoch 1 only.
+        assert!(matches!(
+            feed(&mut s, messages(7, 1, &e1())),
+            Err(StagingError::OutOfOrder {
+                epoch: 7,
+                expected: 1
+            })
+        ));
+        s.receive(Message::Join { epoch: 7 }).unwrap();
+        assert!(matches!(
+            feed(&mut s, messages(6, 1, &e1())),
+            Err(StagingError::OutOfOrder {
+                epoch: 6,
+                expected: 7
+            })
+        ));
+        assert_eq!(
+            feed(&mut s, messages(7, 1, &e1())).unwrap(),
+            Received::Committed { epoch: 7, term: 1 }
+        );
+        feed(&mut s, messages(8, 1, &e2())).unwrap();
+        let (mem, _, _) = model(&[e1(), e2()]);
+        assert_eq!(memory_digest(s.memory()), memory_digest(&mem));
+        // Once something is committed, a `Join` is out of place (and so is one for epoch 0).
+        for epoch in [9, 0] {
+            assert!(matches!(
+                s.receive(Message::Join { epoch }),
+                Err(StagingError::Unexpected { message: "Join" })
+            ));
+        }
+        assert!(matches!(
+            staging().receive(Message::Join { epoch: 0 }),
+            Err(StagingError::Unexpected { message: "Join" })
+        ));
     }
 
     #[test]
