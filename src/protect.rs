@@ -315,14 +315,20 @@ impl ReplicationHook for PrimaryHook {
         status.held_egress_frames = m.held_frames as u64;
         status.held_egress_bytes = m.held_bytes as u64;
         status.inbound_frames_logged = m.inbound_frames;
+        // A standby paired again after it was dropped appears once more: its n-th pairing
+        // goes with its n-th drop, if any.
+        let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         status.peers = m
             .peer_names
             .iter()
             .map(|name| {
+                let nth = seen.entry(name.as_str()).or_default();
+                *nth += 1;
                 let dropped = m
                     .dropped
                     .iter()
-                    .find_map(|d| d.strip_prefix(name.as_str())?.strip_prefix(": "));
+                    .filter_map(|d| d.strip_prefix(name.as_str())?.strip_prefix(": "))
+                    .nth(*nth - 1);
                 match dropped {
                     Some(reason) => ReplicationPeer {
                         name: name.clone(),
@@ -433,6 +439,11 @@ mod tests {
         assert!(status.protected);
         assert_eq!(status.peers[2].state, PeerState::Syncing);
         assert_eq!(status.peers[0].state, PeerState::Protecting);
+        // A standby dropped, then paired again: its second pairing is not the dropped one.
+        lock(&metrics).peer_names.push("b:1".into());
+        let status = hook.status();
+        assert_eq!(status.peers[1].state, PeerState::Dropped);
+        assert_eq!(status.peers[3].state, PeerState::Protecting);
         lock(&metrics).protected = false;
         assert_eq!(hook.status().role, ReplicationRole::Unprotected);
         // Protection requests go to the thread that owns the VM.

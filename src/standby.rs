@@ -56,9 +56,12 @@ use crate::protect::{devices, disk_sizes, Protection};
 
 /// How long a connection may take to pair.
 const PAIRING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Until the initial synchronisation is committed, or always without a coordinator, a primary
-/// silent this long is gone (it captures and sends all of memory first). After it, with a
-/// coordinator, `--detect-ms` (it sends an epoch at least every epoch period).
+/// Until the first epoch is committed, a primary silent this long is gone: it captures and
+/// sends all of memory first, to each of its standbys in turn.
+const FIRST_EPOCH_SILENCE: Duration = Duration::from_secs(120);
+/// After it, until this standby may take the VM over, or always without a coordinator, a
+/// primary silent this long is gone. Then, with a coordinator, `--detect-ms` (it sends an
+/// epoch at least every epoch period).
 const SYNC_SILENCE: Duration = Duration::from_secs(10);
 /// Default of `--detect-ms`: a primary silent this long, once synchronised, is lost.
 pub const DEFAULT_DETECT: Duration = Duration::from_millis(50);
@@ -327,15 +330,11 @@ impl StandbyHost {
         );
         // The initial synchronisation may be slow to start; once protected, the primary sends
         // an epoch every few ms, and one silent for `detect` is lost.
-        if let Err(e) = socket.set_read_timeout(Some(SYNC_SILENCE)) {
+        if let Err(e) = socket.set_read_timeout(Some(FIRST_EPOCH_SILENCE)) {
             tracing::warn!("cannot bound reads from the primary: {e}");
         }
-        // Without a coordinator, a short silence decides nothing (no takeover is automatic):
-        // the link is kept through the primary's hiccups.
         let armed = Arc::new(AtomicBool::new(false));
-        if self.options.coordination.is_some() {
-            self.watch_sync(socket, armed.clone());
-        }
+        self.watch_sync(socket, armed.clone());
         let host = self.clone();
         let serving = std::thread::Builder::new()
             .name("standby".into())
@@ -389,9 +388,10 @@ impl StandbyHost {
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        let bound = match armed.load(Ordering::Relaxed) {
-                            true => host.options.detect,
-                            false => SYNC_SILENCE,
+                        let bound = match (armed.load(Ordering::Relaxed), committed) {
+                            (true, _) => host.options.detect,
+                            (false, 0) => FIRST_EPOCH_SILENCE,
+                            (false, _) => SYNC_SILENCE,
                         };
                         format!("silent for {} ms", bound.as_millis())
                     }
@@ -551,13 +551,17 @@ impl StandbyHost {
         }
     }
 
-    /// Once this standby can take the VM over (it committed the epoch through which the
-    /// primary said it is protected), bounds the reads of `socket` (the primary's link) by
-    /// `--detect-ms` and sets `armed`: a primary silent that long is lost (and taken over).
-    /// Before, the primary may be busy synchronising another standby, and a loss would lead
-    /// to no takeover anyway.
+    /// Bounds the reads of `socket` (the primary's link) as the synchronisation goes: by
+    /// [`SYNC_SILENCE`] once the first epoch is committed; with a coordinator, by
+    /// `--detect-ms` once this standby can take the VM over (it committed the epoch through
+    /// which the primary said it is protected), setting `armed`: a primary silent that long is
+    /// lost (and taken over). Before, the primary may be busy synchronising another standby,
+    /// and a loss would lead to no takeover anyway; without a coordinator, a short silence
+    /// decides nothing (no takeover is automatic): the link is kept through the primary's
+    /// hiccups.
     fn watch_sync(self: &Arc<Self>, socket: Conn, armed: Arc<AtomicBool>) {
         let host = self.clone();
+        let mut first_committed = false;
         let watched = std::thread::Builder::new()
             .name("sync-watch".into())
             .spawn(move || loop {
@@ -568,7 +572,16 @@ impl StandbyHost {
                 if !host.held().as_ref().is_some_and(|h| h.serving) {
                     return;
                 }
-                if standby.check_takeover().is_ok() {
+                if !first_committed && standby.committed().committed_epoch() > 0 {
+                    first_committed = true;
+                    if let Err(e) = socket.set_read_timeout(Some(SYNC_SILENCE)) {
+                        tracing::warn!("cannot bound reads from the primary: {e}");
+                    }
+                    if host.options.coordination.is_none() {
+                        return;
+                    }
+                }
+                if first_committed && standby.check_takeover().is_ok() {
                     let detect = host.options.detect;
                     match socket.set_read_timeout(Some(detect)) {
                         Ok(()) => {

@@ -327,12 +327,11 @@ pub enum Message {
         /// The last epoch, committed.
         epoch: u64,
     },
-    /// This (fresh) standby joins a VM protected already: its first epoch is `epoch`, which
-    /// carries all of guest memory; the epochs before it are not sent to it (protocol 1.2).
-    Join {
-        /// Its first epoch.
-        epoch: u64,
-    },
+    /// This (fresh) standby joins a VM protected already (protocol 1.2): `Pages` outside any
+    /// epoch follow, a copy of guest memory taken while the guest runs, written straight into
+    /// the standby's memory; then its first epoch, of whatever number, which carries every page
+    /// written since the copy began.
+    Join,
 }
 
 impl Message {
@@ -352,7 +351,7 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::Protected { .. } => "Protected",
             Message::Handover { .. } => "Handover",
-            Message::Join { .. } => "Join",
+            Message::Join => "Join",
         }
     }
 
@@ -939,7 +938,7 @@ pub(crate) mod tests {
                 .prop_map(|(term, epoch)| Message::Heartbeat { term, epoch }),
             any::<u64>().prop_map(|through| Message::Protected { through }),
             any::<u64>().prop_map(|epoch| Message::Handover { epoch }),
-            any::<u64>().prop_map(|epoch| Message::Join { epoch }),
+            Just(Message::Join),
             ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
         ]
     }

@@ -116,6 +116,11 @@ pub struct EpochOptions {
     /// Test and measurement: the copier waits this long after the resume before it starts, so
     /// the guest's writes reach protected pages first (the fault handler copies them).
     pub copier_delay: Duration,
+    /// Also take this consumer's dirty pages inside the pause (the pages written since a
+    /// standby joining the VM began copying its memory,
+    /// [`EpochTracker::register_consumer`]): the capture holds them too, and
+    /// [`EpochCapture::delta_pfns`] the epoch's own.
+    pub join: Option<DirtyConsumer>,
 }
 
 impl Default for EpochOptions {
@@ -129,6 +134,7 @@ impl Default for EpochOptions {
             protect_before_pause: true,
             reference_image: false,
             copier_delay: Duration::ZERO,
+            join: None,
         }
     }
 }
@@ -177,9 +183,10 @@ pub struct EpochCapture {
     pub epoch: u64,
     /// Page numbers (as [`crate::vstate::memory::PageMap`] numbers them), ascending.
     pub pfns: Vec<u64>,
-    /// Of a full epoch ([`EpochOptions::full`]): the pages a delta epoch would have held
-    /// (dirty since the last epoch, and the virtqueues), ascending: what a consumer that
-    /// holds the previous epoch needs of this one.
+    /// Of a full epoch ([`EpochOptions::full`]) or one taken for a joining standby
+    /// ([`EpochOptions::join`]): the pages a delta epoch would have held (dirty since the last
+    /// epoch, and the virtqueues), ascending: what a consumer that holds the previous epoch
+    /// needs of this one.
     pub delta_pfns: Option<Vec<u64>>,
     /// Their contents, [`PAGE_SIZE`] bytes each, in the order of `pfns`.
     pub data: Vec<u8>,
@@ -551,6 +558,43 @@ impl EpochTracker {
         self.shared.protector.is_some()
     }
 
+    /// Registers another consumer of the VM's dirty pages (a standby joining the VM copies
+    /// its memory while the guest runs; the pages written meanwhile are this consumer's).
+    pub fn register_consumer(&self) -> DirtyConsumer {
+        self.vm.register_dirty_consumer()
+    }
+
+    /// Ends a consumer of [`EpochTracker::register_consumer`].
+    pub fn unregister_consumer(&self, consumer: DirtyConsumer) {
+        self.vm.unregister_dirty_consumer(consumer);
+    }
+
+    /// The pages written since `consumer` last took them, ascending (the guest running).
+    pub fn take_dirty_pfns(&self, consumer: DirtyConsumer) -> Result<Vec<u64>, EpochError> {
+        let dirty = self.vm.take_dirty_pages(consumer)?;
+        Ok(self.dirty_pfns(&dirty))
+    }
+
+    /// Gives `pfns` back to `consumer`: its next [`EpochTracker::take_dirty_pfns`] (or an
+    /// epoch joining with it) reports them again.
+    pub fn give_back_to(&self, consumer: DirtyConsumer, pfns: &[u64]) {
+        self.vm.return_dirty_pages(consumer, &self.bitmap_of(pfns));
+    }
+
+    /// Copies page `pfn` of guest RAM into `out` (one page) as it is now, the guest running:
+    /// a copy taken live, whose pages written meanwhile are dirty for every consumer.
+    pub fn read_page(&self, pfn: u64, out: &mut [u8]) {
+        assert_eq!(out.len(), PAGE_SIZE, "one page");
+        let src = self.shared.host_of(pfn) as *const u64;
+        for (i, word) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `src` is the page `pfn` of guest RAM, mapped for as long as the
+            // tracker's `Arc<Vm>` lives; `i < PAGE_SIZE / 8` keeps the read inside it. The
+            // guest may write the word meanwhile: a volatile read takes whichever value.
+            let v = unsafe { std::ptr::read_volatile(src.add(i)) };
+            word.copy_from_slice(&v.to_ne_bytes());
+        }
+    }
+
     /// Gives a capture's buffer back for later epochs (its pages are already faulted in).
     pub fn recycle(&self, capture: EpochCapture) {
         let mut pool = lock(&self.shared.pool);
@@ -709,7 +753,8 @@ impl EpochTracker {
             .collect()
     }
 
-    fn all_pfns(&self) -> Vec<u64> {
+    /// Every page number of guest RAM, as the tracker numbers them.
+    pub fn all_pfns(&self) -> Vec<u64> {
         let total: u64 = self.shared.regions.iter().map(|r| r.pages).sum();
         (0..total).collect()
     }
@@ -875,6 +920,7 @@ impl MicroVm {
 
         let armed = if options.mode == EpochMode::CopyBeforeWrite
             && !options.full
+            && options.join.is_none()
             && options.protect_before_pause
         {
             Some(tracker.arm(options)?)
@@ -1045,10 +1091,22 @@ impl MicroVm {
             return Ok(collected);
         }
         let delta = tracker.pfns(&dirty, &state.devices);
-        let (pfns, delta_pfns) = if options.full {
-            (tracker.all_pfns(), Some(delta))
-        } else {
-            (delta, None)
+        let (pfns, delta_pfns) = match (options.full, options.join) {
+            (true, _) => (tracker.all_pfns(), Some(delta)),
+            (false, Some(joining)) => match self.vm().take_dirty_pages(joining) {
+                Ok(written) => {
+                    let mut union = tracker.dirty_pfns(&written);
+                    union.extend_from_slice(&delta);
+                    union.sort_unstable();
+                    union.dedup();
+                    (union, Some(delta))
+                }
+                Err(e) => {
+                    self.vm().return_dirty_pages(tracker.consumer, &dirty);
+                    return Err(e.into());
+                }
+            },
+            (false, None) => (delta, None),
         };
         let t_state = Instant::now();
         let mut collected = Collected {

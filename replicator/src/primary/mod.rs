@@ -33,6 +33,7 @@ use vmm::devices::replication::{
     EpochWrites, ReplicationMode, ReplicationPorts, DEFAULT_INBOUND_CAPACITY,
 };
 use vmm::epoch::{EpochCapture, EpochError, EpochOptions, EpochTracker};
+use vmm::vstate::dirty::DirtyConsumer;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::auth::ReplicationKey;
@@ -40,7 +41,9 @@ use crate::compat::{Hello, HelloAck};
 use crate::conn::Conn;
 use crate::epoch::EpochWriter;
 use crate::pairing::{self, Link, PairError};
-use crate::wire::{FrameError, FrameReader, FrameWriter, Message, DEFAULT_ZSTD_LEVEL};
+use crate::wire::{
+    FrameError, FrameReader, FrameWriter, Message, PageBatch, BATCH_PAGES, DEFAULT_ZSTD_LEVEL,
+};
 pub use authority::{Authority, Fenced, Renewal};
 use vm::{checkpoint, replication_on, EpochSwitch, VmControl, VmThreadError};
 
@@ -270,6 +273,87 @@ struct Peer {
     joining: Option<u64>,
 }
 
+/// A standby joining the VM protected already, while its copy of memory is taken
+/// ([`Engine::add_standby`]).
+struct Joiner {
+    name: String,
+    conn: Conn,
+    reader: FrameReader<Conn>,
+    /// The pages written since the copy began are this consumer's.
+    consumer: DirtyConsumer,
+    /// The copy, on a thread of its own with the standby's writer: both back when it ends.
+    copy: JoinHandle<(FrameWriter<Conn>, Result<u64, CopyError>)>,
+}
+
+/// A joining standby whose copy of memory is done: its first epoch is next.
+struct Copied {
+    name: String,
+    conn: Conn,
+    reader: FrameReader<Conn>,
+    writer: FrameWriter<Conn>,
+    consumer: DirtyConsumer,
+}
+
+/// Why copying memory to a joining standby failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The link failed.
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    /// The pages written meanwhile could not be read.
+    #[error("{0}")]
+    Dirty(#[from] vmm::epoch::EpochError),
+}
+
+/// Rounds of a joining standby's copy of memory: all of it, then the pages written during the
+/// round before, while they get fewer.
+const JOIN_COPY_ROUNDS: usize = 5;
+/// A round of the copy with fewer pages than this is the last: the first epoch carries the rest.
+const JOIN_COPY_ENOUGH: usize = 256;
+
+/// Copies guest memory to a joining standby while the guest runs: `Join`, then every page,
+/// then the pages written meanwhile (`consumer`'s) while they get fewer. The pages written
+/// after their last copy stay in `consumer`'s set for the standby's first epoch. The pages
+/// sent.
+fn copy_memory(
+    tracker: &EpochTracker,
+    consumer: DirtyConsumer,
+    out: &mut FrameWriter<Conn>,
+) -> Result<u64, CopyError> {
+    out.send(&Message::Join)?;
+    let mut pfns = tracker.all_pfns();
+    let mut sent = 0u64;
+    for round in 0..JOIN_COPY_ROUNDS {
+        let mut batch = PageBatch::with_capacity(BATCH_PAGES);
+        for &pfn in &pfns {
+            batch.push_with(pfn, |buf| tracker.read_page(pfn, buf));
+            if batch.len() >= BATCH_PAGES {
+                out.send(&Message::Pages(std::mem::replace(
+                    &mut batch,
+                    PageBatch::with_capacity(BATCH_PAGES),
+                )))?;
+            }
+        }
+        if !batch.is_empty() {
+            out.send(&Message::Pages(batch))?;
+        }
+        sent += pfns.len() as u64;
+        tracing::debug!(round, pages = pfns.len(), "joining standby: round copied");
+        if round + 1 == JOIN_COPY_ROUNDS || (round > 0 && pfns.len() < JOIN_COPY_ENOUGH) {
+            break;
+        }
+        let written = tracker.take_dirty_pfns(consumer)?;
+        if round > 0 && written.len() >= pfns.len() {
+            // Not getting fewer: give them to the first epoch.
+            tracker.give_back_to(consumer, &written);
+            break;
+        }
+        pfns = written;
+    }
+    out.flush()?;
+    Ok(sent)
+}
+
 /// How long a goodbye (`Refuse`) to a standby may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
 
@@ -375,6 +459,8 @@ pub struct Engine {
     metrics: Arc<Mutex<Metrics>>,
     /// The id the next standby paired gets (its reader's events carry it).
     next_peer: u64,
+    /// Standbys joining the VM protected already, their memory being copied.
+    joiners: Vec<Joiner>,
     protected: bool,
     /// Protection is being ended on purpose ([`Engine::shutdown`]): not a loss.
     stopping: bool,
@@ -429,11 +515,12 @@ impl Engine {
             hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
             next_peer: 0,
+            joiners: Vec::new(),
             protected: true,
             stopping: false,
         };
         for s in standbys {
-            engine.add_peer(s, false)?;
+            engine.add_peer(s)?;
         }
         let term = engine.options.term;
         engine.update_metrics(|m| {
@@ -449,13 +536,26 @@ impl Engine {
         Ok(engine)
     }
 
-    fn add_peer(&mut self, s: NewStandby, joining: bool) -> Result<(), EngineError> {
-        let id = self.next_peer;
-        self.next_peer += 1;
+    fn add_peer(&mut self, s: NewStandby) -> Result<(), EngineError> {
         let NewStandby {
             name, conn, link, ..
         } = s;
         let Link { reader, writer } = link;
+        self.update_metrics(|m| m.peer_names.push(name.clone()));
+        self.start_peer(name, conn, reader, writer, None)
+    }
+
+    /// Starts the reader of a standby's acks and counts it among the peers.
+    fn start_peer(
+        &mut self,
+        name: String,
+        conn: Conn,
+        reader: FrameReader<Conn>,
+        writer: FrameWriter<Conn>,
+        joining: Option<u64>,
+    ) -> Result<(), EngineError> {
+        let id = self.next_peer;
+        self.next_peer += 1;
         let tx = self.events_tx.clone();
         let waker = self.waker.clone();
         let peer_name = name.clone();
@@ -475,26 +575,18 @@ impl Engine {
             last_ack_at: Instant::now(),
             acked: 0,
             reader: Some(handle),
-            joining: joining.then_some(0),
-        });
-        let name = self
-            .peers
-            .last()
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
-        self.update_metrics(|m| {
-            m.peer_names.push(name.clone());
-            if joining {
-                m.joining.push(name);
-            }
+            joining,
         });
         Ok(())
     }
 
-    /// Adds a fresh standby to the VM protected already: the next epoch carries all of memory
-    /// to it (the others get their delta of it), with `Join` before it; its acks release
-    /// nothing until it keeps up (every ack within [`SYNC_CONVERGED_ACK`] of its epoch's
-    /// send), when it is told `Protected` and protects the VM with the others.
+    /// Adds a fresh standby to the VM protected already, while the guest runs and the
+    /// others protect it: a thread copies guest memory to it (`Join`, then pages outside any
+    /// epoch, then again those written meanwhile while they get fewer); the epoch after the
+    /// copy carries it every page written since ([`EpochOptions::join`]; the others get their
+    /// delta of the same capture). Its acks release nothing until it keeps up (every ack
+    /// within [`SYNC_CONVERGED_ACK`] of its epoch's send), when it is told `Protected` and
+    /// protects the VM with the others.
     pub fn add_standby(&mut self, s: NewStandby) -> Result<(), String> {
         if !self.protected || self.protect_from.is_none() {
             return Err(
@@ -510,21 +602,111 @@ impl Engine {
             }
             .to_string());
         }
-        if s.ack.protocol.minor < JOIN_SINCE.minor {
+        if (s.ack.protocol.major, s.ack.protocol.minor) < (JOIN_SINCE.major, JOIN_SINCE.minor) {
             return Err(format!(
                 "the standby {} speaks protocol {}: joining a protected VM needs {JOIN_SINCE}",
                 s.name, s.ack.protocol
             ));
         }
-        let name = s.name.clone();
-        self.add_peer(s, true).map_err(|e| e.to_string())?;
-        let standbys = self.peers.len();
+        let NewStandby {
+            name, conn, link, ..
+        } = s;
+        let Link { reader, mut writer } = link;
+        let consumer = self.tracker.register_consumer();
+        let tracker = self.tracker.clone();
+        let copy = std::thread::Builder::new()
+            .name("join-copy".into())
+            .spawn(move || {
+                let copied = copy_memory(&tracker, consumer, &mut writer);
+                (writer, copied)
+            });
+        let copy = match copy {
+            Ok(copy) => copy,
+            Err(e) => {
+                self.tracker.unregister_consumer(consumer);
+                return Err(format!("cannot start copying memory to {name}: {e}"));
+            }
+        };
+        self.update_metrics(|m| {
+            m.peer_names.push(name.clone());
+            m.joining.push(name.clone());
+        });
+        let standbys = self.peers.len() + self.joiners.len() + 1;
         self.update_metrics(|m| m.standbys = standbys);
         tracing::info!(
             standby = name,
-            "standby joining the protected VM: its first epoch carries all of memory"
+            "standby joining the protected VM: copying memory to it while the guest runs"
         );
+        self.joiners.push(Joiner {
+            name,
+            conn,
+            reader,
+            consumer,
+            copy,
+        });
         Ok(())
+    }
+
+    /// A joining standby whose copy of memory is done, to finish joining at this epoch. A
+    /// copy that failed lets its standby go.
+    fn copied_joiner(&mut self) -> Option<Copied> {
+        let i = self.joiners.iter().position(|j| j.copy.is_finished())?;
+        let Joiner {
+            name,
+            conn,
+            reader,
+            consumer,
+            copy,
+        } = self.joiners.remove(i);
+        let failed = match copy.join() {
+            Ok((writer, Ok(pages))) => {
+                tracing::info!(
+                    standby = name,
+                    pages,
+                    "memory copied to the joining standby: its first epoch follows"
+                );
+                return Some(Copied {
+                    name,
+                    conn,
+                    reader,
+                    writer,
+                    consumer,
+                });
+            }
+            Ok((_, Err(e))) => format!("copying memory to it failed: {e}"),
+            Err(_) => "copying memory to it panicked".to_string(),
+        };
+        self.drop_joiner(&name, &conn, consumer, &failed);
+        None
+    }
+
+    /// Lets a joining standby go (it protected nothing: nothing else to decide).
+    fn drop_joiner(&mut self, name: &str, conn: &Conn, consumer: DirtyConsumer, reason: &str) {
+        conn.shutdown();
+        self.tracker.unregister_consumer(consumer);
+        self.joiner_dropped(name, reason);
+    }
+
+    /// Lets go every standby still copying memory to join (protection ends).
+    fn let_joiners_go(&mut self, reason: &str) {
+        for j in std::mem::take(&mut self.joiners) {
+            j.conn.shutdown();
+            // Its writes fail now: the copy ends.
+            let _ = j.copy.join();
+            self.tracker.unregister_consumer(j.consumer);
+            self.joiner_dropped(&j.name, reason);
+        }
+    }
+
+    /// Says a joining standby was let go, and why.
+    fn joiner_dropped(&mut self, name: &str, reason: &str) {
+        tracing::warn!(standby = name, "joining standby dropped: {reason}");
+        let standbys = self.peers.len() + self.joiners.len();
+        self.update_metrics(|m| {
+            m.dropped.push(format!("{name}: {reason}"));
+            m.joining.retain(|n| n != name);
+            m.standbys = standbys;
+        });
     }
 
     /// Joining standbys that keep up (every epoch sent to them acknowledged within
@@ -729,6 +911,7 @@ impl Engine {
         // From here on the standby may run the VM: this one never runs again.
         self.protected = false;
         self.stopping = true;
+        self.let_joiners_go(&format!("the VM was handed over to {name}"));
         for p in self.peers.iter_mut().skip(1) {
             p.close(Some(&format!("the VM was handed over to {name}")));
         }
@@ -986,8 +1169,10 @@ impl Engine {
             self.release();
             return Decision::Continue;
         }
+        let why = "no standby protecting the VM is left to join";
+        self.let_joiners_go(why);
         while let Some(i) = self.peers.iter().position(|p| p.joining.is_some()) {
-            self.drop_standby(i, "no standby protecting the VM is left to join");
+            self.drop_standby(i, why);
         }
         self.go_unprotected("no standby left");
         Decision::Unprotected
@@ -1034,6 +1219,7 @@ impl Engine {
             Err(e) => tracing::error!("fenced, but cannot reach the VM to pause it: {e}"),
         }
         let discarded = self.ports.discard_after(self.released);
+        self.let_joiners_go("the primary was fenced");
         for mut p in self.peers.drain(..) {
             p.close(None);
         }
@@ -1099,21 +1285,45 @@ impl Engine {
     ) -> Result<(u64, Option<Reference>), EngineError> {
         let n = self.next_epoch;
         let mut options = options.unwrap_or_else(|| self.options.epoch.clone());
-        if !self.full_sent || self.peers.iter().any(|p| p.joining == Some(0)) {
+        if !self.full_sent {
             options.full = true;
+        }
+        // A joining standby whose copy of memory is done gets its first epoch now: with the
+        // pages written since the copy began.
+        let copied = match self.full_sent {
+            true => self.copied_joiner(),
+            false => None,
+        };
+        if let Some(c) = &copied {
+            options.join = Some(c.consumer);
         }
         let tracker = self.tracker.clone();
         let switch = self.switch.clone();
         self.last_epoch_at = Instant::now();
-        let cp = self
+        let cp = match self
             .vm
-            .run(move |m| checkpoint(m, &tracker, &options, &switch, n + 1))?
-            .map_err(EngineError::Checkpoint)?;
+            .run(move |m| checkpoint(m, &tracker, &options, &switch, n + 1))
+        {
+            Ok(Ok(cp)) => cp,
+            failed => {
+                if let Some(c) = copied {
+                    self.drop_joiner(&c.name, &c.conn, c.consumer, "its first epoch failed");
+                }
+                return Err(match failed {
+                    Err(e) => e.into(),
+                    Ok(Err(e)) => EngineError::Checkpoint(e),
+                    Ok(Ok(_)) => unreachable!("matched above"),
+                });
+            }
+        };
         self.next_epoch += 1;
         let inbound = self.drain_inbound();
         let capture = match cp.pending.wait() {
             Ok(c) => c,
             Err(e) => {
+                if let Some(c) = copied {
+                    self.drop_joiner(&c.name, &c.conn, c.consumer, "its first epoch failed");
+                }
                 // Its output and disk writes cannot be shipped without its pages: nobody can
                 // hold this epoch.
                 let reason = format!("epoch {n} could not be captured: {e}");
@@ -1124,6 +1334,9 @@ impl Engine {
             }
         };
         let sent = self.ship(n, &capture, &cp.writes, &inbound);
+        if let Some(c) = copied {
+            self.first_epoch(c, n, &capture, &cp.writes, &inbound);
+        }
         if sent == 0 {
             // Nobody has these pages: the next epoch (or a new pairing) must carry them.
             self.tracker.give_back(&capture);
@@ -1189,18 +1402,8 @@ impl Engine {
         while i < self.peers.len() {
             let p = &mut self.peers[i];
             let before = p.writer.bytes_sent();
-            let joins = p.joining == Some(0);
-            let sending = match joins {
-                true => p.writer.send(&Message::Join { epoch: n }).and_then(|()| {
-                    send_epoch(&mut p.writer, n, term, capture, None, writes, inbound)
-                }),
-                false => send_epoch(&mut p.writer, n, term, capture, delta, writes, inbound),
-            };
-            match sending {
+            match send_epoch(&mut p.writer, n, term, capture, delta, writes, inbound) {
                 Ok(()) => {
-                    if joins {
-                        p.joining = Some(n);
-                    }
                     p.in_flight.push_back((n, Instant::now(), allowed));
                     bytes += p.writer.bytes_sent() - before;
                     sent += 1;
@@ -1216,6 +1419,38 @@ impl Engine {
         }
         self.update_metrics(|m| m.bytes_sent += bytes);
         sent
+    }
+
+    /// Sends a joining standby whose memory was copied its first epoch `n` (every page
+    /// written since the copy began, and the epoch's), and counts it among the peers, joining.
+    fn first_epoch(
+        &mut self,
+        c: Copied,
+        n: u64,
+        capture: &EpochCapture,
+        writes: &[EpochWrites],
+        inbound: &[(u64, u32, Vec<u8>)],
+    ) {
+        let Copied {
+            name,
+            conn,
+            reader,
+            mut writer,
+            consumer,
+        } = c;
+        self.tracker.unregister_consumer(consumer);
+        let term = self.options.term;
+        if let Err(e) = send_epoch(&mut writer, n, term, capture, None, writes, inbound) {
+            conn.shutdown();
+            return self.joiner_dropped(&name, &format!("sending its first epoch {n} failed: {e}"));
+        }
+        if let Err(e) = self.start_peer(name.clone(), conn, reader, writer, Some(n)) {
+            return self.joiner_dropped(&name, &e.to_string());
+        }
+        let allowed = ack_allowance(self.options.standby_timeout, capture.raw_bytes());
+        if let Some(p) = self.peers.last_mut() {
+            p.in_flight.push_back((n, Instant::now(), allowed));
+        }
     }
 
     /// While the initial synchronisation runs (the standbys take in all of memory, then the
@@ -1282,6 +1517,7 @@ impl Engine {
 
     fn close_all(&mut self) {
         self.stopping = true;
+        self.let_joiners_go("the primary ended protection");
         for p in &mut self.peers {
             p.close(Some("the primary ended protection"));
         }

@@ -331,9 +331,9 @@ pub struct Staging<M: CommittedMemory, D: CommittedDisk> {
     open: Option<OpenEpoch>,
     /// Set by the primary's `Protected`: a takeover needs this epoch committed.
     protected_through: Option<u64>,
-    /// Set by the primary's `Join` before anything is committed: the first epoch, a full one,
-    /// of a standby joining a VM protected already.
-    first: Option<u64>,
+    /// Set by the primary's `Join` before anything is committed: pages outside an epoch are
+    /// a copy of memory going straight into it, and the first epoch may have any number.
+    joining: bool,
     inbound: BTreeMap<u64, Vec<InboundFrame>>,
     inbound_bytes: u64,
     options: StagingOptions,
@@ -359,7 +359,7 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             term,
             open: None,
             protected_through: None,
-            first: None,
+            joining: false,
             inbound: BTreeMap::new(),
             inbound_bytes: 0,
             options,
@@ -497,11 +497,11 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 }
                 Ok(Received::Handover { epoch })
             }
-            Message::Join { epoch } => {
-                if self.open.is_some() || self.epoch != 0 || epoch == 0 {
+            Message::Join => {
+                if self.open.is_some() || self.epoch != 0 {
                     return Err(StagingError::Unexpected { message: name });
                 }
-                self.first = Some(epoch);
+                self.joining = true;
                 Ok(Received::Staged)
             }
             Message::Protected { through } => {
@@ -538,8 +538,8 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 committed: self.epoch,
             });
         }
-        let expected = match (self.epoch, self.first) {
-            (0, Some(first)) => first,
+        let expected = match (self.epoch, self.joining) {
+            (0, true) => epoch,
             _ => self.epoch + 1,
         };
         if epoch != expected {
@@ -551,6 +551,19 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
 
     fn pages(&mut self, batch: &PageBatch) -> Result<Received, StagingError> {
         let pages = self.memory.pages();
+        if self.open.is_none() && self.joining && self.epoch == 0 {
+            // The copy of memory a joining standby starts from: nothing is committed (and
+            // nothing can be taken over) until its first epoch completes it.
+            for (page, contents) in batch.iter() {
+                if page >= pages {
+                    return Err(StagingError::PageOutOfRange { page, pages });
+                }
+                self.memory
+                    .write_page(page, contents)
+                    .map_err(|source| StagingError::ApplyMemory { epoch: 0, source })?;
+            }
+            return Ok(Received::Staged);
+        }
         let open = self.open_mut("Pages")?;
         for (page, contents) in batch.iter() {
             if page >= pages {
@@ -1169,9 +1182,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_standby_joining_a_protected_vm_starts_at_the_epoch_it_is_told() {
+    fn a_joining_standby_takes_a_copy_of_memory_then_any_first_epoch() {
         let mut s = staging();
-        // Without `Join`, a fresh standby takes epoch 1 only.
+        // Without `Join`, a fresh standby takes epoch 1 only, and no page outside an epoch.
         assert!(matches!(
             feed(&mut s, messages(7, 1, &e1())),
             Err(StagingError::OutOfOrder {
@@ -1179,32 +1192,40 @@ pub(crate) mod tests {
                 expected: 1
             })
         ));
-        s.receive(Message::Join { epoch: 7 }).unwrap();
+        let mut copy = PageBatch::default();
+        copy.push(3, &contents(9));
+        copy.push(1, &contents(8));
         assert!(matches!(
-            feed(&mut s, messages(6, 1, &e1())),
-            Err(StagingError::OutOfOrder {
-                epoch: 6,
-                expected: 7
-            })
+            s.receive(Message::Pages(copy.clone())),
+            Err(StagingError::NoEpochOpen { .. })
         ));
+        s.receive(Message::Join).unwrap();
+        s.receive(Message::Pages(copy)).unwrap();
+        assert_eq!(s.committed_epoch(), 0, "a copy commits nothing");
         assert_eq!(
             feed(&mut s, messages(7, 1, &e1())).unwrap(),
             Received::Committed { epoch: 7, term: 1 }
         );
         feed(&mut s, messages(8, 1, &e2())).unwrap();
-        let (mem, _, _) = model(&[e1(), e2()]);
-        assert_eq!(memory_digest(s.memory()), memory_digest(&mem));
-        // Once something is committed, a `Join` is out of place (and so is one for epoch 0).
-        for epoch in [9, 0] {
-            assert!(matches!(
-                s.receive(Message::Join { epoch }),
-                Err(StagingError::Unexpected { message: "Join" })
-            ));
-        }
+        // The epochs wrote over the copy where they overlap (page 1), the rest of it stays.
+        let mut buf = vec![0; PAGE_SIZE];
+        s.memory().read_page(3, &mut buf).unwrap();
+        assert_eq!(buf, contents(9));
+        s.memory().read_page(1, &mut buf).unwrap();
+        assert_eq!(buf, contents(6));
+        // Once something is committed, `Join` is out of place, and so are pages outside an
+        // epoch.
         assert!(matches!(
-            staging().receive(Message::Join { epoch: 0 }),
+            s.receive(Message::Join),
             Err(StagingError::Unexpected { message: "Join" })
         ));
+        let mut late = PageBatch::default();
+        late.push(3, &contents(1));
+        assert!(matches!(
+            s.receive(Message::Pages(late)),
+            Err(StagingError::NoEpochOpen { .. })
+        ));
+        assert_eq!(s.committed_epoch(), 8);
     }
 
     #[test]
