@@ -12,7 +12,7 @@ use vmr_tests::{AttemptRecord, Outcome, RunOptions};
 #[derive(Args)]
 pub struct SoakArgs {
     /// The scenario: `tests/lab/<SCENARIO>.sh` (boot, net, blk, redis, snapshot, migrate,
-    /// migrate_redis; `stuck` checks the watchdog).
+    /// migrate_redis, protect_redis, failover_redis; `stuck` checks the watchdog).
     scenario: String,
     /// How many runs.
     #[arg(long, default_value_t = 10)]
@@ -23,6 +23,10 @@ pub struct SoakArgs {
     /// The outer watchdog's bound (seconds of the lab silent); default: the inner one + 40.
     #[arg(long)]
     lab_silence_secs: Option<u32>,
+    /// How long one run may take, lab boot included (failover_redis with many kills needs
+    /// more than the default).
+    #[arg(long, default_value_t = vmr_tests::SCENARIO_TIMEOUT_SECS)]
+    timeout_secs: u32,
     /// Where to write the JSON (default: target/lab-results/soak-<scenario>-<time>.json).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -61,6 +65,7 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
         watchdog_secs: args.watchdog_secs,
         lab_silence_secs: args.lab_silence_secs.unwrap_or(args.watchdog_secs + 40),
         expected: (args.scenario == "stuck").then_some(Outcome::GuestStuck),
+        timeout_secs: args.timeout_secs,
         ..RunOptions::default()
     };
     let out = args
