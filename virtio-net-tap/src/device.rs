@@ -482,26 +482,14 @@ impl NetDevice {
         mem: &M,
         queue: &mut Queue,
     ) -> Result<bool, NetError> {
-        let mut idle_rounds = 0;
-        loop {
-            queue.disable_notification(mem)?;
-            idle_rounds += 1;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                idle_rounds = 0;
-                let head = chain.head_index();
-                let (written, err) = ctrl::serve(mem, chain, |command| self.control(command));
-                if let Some(err) = err {
-                    tracing::warn!(%err, head, "virtio-net: malformed control request");
-                }
-                queue.add_used(mem, head, written)?;
+        drain_queue(mem, queue, "control", |chain| {
+            let head = chain.head_index();
+            let (written, err) = ctrl::serve(mem, chain, |command| self.control(command));
+            if let Some(err) = err {
+                tracing::warn!(%err, head, "virtio-net: malformed control request");
             }
-            if !queue.enable_notification(mem)? {
-                break;
-            }
-            if idle_rounds >= 2 {
-                return Err(NetError::InvalidAvailRing("control"));
-            }
-        }
+            Taken::Used(written)
+        })?;
         Ok(self.ctrl_notifier.needs_notification(mem, queue)?)
     }
 
@@ -530,41 +518,24 @@ impl NetDevice {
         mem: &M,
         queue: &mut Queue,
     ) -> Result<bool, NetError> {
-        // Rounds in a row that found nothing although the available index said otherwise.
-        let mut idle_rounds = 0;
-        'kicks: loop {
-            queue.disable_notification(mem)?;
-            idle_rounds += 1;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                idle_rounds = 0;
-                let head = chain.head_index();
-                match gather(mem, chain, &mut self.tx_frame) {
-                    Ok(()) => match self.egress.send(&self.tx_frame) {
-                        Admission::Full => {
-                            // Leave the chain to the driver's ring; room brings us back.
-                            queue.go_to_previous_position();
-                            break 'kicks;
-                        }
-                        Admission::Send | Admission::Held | Admission::Dropped => {
-                            self.stats.tx_frames += 1;
-                            self.stats.tx_bytes += (self.tx_frame.len() - VNET_HDR_LEN) as u64;
-                        }
-                    },
-                    Err(err) => {
-                        self.stats.tx_malformed += 1;
-                        tracing::warn!(%err, head, "virtio-net: transmit chain dropped");
+        drain_queue(mem, queue, "transmit", |chain| {
+            let head = chain.head_index();
+            match gather(mem, chain, &mut self.tx_frame) {
+                Ok(()) => match self.egress.send(&self.tx_frame) {
+                    // Leave the chain to the driver's ring; room brings us back.
+                    Admission::Full => return Taken::PutBack,
+                    Admission::Send | Admission::Held | Admission::Dropped => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += (self.tx_frame.len() - VNET_HDR_LEN) as u64;
                     }
+                },
+                Err(err) => {
+                    self.stats.tx_malformed += 1;
+                    tracing::warn!(%err, head, "virtio-net: transmit chain dropped");
                 }
-                queue.add_used(mem, head, 0)?;
             }
-            if !queue.enable_notification(mem)? {
-                break;
-            }
-            // One empty round can be a race with the driver; two cannot.
-            if idle_rounds >= 2 {
-                return Err(NetError::InvalidAvailRing("transmit"));
-            }
-        }
+            Taken::Used(0)
+        })?;
         Ok(self.tx_notifier.needs_notification(mem, queue)?)
     }
 
@@ -749,6 +720,49 @@ impl NetDevice {
                 tracing::info!(tap = self.tap.name(), "virtio-net: ingress tap closed");
                 self.ingress = None;
             }
+        }
+    }
+}
+
+/// What became of a chain [`drain_queue`] handed over.
+enum Taken {
+    /// Returned to the driver with this many bytes written.
+    Used(u32),
+    /// Put back in the driver's ring; the queue stops there.
+    PutBack,
+}
+
+/// Hands every chain the driver made available on `queue` (the `what` queue) to `take`, until
+/// the ring is empty with notifications enabled again, or `take` puts a chain back (then
+/// notifications stay off). A ring whose available index says more than it gives is an error.
+fn drain_queue<'m, M: GuestMemory>(
+    mem: &'m M,
+    queue: &mut Queue,
+    what: &'static str,
+    mut take: impl FnMut(DescriptorChain<&'m M>) -> Taken,
+) -> Result<(), NetError> {
+    // Rounds in a row that found nothing although the available index said otherwise.
+    let mut idle_rounds = 0;
+    loop {
+        queue.disable_notification(mem)?;
+        idle_rounds += 1;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            idle_rounds = 0;
+            let head = chain.head_index();
+            match take(chain) {
+                Taken::Used(len) => queue.add_used(mem, head, len)?,
+                Taken::PutBack => {
+                    queue.go_to_previous_position();
+                    return Ok(());
+                }
+            }
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(());
+        }
+        // One empty round can be a race with the driver; two cannot.
+        if idle_rounds >= 2 {
+            return Err(NetError::InvalidAvailRing(what));
         }
     }
 }
