@@ -3,8 +3,10 @@
 //!
 //! Offered always: `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS`,
 //! `VIRTIO_NET_F_MRG_RXBUF` (a frame may span several receive buffers, so any frame the TAP
-//! hands over fits whatever buffer size the driver picks), `VIRTIO_RING_F_EVENT_IDX` and
-//! `VIRTIO_RING_F_INDIRECT_DESC`.
+//! hands over fits whatever buffer size the driver picks), `VIRTIO_RING_F_EVENT_IDX`,
+//! `VIRTIO_RING_F_INDIRECT_DESC`, and `VIRTIO_NET_F_GUEST_ANNOUNCE` with the control queue it
+//! needs (`VIRTIO_NET_F_CTRL_VQ`; see [`crate::ctrl`]): after a move the driver announces the
+//! guest itself.
 //!
 //! Offered when the TAP supports `TUNSETOFFLOAD` (and not turned off): checksum offload and TCP
 //! segmentation offload both ways. Transmit side (`VIRTIO_NET_F_CSUM`, `HOST_TSO4/6`): the
@@ -15,9 +17,9 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -33,7 +35,9 @@ pub const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_STATUS)
     | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_RING_F_EVENT_IDX)
-    | bit(VIRTIO_RING_F_INDIRECT_DESC);
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_NET_F_CTRL_VQ)
+    | bit(VIRTIO_NET_F_GUEST_ANNOUNCE);
 
 /// Checksum and segmentation offloads, offered when the TAP supports them.
 pub const OFFLOAD_FEATURES: u64 = bit(VIRTIO_NET_F_CSUM)
@@ -86,6 +90,9 @@ mod tests {
     fn offered_bits() {
         assert!(has(BASE_FEATURES, VIRTIO_F_VERSION_1));
         assert!(has(BASE_FEATURES, VIRTIO_NET_F_MRG_RXBUF));
+        // The guest announces itself, on the control queue that needs (spec 5.1.3.1).
+        assert!(has(BASE_FEATURES, VIRTIO_NET_F_CTRL_VQ));
+        assert!(has(BASE_FEATURES, VIRTIO_NET_F_GUEST_ANNOUNCE));
         assert_eq!(BASE_FEATURES & OFFLOAD_FEATURES, 0);
     }
 }

@@ -10,9 +10,11 @@
 //!
 //! Modules: [`tap`] (the host interface), [`header`] (the virtio-net header), [`features`]
 //! (what is offered, and the TAP offloads that follow), [`ring`] (used-ring batches and
-//! interrupt suppression), [`gate`], [`ingress`], [`mac`], [`device`].
+//! interrupt suppression), [`ctrl`] (the control queue), [`announce`] (the RARP after a move),
+//! [`gate`], [`ingress`], [`mac`], [`device`].
 
 pub mod announce;
+pub mod ctrl;
 pub mod device;
 pub mod features;
 pub mod gate;
@@ -25,6 +27,7 @@ pub mod tap;
 #[cfg(any(test, feature = "testutil"))]
 pub mod testutil;
 
+pub use ctrl::CTRL_QUEUE;
 pub use device::{
     NetDevice, NetError, NetState, NetStats, CONFIG_LEN, MAX_FRAME_LEN, RX_QUEUE, TX_QUEUE,
 };

@@ -610,10 +610,12 @@ impl MicroVm {
     }
 
     /// Announces the guest on the host network (after it moved here): every network device
-    /// sends a RARP broadcast from the guest's MAC, so bridges and switches learn its new port.
+    /// sends a RARP broadcast from the guest's MAC, so bridges and switches learn its new port,
+    /// and asks a driver that negotiated `VIRTIO_NET_F_GUEST_ANNOUNCE` to announce the guest's
+    /// addresses itself (a configuration change with `VIRTIO_NET_S_ANNOUNCE`).
     pub fn announce(&self) {
         for slot in &self.devices.virtio {
-            lock(lock(&slot.transport).device()).announce();
+            lock(&slot.transport).announce();
         }
     }
 

@@ -38,8 +38,10 @@ pub const MAGIC: [u8; 4] = *b"VMRW";
 ///
 /// 2: payloads checksummed with XXH64 rather than CRC32, which without carry-less multiply,
 /// emulated, cost 5x a copy of the page. 3.0: the version is `major.minor` (header bytes 4
-/// and 5, and `Hello::protocol`); 2 was one 16-bit number, read whole.
-pub const PROTOCOL_VERSION: FormatVersion = FormatVersion::new(3, 0);
+/// and 5, and `Hello::protocol`); 2 was one 16-bit number, read whole. 3.1: the machine's
+/// state ends with the devices' additions (`vmm::devices::DevicesState`): virtio-net's pending
+/// announce.
+pub const PROTOCOL_VERSION: FormatVersion = FormatVersion::new(3, 1);
 // The frame header holds each part of the version in one byte.
 const _: () = assert!((PROTOCOL_VERSION.major | PROTOCOL_VERSION.minor) >> 8 == 0);
 /// Frame header length.

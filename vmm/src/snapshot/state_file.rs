@@ -29,7 +29,10 @@ use crate::version::FormatVersion;
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"VMRSNAP\0";
 /// The format this build writes; it reads every minor version of its major.
-pub const FORMAT_VERSION: FormatVersion = FormatVersion::new(1, 0);
+///
+/// 1.1: the devices' state ends with additions (`DevicesState`), the first of them whether a
+/// virtio-net device waits for its driver's announce acknowledgement.
+pub const FORMAT_VERSION: FormatVersion = FormatVersion::new(1, 1);
 /// Header length.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload we accept (the state of a VM is a few hundred KiB).

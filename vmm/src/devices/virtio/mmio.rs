@@ -3,7 +3,10 @@
 //! [`MmioTransport`] owns the register file of one virtio-mmio window: feature negotiation,
 //! queue setup and the device status state machine. When the driver sets `DRIVER_OK` it builds
 //! the [`Queue`]s from the registers, checks them against guest memory and hands them to the
-//! [`VirtioDevice`]. The device itself runs on the event-loop thread; the transport only runs on
+//! [`VirtioDevice`]: every queue up to the last one the driver made ready. A driver leaves the
+//! last queues alone when it did not negotiate the feature they serve (virtio-net's control
+//! queue without `VIRTIO_NET_F_CTRL_VQ`); the device checks that it got what its features
+//! need. The device itself runs on the event-loop thread; the transport only runs on
 //! vCPU threads (through the MMIO bus), so the two meet under the device's mutex.
 //!
 //! Queue notifications do not come through here: [`MmioTransport::register_ioevents`] asks KVM
@@ -15,7 +18,9 @@
 //! as the device left them. The restore of a running device rebuilds its queues from these,
 //! exactly (the next available and used indices are the saved ones, not re-read from the rings,
 //! which the driver may have moved on), checks that the rings lie in guest memory, and activates
-//! the device with them: the driver goes on without noticing.
+//! the device with them: the driver goes on without noticing. A state saved with fewer queues
+//! than the device now has (a virtio-net device before its control queue) restores with the
+//! missing queues as after a reset: its driver never set them up.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -313,12 +318,12 @@ pub enum MmioRestoreError {
         /// The saved `Status`.
         status: u32,
     },
-    /// The number of running queues saved is not the number of queues.
-    #[error("{saved} running queues saved for a device with {queues} queues")]
+    /// The number of running queues saved is not the number of queues the driver set up.
+    #[error("{saved} running queues saved for a device whose driver set up {queues}")]
     ActiveQueueCount {
         /// Running queues saved.
         saved: usize,
-        /// Queues of the device.
+        /// Queues up to the last one the driver made ready.
         queues: usize,
     },
     /// A running queue's saved registers are not the transport's.
@@ -439,6 +444,15 @@ impl MmioTransport {
         &self.queues
     }
 
+    /// Announces the guest through its device ([`VirtioDevice::announce`]) and signals the
+    /// configuration change that asks the driver to announce it too.
+    pub fn announce(&mut self) {
+        let changed = lock(&self.device).announce();
+        if changed {
+            self.notify_config_change();
+        }
+    }
+
     /// Tells the driver that the device configuration changed: bumps `ConfigGeneration` and
     /// raises a configuration interrupt.
     pub fn notify_config_change(&mut self) {
@@ -459,6 +473,16 @@ impl MmioTransport {
 
     fn selected_queue(&self) -> Option<&QueueConfig> {
         self.queues.get(self.queue_sel as usize)
+    }
+
+    /// The queues the device gets on `DRIVER_OK`: up to the last one the driver made ready.
+    fn queues_in_use(&self) -> &[QueueConfig] {
+        let used = self
+            .queues
+            .iter()
+            .rposition(|q| q.ready)
+            .map_or(0, |i| i + 1);
+        &self.queues[..used]
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -649,14 +673,14 @@ impl MmioTransport {
                 status: self.status,
             });
         }
-        if saved.len() != self.queues.len() {
+        let in_use = self.queues_in_use();
+        if saved.len() != in_use.len() {
             return Err(MmioRestoreError::ActiveQueueCount {
                 saved: saved.len(),
-                queues: self.queues.len(),
+                queues: in_use.len(),
             });
         }
-        let queues = self
-            .queues
+        let queues = in_use
             .iter()
             .zip(saved)
             .enumerate()
@@ -674,11 +698,12 @@ impl MmioTransport {
             .map_err(MmioRestoreError::Activate)
     }
 
-    /// On `DRIVER_OK`: builds the queues and starts the device, or flags `DEVICE_NEEDS_RESET`.
+    /// On `DRIVER_OK`: builds the queues in use and starts the device, or flags
+    /// `DEVICE_NEEDS_RESET` (a queue before the last ready one is not ready, or is broken).
     fn activate(&mut self) {
         let event_idx = self.driver_features & (1u64 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let queues: Result<Vec<Queue>, _> = self
-            .queues
+            .queues_in_use()
             .iter()
             .enumerate()
             .map(|(index, q)| q.build(&self.mem, event_idx).map_err(|err| (index, err)))
@@ -775,6 +800,7 @@ impl Persist for MmioTransport {
             interrupt,
             device,
         } = args;
+        let mut queues = state.queues.clone();
         {
             let device = lock(&device);
             let (saved, actual) = (state.device.device_type(), device.device_type());
@@ -784,13 +810,20 @@ impl Persist for MmioTransport {
                     device: actual,
                 });
             }
+            // The device may have gained queues since the save (virtio-net's control queue):
+            // the saved ones must be its first.
             let saved: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
-            if saved != device.queue_max_sizes() {
+            if !device.queue_max_sizes().starts_with(&saved) {
                 return Err(MmioRestoreError::QueueLayout {
                     saved,
                     device: device.queue_max_sizes().to_vec(),
                 });
             }
+            queues.extend(
+                device.queue_max_sizes()[saved.len()..]
+                    .iter()
+                    .map(|&max| QueueConfig::new(max)),
+            );
             let features_ok = state.status & VIRTIO_CONFIG_S_FEATURES_OK != 0;
             if features_ok && device.acked_features() != state.driver_features {
                 return Err(MmioRestoreError::Features {
@@ -809,7 +842,7 @@ impl Persist for MmioTransport {
             driver_features_sel: state.driver_features_sel,
             driver_features: state.driver_features,
             queue_sel: state.queue_sel,
-            queues: state.queues.clone(),
+            queues,
             config_generation: state.config_generation,
         };
         if let Some(saved) = &state.active_queues {
@@ -957,6 +990,8 @@ mod tests {
         config: [u8; 8],
         activated: Option<Vec<Queue>>,
         fail_activate: bool,
+        /// Fewest queues the device runs on (its last queue is optional if 1).
+        min_queues: usize,
         resets: usize,
     }
 
@@ -972,6 +1007,7 @@ mod tests {
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
                 activated: None,
                 fail_activate: false,
+                min_queues: QUEUE_MAX.len(),
                 resets: 0,
             }
         }
@@ -1017,6 +1053,12 @@ mod tests {
         ) -> Result<(), ActivateError> {
             if self.fail_activate {
                 return Err(ActivateError::Device("refused".into()));
+            }
+            if queues.len() < self.min_queues {
+                return Err(ActivateError::QueueCount {
+                    expected: self.min_queues,
+                    got: queues.len(),
+                });
             }
             self.activated = Some(queues);
             Ok(())
@@ -1295,6 +1337,70 @@ mod tests {
             assert_ne!(read(t, regs::STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
             assert!(!device.lock().unwrap().is_activated());
         }
+    }
+
+    #[test]
+    fn queues_after_the_last_ready_one_are_left_out_and_gaps_refused() {
+        let Fixture {
+            mut transport,
+            device,
+            ..
+        } = fixture();
+        device.lock().unwrap().min_queues = 1;
+        let t = &mut transport;
+        negotiate(t);
+        setup_queue(t, 0, 8, 0x1_0000);
+        write(t, regs::STATUS, DRIVER_OK);
+        assert_eq!(read(t, regs::STATUS), DRIVER_OK);
+        let queues = device.lock().unwrap().activated.as_ref().unwrap().len();
+        assert_eq!(queues, 1, "the unset last queue was handed over");
+        let state = transport.save();
+        assert_eq!(state.active_queues.as_ref().unwrap().len(), 1);
+
+        // The first queue unset, the second ready: a gap, refused.
+        let t = &mut transport;
+        negotiate(t);
+        setup_queue(t, 1, 4, 0x2_0000);
+        write(t, regs::STATUS, DRIVER_OK);
+        assert_ne!(read(t, regs::STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!device.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn a_state_saved_with_fewer_queues_restores_with_the_new_ones_unset() {
+        // Saved before the device had its second queue, the driver using the first only.
+        let Fixture {
+            mut transport,
+            device,
+            ..
+        } = fixture();
+        device.lock().unwrap().min_queues = 1;
+        negotiate(&mut transport);
+        setup_queue(&mut transport, 0, 8, 0x1_0000);
+        write(&mut transport, regs::STATUS, DRIVER_OK);
+        let mut old = saved(&transport);
+        old.queues.pop();
+        assert_eq!(old.active_queues.as_ref().unwrap().len(), 1);
+
+        let mut device = acked_device();
+        device.min_queues = 1;
+        let Fixture {
+            transport: restored,
+            device,
+            ..
+        } = restore(&transport.mem, device, &old).unwrap();
+        assert_eq!(restored.queue_configs().len(), 2);
+        assert_eq!(restored.queue_configs()[1], QueueConfig::new(QUEUE_MAX[1]));
+        assert_eq!(device.lock().unwrap().activated.as_ref().unwrap().len(), 1);
+
+        // More queues than the device has, or others, still do not fit.
+        let mut more = old.clone();
+        more.queues
+            .extend([QueueConfig::new(8), QueueConfig::new(8)]);
+        let err = restore(&transport.mem, acked_device(), &more)
+            .err()
+            .unwrap();
+        assert!(matches!(err, MmioRestoreError::QueueLayout { .. }), "{err}");
     }
 
     #[test]

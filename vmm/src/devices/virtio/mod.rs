@@ -139,8 +139,11 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn is_activated(&self) -> bool;
     /// Stops the device (driver wrote 0 to `Status`); returns to the pre-activation state.
     fn reset(&mut self);
-    /// Makes the guest known on the host's network after it moved here (network devices).
-    fn announce(&self) {}
+    /// Makes the guest known on the host's network after it moved here (network devices);
+    /// returns whether the device's configuration changed, which the transport then signals.
+    fn announce(&mut self) -> bool {
+        false
+    }
     /// The queues the device runs on, in queue order; empty if it is not activated.
     fn queue_states(&self) -> Vec<QueueRuntimeState>;
     /// The device's own state (what its `Persist::save` returns), for the transport's state.

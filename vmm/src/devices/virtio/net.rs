@@ -2,8 +2,10 @@
 //! [`VirtioDevice`] interface, driven by the event loop.
 //!
 //! The builder registers the device with the monitor's `EventManager` before the guest starts;
-//! [`MutEventSubscriber::init`] then adds its six event sources:
-//! - the two queue eventfds (KVM signals them on `QueueNotify`),
+//! [`MutEventSubscriber::init`] then adds its seven event sources:
+//! - the three queue eventfds (KVM signals them on `QueueNotify`): receive, transmit and control
+//!   (the control queue is set up by drivers that negotiated `VIRTIO_NET_F_CTRL_VQ`; see
+//!   [`virtio_net_tap::ctrl`]),
 //! - the TAP fd (readable; edge-triggered, so every wake-up drains the TAP or remembers a frame),
 //! - the activation eventfd, written by [`VirtioDevice::activate`] on the vCPU thread that saw
 //!   `DRIVER_OK`, so that processing starts on the event-loop thread,
@@ -18,6 +20,10 @@
 //! Events before activation are drained and ignored. After processing, the driver is
 //! interrupted only if it asked to be (`VIRTIO_RING_F_EVENT_IDX` or the no-interrupt flag).
 //!
+//! **Announce** ([`VirtioDevice::announce`], after a restore, a migration or a takeover): the
+//! RARP from the host, and with `VIRTIO_NET_F_GUEST_ANNOUNCE` the driver asked to announce the
+//! guest itself through the configuration space, which the transport then signals as changed.
+//!
 //! **Save and restore** ([`Persist`]): the state is [`virtio_net_tap::NetState`]. The restore
 //! opens a TAP (the saved one or another, e.g. on the destination host), sets the accepted
 //! features and so the TAP offloads before the transport activates the device, and puts back
@@ -29,9 +35,10 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
 use virtio_net_tap::{
     mirror_channel, Egress, GateMode, IngressSink, MacAddr, NetDevice, NetState, NetStats, Tap,
-    TapError, CONFIG_LEN, RX_QUEUE, TX_QUEUE,
+    TapError, CONFIG_LEN, CTRL_QUEUE, RX_QUEUE, TX_QUEUE,
 };
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -47,6 +54,8 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// The queues: receive, transmit, control.
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 
 const RX_TOKEN: u32 = 0;
 const TX_TOKEN: u32 = 1;
@@ -54,6 +63,7 @@ const TAP_TOKEN: u32 = 2;
 const ACTIVATE_TOKEN: u32 = 3;
 const ROOM_TOKEN: u32 = 4;
 const INJECT_TOKEN: u32 = 5;
+const CTRL_TOKEN: u32 = 6;
 
 /// Errors from creating a network device.
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +91,15 @@ struct Active {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    /// The control queue, if the driver negotiated it.
+    ctrl: Option<Queue>,
     interrupt: Arc<VirtioInterrupt>,
 }
 
 /// A virtio-net device on a host TAP.
 pub struct Net {
     device: NetDevice,
-    queue_evts: [EventFd; 2],
+    queue_evts: [EventFd; 3],
     activate_evt: EventFd,
     injector: Injector,
     active: Option<Active>,
@@ -123,7 +135,7 @@ impl Net {
         let event_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Self {
             device,
-            queue_evts: [event_fd()?, event_fd()?],
+            queue_evts: [event_fd()?, event_fd()?, event_fd()?],
             activate_evt: event_fd()?,
             injector: Injector::new().map_err(NetError::EventFd)?,
             active: None,
@@ -156,7 +168,7 @@ impl Net {
     /// what the TAP has: at once if the device is active, else once it is.
     pub fn inject_rx(&mut self, frame: Vec<u8>) {
         self.device.inject_rx(frame);
-        self.process(true, false);
+        self.process(true, false, false);
     }
 
     /// Data-path counters.
@@ -164,12 +176,18 @@ impl Net {
         self.device.stats()
     }
 
-    /// Runs the data path, then interrupts the driver if it wants to be.
-    fn process(&mut self, rx: bool, tx: bool) {
+    /// Runs the data path and the control queue, then interrupts the driver if it wants to be.
+    fn process(&mut self, rx: bool, tx: bool, ctrl: bool) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mut notify = false;
+        if let (true, Some(queue)) = (ctrl, active.ctrl.as_mut()) {
+            match self.device.process_ctrl(&active.mem, queue) {
+                Ok(n) => notify |= n,
+                Err(err) => tracing::error!(%err, "virtio-net: control queue"),
+            }
+        }
         if tx {
             match self.device.process_tx(&active.mem, &mut active.tx) {
                 Ok(n) => notify |= n,
@@ -204,6 +222,7 @@ impl MutEventSubscriber for Net {
         let events = [
             Events::with_data(&self.queue_evts[RX_QUEUE], RX_TOKEN, EventSet::IN),
             Events::with_data(&self.queue_evts[TX_QUEUE], TX_TOKEN, EventSet::IN),
+            Events::with_data(&self.queue_evts[CTRL_QUEUE], CTRL_TOKEN, EventSet::IN),
             Events::with_data_raw(
                 self.device.tap().as_raw_fd(),
                 TAP_TOKEN,
@@ -221,25 +240,29 @@ impl MutEventSubscriber for Net {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let (rx, tx) = match events.data() {
+        let (rx, tx, ctrl) = match events.data() {
             // New receive buffers: a frame may be waiting for them.
             RX_TOKEN => {
                 drain(&self.queue_evts[RX_QUEUE], "receive queue");
-                (true, false)
+                (true, false, false)
             }
             TX_TOKEN => {
                 drain(&self.queue_evts[TX_QUEUE], "transmit queue");
-                (false, true)
+                (false, true, false)
             }
-            TAP_TOKEN => (true, false),
+            CTRL_TOKEN => {
+                drain(&self.queue_evts[CTRL_QUEUE], "control queue");
+                (false, false, true)
+            }
+            TAP_TOKEN => (true, false, false),
             ACTIVATE_TOKEN => {
                 drain(&self.activate_evt, "activation");
                 tracing::debug!(tap = self.tap_name(), "virtio-net: activated");
-                (true, true)
+                (true, true, true)
             }
             ROOM_TOKEN => {
                 drain(self.device.egress().room_event(), "egress room");
-                (false, true)
+                (false, true, false)
             }
             INJECT_TOKEN => {
                 drain(self.injector.wake_event(), "injection");
@@ -247,7 +270,7 @@ impl MutEventSubscriber for Net {
                 for frame in self.injector.take() {
                     self.device.inject_rx(frame);
                 }
-                (true, false)
+                (true, false, false)
             }
             other => {
                 tracing::warn!(token = other, "virtio-net: unexpected event");
@@ -258,7 +281,7 @@ impl MutEventSubscriber for Net {
             tracing::trace!("virtio-net: event before activation ignored");
             return;
         }
-        self.process(rx, tx);
+        self.process(rx, tx, ctrl);
     }
 }
 
@@ -297,7 +320,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &QUEUE_SIZES
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -340,15 +363,29 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
+        // The control queue is there when the driver negotiated it.
+        let expected = if self.device.acked_features() & 1 << VIRTIO_NET_F_CTRL_VQ != 0 {
+            3
+        } else {
+            2
+        };
         let got = queues.len();
-        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
+        if got != expected {
+            return Err(ActivateError::QueueCount { expected, got });
+        }
+        let mut queues = queues.into_iter();
+        let (Some(rx), Some(tx), ctrl) = (queues.next(), queues.next(), queues.next()) else {
+            unreachable!("two or three queues");
         };
         self.device.activate(&rx, &tx);
+        if let Some(ctrl) = &ctrl {
+            self.device.activate_ctrl(ctrl);
+        }
         self.active = Some(Active {
             mem,
             rx,
             tx,
+            ctrl,
             interrupt,
         });
         // Processing starts on the event-loop thread.
@@ -368,16 +405,16 @@ impl VirtioDevice for Net {
         self.device.reset();
     }
 
-    fn announce(&self) {
-        if let Err(err) = virtio_net_tap::announce::announce(self.device.tap(), self.device.mac()) {
-            tracing::warn!(%err, "virtio-net: cannot announce the guest on its TAP");
-        }
+    fn announce(&mut self) -> bool {
+        // A driver that has not started cannot answer; the bit waits for it in the state.
+        self.device.announce() && self.active.is_some()
     }
 
     fn queue_states(&self) -> Vec<QueueRuntimeState> {
         self.active
             .iter()
-            .flat_map(|active| [&active.rx, &active.tx])
+            .flat_map(|active| [Some(&active.rx), Some(&active.tx), active.ctrl.as_ref()])
+            .flatten()
             .map(QueueRuntimeState::from)
             .collect()
     }
@@ -423,7 +460,7 @@ mod tests {
     use event_manager::{EventManager, SubscriberOps};
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_net_tap::testutil::{NetNs, TapPeer};
     use virtio_net_tap::{GateMode, IngressFrame, VNET_HDR_LEN};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -474,8 +511,8 @@ mod tests {
         let mut beyond = [0xffu8; 4];
         net.read_config(6, &mut beyond);
         assert_eq!(beyond, [1, 0, 0, 0]);
-        assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE, QUEUE_SIZE]);
-        assert_eq!(net.queue_events().len(), 2);
+        assert_eq!(net.queue_max_sizes(), &[QUEUE_SIZE; 3]);
+        assert_eq!(net.queue_events().len(), 3);
     }
 
     #[test]
@@ -623,7 +660,7 @@ mod tests {
         src.send(&second[VNET_HDR_LEN..]);
         for _ in 0..400 {
             let mut net = net.lock().unwrap();
-            net.process(true, false);
+            net.process(true, false, false);
             if net.device.rx_pending() {
                 break;
             }
@@ -646,7 +683,7 @@ mod tests {
             .unwrap();
         txq.add_desc_chains(&[desc(TX_BUF, held.len() as u32, 0)], 0)
             .unwrap();
-        net.lock().unwrap().process(false, true);
+        net.lock().unwrap().process(false, true, false);
         assert_eq!(egress.held_frames(), 1);
         txq.add_desc_chains(&[desc(TX_BUF + 0x1000, queued.len() as u32, 0)], 1)
             .unwrap();
@@ -715,7 +752,7 @@ mod tests {
             1,
         )
         .unwrap();
-        net.lock().unwrap().process(true, true);
+        net.lock().unwrap().process(true, true, false);
         assert_eq!(rxq.used().idx().load(), 3);
         for (i, (expected, at)) in [(&second, RX_BUF + 0x1000), (&third, RX_BUF + 0x2000)]
             .into_iter()
@@ -740,6 +777,137 @@ mod tests {
         assert!(src
             .try_recv_matching(head, Duration::from_millis(50))
             .is_none());
+    }
+
+    #[test]
+    fn announce_asks_a_driver_with_the_feature_through_a_config_change() {
+        use virtio_bindings::virtio_net::{
+            VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
+        };
+
+        use crate::devices::virtio::mmio::testing::{bring_up, read_reg};
+        use crate::devices::virtio::mmio::{regs, MmioRestoreArgs, MmioState, MmioTransport};
+        use crate::devices::virtio::VIRTIO_MMIO_INT_CONFIG;
+
+        let Some(ns) = NetNs::enter() else { return };
+        let peer = TapPeer::persistent(&ns, "nann");
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let interrupt = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let net = Net::new(&peer.name, Some(MAC)).unwrap();
+        let ctrl_evt = net.queue_events()[CTRL_QUEUE].try_clone().unwrap();
+        let net = Arc::new(Mutex::new(net));
+        let mut event_loop = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        event_loop.add_subscriber(net.clone());
+        let rxq = MockSplitQueue::create(&mem, GuestAddress(RX_RING), 16);
+        let txq = MockSplitQueue::create(&mem, GuestAddress(TX_RING), 16);
+        let ctrlq = MockSplitQueue::create(&mem, GuestAddress(0x4_0000), 16);
+        let features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_CTRL_VQ
+            | 1 << VIRTIO_NET_F_GUEST_ANNOUNCE;
+        let mut transport = MmioTransport::new(mem.clone(), net.clone(), interrupt.clone());
+        // With CTRL_VQ the driver must set up the control queue.
+        bring_up(&mut transport, features, &[&rxq, &txq]);
+        assert!(!net.lock().unwrap().is_activated());
+        bring_up(&mut transport, features, &[&rxq, &txq, &ctrlq]);
+        assert!(net.lock().unwrap().is_activated());
+        assert_eq!(event_loop.run_with_timeout(100).unwrap(), 1);
+        interrupt.ack(u32::MAX);
+        let _ = interrupt.irqfd().read();
+        let status = |t: &mut MmioTransport| read_reg(t, regs::CONFIG + 4) >> 16;
+        assert_eq!(status(&mut transport), VIRTIO_NET_S_LINK_UP);
+        let generation = read_reg(&mut transport, regs::CONFIG_GENERATION);
+
+        // The RARP, and a configuration change with VIRTIO_NET_S_ANNOUNCE.
+        peer.wait_link_up();
+        transport.announce();
+        assert!(peer.recv_matching(&[0xff; 6]).len() >= 42);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(interrupt.irqfd().read().unwrap(), 1);
+        assert_ne!(
+            read_reg(&mut transport, regs::CONFIG_GENERATION),
+            generation
+        );
+        assert_eq!(
+            status(&mut transport),
+            VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE
+        );
+
+        // Saved with its control queue and the pending announce; restored as it was.
+        let state: MmioState = transport.save();
+        assert_eq!(state.active_queues.as_ref().unwrap().len(), 3);
+        let VirtioDeviceState::Net(saved) = &state.device else {
+            panic!("not a network device");
+        };
+        assert!(saved.announce_pending);
+        let other = TapPeer::persistent(&ns, "nann2");
+        let args = NetRestoreArgs {
+            tap_name: Some(other.name.clone()),
+        };
+        let restored_net = Arc::new(Mutex::new(Net::restore(args, saved).unwrap()));
+        let mut restored = MmioTransport::restore(
+            MmioRestoreArgs {
+                mem: mem.clone(),
+                interrupt: Arc::new(VirtioInterrupt::new(
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                )),
+                device: restored_net.clone(),
+            },
+            &state,
+        )
+        .unwrap();
+        assert_eq!(restored.save().active_queues, state.active_queues);
+        assert_eq!(
+            status(&mut restored),
+            VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE
+        );
+        drop((restored, restored_net));
+
+        // The driver's ANNOUNCE_ACK on the control queue: OK, the bit cleared.
+        mem.write_slice(&[3u8, 0], GuestAddress(TX_BUF)).unwrap();
+        mem.write_slice(&[0xffu8], GuestAddress(TX_BUF + 0x10))
+            .unwrap();
+        ctrlq
+            .add_desc_chains(
+                &[
+                    RawDescriptor::from(SplitDescriptor::new(
+                        TX_BUF,
+                        2,
+                        VRING_DESC_F_NEXT as u16,
+                        1,
+                    )),
+                    desc(TX_BUF + 0x10, 1, VRING_DESC_F_WRITE),
+                ],
+                0,
+            )
+            .unwrap();
+        ctrl_evt.write(1).unwrap();
+        // The kick, and maybe the TAP (the host may send on the link it brought up).
+        assert!(event_loop.run_with_timeout(100).unwrap() >= 1);
+        assert_eq!(ctrlq.used().idx().load(), 1);
+        let mut ack = [0u8];
+        mem.read_slice(&mut ack, GuestAddress(TX_BUF + 0x10))
+            .unwrap();
+        assert_eq!(u32::from(ack[0]), VIRTIO_NET_OK);
+        assert_eq!(status(&mut transport), VIRTIO_NET_S_LINK_UP);
+        assert_ne!(interrupt.status() & VIRTIO_MMIO_INT_VRING, 0);
+
+        // A driver without the feature (and so without the control queue): only the RARP.
+        bring_up(&mut transport, 1 << VIRTIO_F_VERSION_1, &[&rxq, &txq]);
+        assert!(net.lock().unwrap().is_activated());
+        interrupt.ack(u32::MAX);
+        peer.drain();
+        transport.announce();
+        assert!(peer.recv_matching(&[0xff; 6]).len() >= 42);
+        assert_eq!(
+            interrupt.status(),
+            0,
+            "a configuration change without the feature"
+        );
+        assert_eq!(status(&mut transport), VIRTIO_NET_S_LINK_UP);
+        assert_eq!(transport.save().active_queues.unwrap().len(), 2);
     }
 
     #[test]
