@@ -540,7 +540,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     let restore_time = t0.elapsed();
     assert_eq!(progress_in(restored.vm().memory()), at_commit);
     assert_eq!(
-        run_for(&mut restored, Duration::from_millis(300)),
+        run_for(&mut restored, Duration::from_secs(1)),
         ExitReason::Stopped
     );
     let ran = progress_in(restored.vm().memory());
@@ -569,7 +569,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     assert_eq!(promoted.config().rootfs.as_ref(), Some(&standby_root));
     assert_eq!(promoted.config().disks[0].path, standby_disk);
     assert_eq!(
-        run_for(&mut promoted, Duration::from_millis(300)),
+        run_for(&mut promoted, Duration::from_secs(1)),
         ExitReason::Stopped
     );
     let ran = progress_in(promoted.vm().memory());
@@ -722,7 +722,7 @@ fn a_standby_promoted_while_serving_refuses_the_primarys_next_epochs() {
     assert_eq!(info.committed_epoch, epoch);
     vm.stop().unwrap();
     assert_eq!(
-        run_for(&mut promoted, Duration::from_millis(300)),
+        run_for(&mut promoted, Duration::from_secs(1)),
         ExitReason::Stopped
     );
     let ran = progress_in(promoted.vm().memory());
