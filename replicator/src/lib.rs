@@ -10,7 +10,8 @@
 //! - [`primary`]: the epoch engine of the protected VM, fenced by its authority
 //!   ([`primary::authority`]);
 //! - [`conn`]: the stream under a link (TCP or a Unix socket);
-//! - [`coordinator`]: who owns a protected VM (etcd), the term as fencing token.
+//! - [`coordinator`]: who owns a protected VM (etcd), the term as fencing token;
+//! - [`priority`]: the replication threads' priorities beside the guest's vCPUs.
 
 pub mod auth;
 pub mod compat;
@@ -19,5 +20,6 @@ pub mod coordinator;
 pub mod epoch;
 pub mod pairing;
 pub mod primary;
+pub mod priority;
 pub mod standby;
 pub mod wire;

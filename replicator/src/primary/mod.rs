@@ -617,6 +617,7 @@ impl Engine {
         let copy = std::thread::Builder::new()
             .name("join-copy".into())
             .spawn(move || {
+                crate::priority::set_nice(crate::priority::BULK_NICE);
                 let copied = copy_memory(&tracker, consumer, &mut writer);
                 (writer, copied)
             });
@@ -840,6 +841,7 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("epochs".into())
             .spawn(move || {
+                crate::priority::set_nice(crate::priority::LINK_NICE);
                 let result = self.run_with(&flag, &command_rx);
                 if let Err(e) = &result {
                     tracing::error!("the epoch engine stopped: {e}");
