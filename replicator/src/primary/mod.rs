@@ -1154,7 +1154,7 @@ impl Engine {
             joining = peer.joining.is_some(),
             "standby dropped: {reason}"
         );
-        let left = self.peers.len();
+        let left = self.peers.len() + self.joiners.len();
         self.update_metrics(|m| {
             m.dropped.push(format!("{}: {reason}", peer.name));
             m.joining.retain(|n| *n != peer.name);
