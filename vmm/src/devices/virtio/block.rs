@@ -1258,8 +1258,9 @@ mod tests {
         );
         // The host cannot flush /dev/full (fdatasync of a character device fails).
         h.block = Block::new("/dev/full", false).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
         activate(&mut h, &vq);
-        add_request(&h.mem, &vq, 3, VIRTIO_BLK_T_FLUSH, 0, 0);
+        add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_FLUSH, 0, 0);
         h.block.process_queue();
         assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
         let health = h.block.disk_health().unwrap();
