@@ -295,7 +295,7 @@ impl ReplicationHook for PrimaryHook {
             key: true,
             term: self.term,
             period_ms: self.period.as_millis() as u64,
-            health: self.health(),
+            health: self.health().map(Box::new),
             ..ReplicationStatus::default()
         };
         let engine = lock(&self.engine);

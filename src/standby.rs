@@ -700,7 +700,7 @@ impl ReplicationHook for StandbyHost {
         let mut status = ReplicationStatus {
             role: ReplicationRole::Standby,
             key: true,
-            health: Some(self.resources.check()),
+            health: Some(Box::new(self.resources.check())),
             ..ReplicationStatus::default()
         };
         match held.as_ref() {

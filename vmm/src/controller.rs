@@ -129,7 +129,7 @@ impl Controller {
             ApiRequest::GetMetrics => Ok(ApiReply::Metrics(self.metrics(vm))),
             ApiRequest::GetReplication => {
                 let mut status = self.replication.status();
-                status.health = Some(vm.health().state());
+                status.health = Some(Box::new(vm.health().state()));
                 Ok(ApiReply::Replication(status))
             }
             ApiRequest::Migrate(_) | ApiRequest::Protect(_) | ApiRequest::Failover(_) => Err(
@@ -442,7 +442,7 @@ pub fn answer_without_vm(
         ApiRequest::GetMetrics => {
             let status = hook.status();
             let mut metrics = status.metrics();
-            metrics.extend(status.health.iter().flat_map(HealthState::metrics));
+            metrics.extend(status.health.iter().flat_map(|h| h.metrics()));
             Ok(ApiReply::Metrics(metrics))
         }
         ApiRequest::CreateSnapshot(params) => snapshot(params).map(ApiReply::Snapshot),

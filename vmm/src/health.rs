@@ -432,7 +432,7 @@ mod tests {
         assert_eq!((failing.state, failing.io_errors), (DiskState::Failing, 3));
         std::fs::remove_file(&path).unwrap();
         assert_eq!(disk_health(&path, &file, 0).state, DiskState::Gone);
-        let standby = HostResources::new(Vec::new(), &[path.clone()]);
+        let standby = HostResources::new(Vec::new(), std::slice::from_ref(&path));
         assert_eq!(standby.check().disks[0].state, DiskState::Gone);
     }
 

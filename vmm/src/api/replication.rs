@@ -130,9 +130,10 @@ pub struct ReplicationStatus {
     /// Anything else the operator should know, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// What this host supervises of the resources the VM needs (absent from an older monitor).
+    /// What this host supervises of the resources the VM needs (absent from an older monitor;
+    /// boxed: the status travels in every API reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<HealthState>,
+    pub health: Option<Box<HealthState>>,
 }
 
 impl ReplicationStatus {

@@ -1240,7 +1240,7 @@ fn standby_status() -> ReplicationStatus {
         key: true,
         last_committed_epoch: 41,
         primary: Some("10.0.0.1:7070".into()),
-        health: Some(HealthState {
+        health: Some(Box::new(HealthState {
             taps: vec![TapHealth {
                 name: "tap1".into(),
                 state: TapState::Down,
@@ -1252,7 +1252,7 @@ fn standby_status() -> ReplicationStatus {
                 io_errors: 0,
             }],
             guest: None,
-        }),
+        })),
         ..ReplicationStatus::default()
     }
 }
