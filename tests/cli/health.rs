@@ -1,7 +1,8 @@
 //! Health supervision through the `vmr` binary, with TAPs in a network namespace of the test's
 //! own: a primary whose TAP goes down hands the VM over to its synchronised standby (which
-//! runs it from the last epoch, none lost), and one without a standby only reports it, in
-//! `GET /replication`, `GET /vm/resources` and the metrics.
+//! runs it from the last epoch, none lost), as does one whose disk image is deleted; one
+//! without a standby only reports it, in `GET /replication`, `GET /vm/resources` and the
+//! metrics.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,13 +22,13 @@ fn netns() -> Option<NetNs> {
     Some(ns)
 }
 
-/// An epoch writer with its TAP `tap` and a key (so that it may be protected), its API at
+/// An epoch writer with a key (so that it may be protected) and `extra` arguments, its API at
 /// `<name>.sock`.
-fn writer(name: &str, key: &Path, tap: &str, extra: &[&str]) -> (Vmr, std::path::PathBuf) {
+fn writer(name: &str, key: &Path, extra: &[&str]) -> (Vmr, std::path::PathBuf) {
     let kernel = tiny_elf("epoch_writer");
     let api = scratch(&format!("{name}.sock"));
     let mut args = writer_args(&kernel);
-    args.extend(["--net".into(), format!("tap={tap}"), "--key-file".into()]);
+    args.push("--key-file".into());
     args.push(key.display().to_string());
     args.extend(["--api".to_string(), api.display().to_string()]);
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -80,11 +81,11 @@ fn a_primary_whose_tap_goes_down_hands_the_vm_over_to_its_standby() {
         &key,
         &["--allow-pvm", "--net", &format!("tap={}", standby_tap.name)],
     );
+    let tap = format!("tap={}", primary_tap.name);
     let (mut p, api) = writer(
         "health-primary",
         &key,
-        &primary_tap.name,
-        &["--protect", &standby.addr],
+        &["--net", &tap, "--protect", &standby.addr],
     );
     wait_replication(standby.api(), ready);
     // Both hosts supervise their own TAP: the primary holds its own open (up, running), the
@@ -160,7 +161,11 @@ fn without_a_standby_a_failed_tap_is_only_reported_in_the_status_resources_and_m
     let Some(ns) = netns() else { return };
     let tap = TapPeer::persistent(&ns, "hu");
     let key = key_file("health-report.key", 22);
-    let (mut vm, api) = writer("health-unprotected", &key, &tap.name, &[]);
+    let (mut vm, api) = writer(
+        "health-unprotected",
+        &key,
+        &["--net", &format!("tap={}", tap.name)],
+    );
     let up = wait_replication(&api, |s| {
         tap_state(s, &tap.name).as_deref() == Some("up")
             && s["health"]["guest"]["state"] == "progressing"
@@ -226,4 +231,50 @@ fn without_a_standby_a_failed_tap_is_only_reported_in_the_status_resources_and_m
     );
     assert!(vm.child.try_wait().unwrap().is_none(), "{}", vm.log());
     assert!(vm.log().contains("health: TAP"), "{}", vm.log());
+}
+
+#[test]
+fn a_primary_whose_disk_image_is_deleted_hands_the_vm_over_to_its_standby() {
+    let key = key_file("health-disk.key", 23);
+    let (ours, theirs) = (scratch("health-p.raw"), scratch("health-s.raw"));
+    for image in [&ours, &theirs] {
+        std::fs::write(image, vec![0u8; 1 << 20]).unwrap();
+    }
+    let standby = StandbyProc::spawn(
+        "health-disk-standby",
+        &key,
+        &["--allow-pvm", "--disk", theirs.to_str().unwrap()],
+    );
+    let (mut p, api) = writer(
+        "health-disk-primary",
+        &key,
+        &["--disk", ours.to_str().unwrap(), "--protect", &standby.addr],
+    );
+    wait_replication(standby.api(), ready);
+    let status = wait_replication(&api, |s| s["protected"] == true);
+    assert_eq!(status["health"]["disks"][0]["state"], "ok", "{status}");
+    let s = replication(standby.api());
+    assert_eq!(s["health"]["disks"][0]["state"], "ok", "{s}");
+
+    std::fs::remove_file(&ours).unwrap();
+    assert!(p.wait(), "the primary did not end cleanly: {}", p.log());
+    wait_taken_over(&standby);
+    let epoch = promoted_epoch(&standby);
+    let log = p.log();
+    let deleted = format!("VM handed over (disk {} was deleted)", ours.display());
+    let line = log
+        .lines()
+        .find(|l| l.contains(&deleted))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("epoch={epoch}")), "{line}");
+    // The standby's host runs the VM on its own image, which it supervises.
+    let status = wait_replication(standby.api(), |s| {
+        s["health"]["guest"]["state"] == "progressing"
+    });
+    assert_eq!(
+        status["health"]["disks"][0]["path"],
+        theirs.to_str().unwrap(),
+        "{status}"
+    );
+    assert_eq!(status["health"]["disks"][0]["state"], "ok", "{status}");
 }
