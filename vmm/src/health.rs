@@ -439,39 +439,23 @@ mod tests {
     #[test]
     fn a_running_guest_without_exits_stalls_and_a_paused_one_does_not() {
         let t0 = Instant::now();
-        let at = |ms| t0 + Duration::from_millis(ms);
         let mut g = GuestProgress::new(Duration::from_millis(1000), t0);
-        assert_eq!(g.observe(Some(1), None, at(0)).state, GuestState::Unknown);
-        assert_eq!(
-            g.observe(Some(5), Some(true), at(200)).state,
-            GuestState::Progressing
-        );
-        assert_eq!(
-            g.observe(Some(5), Some(true), at(900)).state,
-            GuestState::Progressing
-        );
-        let stalled = g.observe(Some(5), Some(true), at(1200));
-        assert_eq!(
-            (stalled.state, stalled.idle_ms),
-            (GuestState::Stalled, 1000)
-        );
-        assert_eq!(
-            g.observe(Some(6), Some(true), at(1400)).state,
-            GuestState::Progressing
-        );
-        // Paused for long: not stalled, and its idle time starts again when it resumes.
-        assert_eq!(
-            g.observe(Some(6), Some(false), at(5000)).state,
-            GuestState::Paused
-        );
-        assert_eq!(
-            g.observe(Some(6), Some(true), at(5500)).state,
-            GuestState::Progressing
-        );
-        assert_eq!(
-            g.observe(None, Some(true), at(9000)).state,
-            GuestState::Unknown
-        );
+        // (exits read, running, at ms, state, idle ms)
+        let readings = [
+            (Some(1), None, 0, GuestState::Unknown, 0),
+            (Some(5), Some(true), 200, GuestState::Progressing, 0),
+            (Some(5), Some(true), 900, GuestState::Progressing, 700),
+            (Some(5), Some(true), 1200, GuestState::Stalled, 1000),
+            (Some(6), Some(true), 1400, GuestState::Progressing, 0),
+            // Paused for long: not stalled, and its idle time starts again when it resumes.
+            (Some(6), Some(false), 5000, GuestState::Paused, 0),
+            (Some(6), Some(true), 5500, GuestState::Progressing, 500),
+            (None, Some(true), 9000, GuestState::Unknown, 0),
+        ];
+        for (i, (exits, running, ms, state, idle_ms)) in readings.into_iter().enumerate() {
+            let h = g.observe(exits, running, t0 + Duration::from_millis(ms));
+            assert_eq!((h.state, h.idle_ms), (state, idle_ms), "reading {i}");
+        }
     }
 
     fn tap(state: TapState, seen_up: bool) -> HealthState {

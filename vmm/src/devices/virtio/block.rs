@@ -1249,25 +1249,19 @@ mod tests {
         activate(&mut h, &vq);
         // A read beyond the disk is the guest's error: the image is fine.
         add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_IN, DISK_SECTORS, 512);
-        h.block.process_queue();
-        assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
-        let health = h.block.disk_health().unwrap();
-        assert_eq!(
-            (health.state, health.io_errors),
-            (crate::api::DiskState::Ok, 0)
-        );
+        let served = |h: &mut Harness| {
+            h.block.process_queue();
+            assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
+            let health = h.block.disk_health().unwrap();
+            (health.state, health.io_errors)
+        };
+        assert_eq!(served(&mut h), (crate::api::DiskState::Ok, 0));
         // The host cannot flush /dev/full (fdatasync of a character device fails).
         h.block = Block::new("/dev/full", false).unwrap();
         let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
         activate(&mut h, &vq);
         add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_FLUSH, 0, 0);
-        h.block.process_queue();
-        assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
-        let health = h.block.disk_health().unwrap();
-        assert_eq!(
-            (health.state, health.io_errors),
-            (crate::api::DiskState::Failing, 1)
-        );
+        assert_eq!(served(&mut h), (crate::api::DiskState::Failing, 1));
     }
 
     #[test]
