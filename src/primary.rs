@@ -16,6 +16,8 @@ use vmm::config::VmConfig;
 use vmm::controller::Controller;
 use vmm::microvm::{MicroVm, VmPhase};
 
+use vmm::health::{decide, HealthAction};
+
 use crate::protect::{self, PrimaryHook, ProtectAction, ProtectRequest, Protection};
 
 /// Where the VM comes from.
@@ -72,6 +74,9 @@ pub fn run(
             let hello = protect::hello(m.config(), &id, p.term()).map_err(|e| e.to_string())?;
             let standbys = protect::pair_all(p, &hello).map_err(|e| e.to_string())?;
             let _ = paired_tx.send(standbys);
+        }
+        if let Some(h) = &api_hook {
+            h.set_health(m.health());
         }
         let mut controller = match receiver {
             Some(r) => {
@@ -152,10 +157,12 @@ fn serve_requests(
     requests: &Receiver<ProtectRequest>,
 ) {
     let mut joins = Joins::default();
+    let mut supervision = Supervision::default();
     while !vm.has_ended() {
         let Ok(request) = requests.recv_timeout(Duration::from_millis(50)) else {
             if let (Some(p), Some(h)) = (protection, hook) {
                 joins.pair_joined(vm, engine, p, h, vm_id);
+                supervision.act(vm, engine.as_ref(), h);
             }
             continue;
         };
@@ -175,17 +182,75 @@ fn serve_requests(
                     Ok((standby, epoch)) => {
                         tracing::info!(standby, epoch, "VM handed over: this monitor ends");
                         reply(Ok(h.status()));
-                        // Let the API answer before the VM, and the process, end.
-                        std::thread::sleep(Duration::from_millis(200));
-                        let _ = vm.run(|m| {
-                            m.run_state()
-                                .request_exit(vmm::vstate::vcpu::ExitReason::Migrated)
-                        });
+                        end_handed_over(vm);
                     }
                     Err(why) => reply(Err(why)),
                 }
             }
             _ => reply(Err(vmm::api::NO_KEY_MESSAGE.to_string())),
+        }
+    }
+}
+
+/// Ends this monitor's VM once it was handed over, after letting the API answer (for a
+/// moment) that it was.
+fn end_handed_over(vm: &VmThread) {
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = vm.run(|m| {
+        m.run_state()
+            .request_exit(vmm::vstate::vcpu::ExitReason::Migrated)
+    });
+}
+
+/// What the primary does about the health of the VM's resources ([`decide`]): hands the VM
+/// over to its synchronised standby when a TAP or disk failed, else reports (logged once).
+#[derive(Default)]
+struct Supervision {
+    /// What was last reported, not to log it again.
+    reported: Option<String>,
+    /// When a handover last failed: tried again after [`HANDOVER_RETRY`].
+    failed: Option<Instant>,
+}
+
+/// How long after a failed handover the primary tries again.
+const HANDOVER_RETRY: Duration = Duration::from_secs(5);
+
+impl Supervision {
+    fn act(&mut self, vm: &VmThread, engine: Option<&EngineHandle>, hook: &PrimaryHook) {
+        let Some(health) = hook.health() else {
+            return;
+        };
+        let engine = engine.filter(|e| e.is_running());
+        let protected = engine.is_some() && hook.status().protected;
+        match decide(&health, protected) {
+            HealthAction::Nothing => self.reported = None,
+            HealthAction::Report(why) => {
+                if self.reported.as_ref() != Some(&why) {
+                    tracing::warn!("health: {why}");
+                    self.reported = Some(why);
+                }
+            }
+            HealthAction::HandOver(why) => {
+                let (Some(e), true) = (
+                    engine,
+                    self.failed.is_none_or(|t| t.elapsed() >= HANDOVER_RETRY),
+                ) else {
+                    return;
+                };
+                tracing::warn!("health: {why}: handing the VM over to its standby");
+                hook.handing_over_for(Some(why.clone()));
+                match e.hand_over() {
+                    Ok((standby, epoch)) => {
+                        tracing::warn!(standby, epoch, "VM handed over ({why}): this monitor ends");
+                        end_handed_over(vm);
+                    }
+                    Err(e) => {
+                        tracing::warn!("health: the VM could not be handed over: {e}");
+                        hook.handing_over_for(None);
+                        self.failed = Some(Instant::now());
+                    }
+                }
+            }
         }
     }
 }

@@ -12,10 +12,11 @@ use replicator::compat::{DeviceDesc, Hello, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::primary::{pair_standby, EngineError, EngineOptions, Metrics, NewStandby};
 use vmm::api::{
-    FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply,
-    ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
+    FailoverParams, HealthState, LatencyFigures, PauseFigures, PeerState, ProtectParams,
+    ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
 };
 use vmm::config::VmConfig;
+use vmm::health::{decide, Health};
 
 /// Errors of protecting a VM. One variant per failing call.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +233,10 @@ pub struct PrimaryHook {
     /// The figures of the engine protecting the VM.
     engine: Mutex<Option<Arc<Mutex<Metrics>>>>,
     requests: Mutex<Sender<ProtectRequest>>,
+    /// The health of the VM's resources, once the VM is built.
+    health: Mutex<Option<Health>>,
+    /// Why the VM was handed over because of its health, if it was.
+    health_handover: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -250,7 +255,25 @@ impl PrimaryHook {
             coordinator: options.authority.is_some(),
             engine: Mutex::new(None),
             requests: Mutex::new(requests),
+            health: Mutex::new(None),
+            health_handover: Mutex::new(None),
         }
+    }
+
+    /// The health of the VM's resources, which the status shows from now on.
+    pub fn set_health(&self, health: Health) {
+        *lock(&self.health) = Some(health);
+    }
+
+    /// The health of the VM's resources as last checked (none before the VM is built).
+    pub fn health(&self) -> Option<HealthState> {
+        lock(&self.health).as_ref().map(Health::state)
+    }
+
+    /// Records that the VM is handed over because of its health (`why`; `None` once that
+    /// failed), for the status.
+    pub fn handing_over_for(&self, why: Option<String>) {
+        *lock(&self.health_handover) = why;
     }
 
     fn ask(&self, action: ProtectAction, reply: ProtectReply) {
@@ -272,12 +295,20 @@ impl ReplicationHook for PrimaryHook {
             key: true,
             term: self.term,
             period_ms: self.period.as_millis() as u64,
+            health: self.health().map(Box::new),
             ..ReplicationStatus::default()
         };
         let engine = lock(&self.engine);
         let Some(metrics) = engine.as_ref() else {
             status.message =
                 Some("unprotected: `vmr ctl protect HOST:PORT` pairs a standby".into());
+            if let Some(problem) = status
+                .health
+                .as_ref()
+                .and_then(|h| decide(h, false).message())
+            {
+                status.message = Some(problem);
+            }
             return status;
         };
         let m = lock(metrics).clone();
@@ -350,13 +381,22 @@ impl ReplicationHook for PrimaryHook {
                 }
             })
             .collect();
+        let health_problem = status
+            .health
+            .as_ref()
+            .and_then(|h| decide(h, status.protected).message());
         if let Some(h) = &m.handed_over {
-            status.message = Some(format!("{h}: the VM runs there now"));
+            status.message = Some(match lock(&self.health_handover).as_ref() {
+                Some(why) => format!("{h}: the VM runs there now (handed over because {why})"),
+                None => format!("{h}: the VM runs there now"),
+            });
         } else if let Some(f) = &m.fenced {
             status.message = Some(format!(
                 "FENCED: {}; the vCPUs are paused and no output is released",
                 f.reason
             ));
+        } else if let Some(problem) = health_problem {
+            status.message = Some(problem);
         } else if !m.protected {
             status.message = Some(
                 "unprotected: no standby left; `vmr ctl protect HOST:PORT` pairs a new one".into(),

@@ -28,6 +28,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm::health::HostResources;
 
 use replicator::auth::ReplicationKey;
 use replicator::compat::{Hello, StandbyProfile, PROTOCOL};
@@ -159,6 +160,8 @@ pub struct StandbyHost {
     takeovers: Mutex<Sender<TakeoverRequest>>,
     /// Set once the VM is taken over: the API thread hands its receiver to the VM.
     taken_over: AtomicBool,
+    /// The TAPs and disk images the VM would use here, whose health the status shows.
+    resources: HostResources,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -174,7 +177,12 @@ impl StandbyHost {
         let key = ReplicationKey::from_file(&options.key_file)?;
         let disk_sizes = disk_sizes(options.disks.iter().map(PathBuf::as_path))?;
         let (takeovers, requests) = channel();
+        let resources = HostResources::new(
+            options.nets.iter().map(|n| n.tap.clone()).collect(),
+            &options.disks,
+        );
         let host = Self {
+            resources,
             key,
             options,
             disk_sizes,
@@ -693,6 +701,7 @@ impl ReplicationHook for StandbyHost {
         let mut status = ReplicationStatus {
             role: ReplicationRole::Standby,
             key: true,
+            health: Some(Box::new(self.resources.check())),
             ..ReplicationStatus::default()
         };
         match held.as_ref() {

@@ -6,9 +6,11 @@
 //! frozen long enough to be taken over is fenced when it wakes (its vCPUs paused, nothing
 //! released); partitions (through proxies that drop everything) between primary and standby,
 //! and between either and the coordinator, leave exactly one side releasing output; without a
-//! coordinator the takeover is manual and must be forced.
+//! coordinator the takeover is manual and must be forced. [`health`]: a primary whose TAP
+//! fails hands the VM over to its standby.
 
 mod common;
+mod health;
 
 #[path = "../../replicator/tests/support/etcd.rs"]
 mod etcd;

@@ -9,10 +9,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::{
-    ApiCall, ApiError, ApiReceiver, ApiReply, ApiRequest, ApiResult, FailoverParams, Metric,
-    MetricKind, MigrateParams, MigrationInfo, PeerState, ProtectParams, ProtectReply, Relation,
-    ReplicationHook, ReplicationRole, ReplicationStatus, ResourceEdge, ResourceGraph, ResourceKind,
-    ResourceNode, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, VmState, NO_KEY_MESSAGE,
+    ApiCall, ApiError, ApiReceiver, ApiReply, ApiRequest, ApiResult, FailoverParams, HealthState,
+    Metric, MetricKind, MigrateParams, MigrationInfo, PeerState, ProtectParams, ProtectReply,
+    Relation, ReplicationHook, ReplicationRole, ReplicationStatus, ResourceEdge, ResourceGraph,
+    ResourceKind, ResourceNode, SnapshotInfo, SnapshotParams, SnapshotType, VmInfo, VmState,
+    NO_KEY_MESSAGE,
 };
 use crate::microvm::{
     freeze_channel, lock, ControlError, FreezeChannel, FreezeHandle, MicroVm, VmPhase,
@@ -118,6 +119,7 @@ impl Controller {
             ApiRequest::GetVm => Ok(ApiReply::Vm(self.info(vm))),
             ApiRequest::GetResources => {
                 let mut graph = resources(vm);
+                health_resources(&mut graph, &vm.health().state());
                 self.replication.add_resources(&mut graph);
                 Ok(ApiReply::Resources(graph))
             }
@@ -125,7 +127,11 @@ impl Controller {
             ApiRequest::Resume => vm.resume().map(|()| ApiReply::Done).map_err(control_error),
             ApiRequest::CreateSnapshot(params) => self.snapshot(vm, params),
             ApiRequest::GetMetrics => Ok(ApiReply::Metrics(self.metrics(vm))),
-            ApiRequest::GetReplication => Ok(ApiReply::Replication(self.replication.status())),
+            ApiRequest::GetReplication => {
+                let mut status = self.replication.status();
+                status.health = Some(Box::new(vm.health().state()));
+                Ok(ApiReply::Replication(status))
+            }
             ApiRequest::Migrate(_) | ApiRequest::Protect(_) | ApiRequest::Failover(_) => Err(
                 ApiError::internal(format!("{} requests are served apart", request.name())),
             ),
@@ -324,6 +330,7 @@ impl Controller {
                 .with_label("device", format!("{kind}{i}")),
             );
         }
+        m.extend(vm.health().state().metrics());
         m.extend(self.replication.metrics());
         m
     }
@@ -432,7 +439,12 @@ pub fn answer_without_vm(
     }
     let result = match &call.request {
         ApiRequest::GetReplication => Ok(ApiReply::Replication(hook.status())),
-        ApiRequest::GetMetrics => Ok(ApiReply::Metrics(hook.status().metrics())),
+        ApiRequest::GetMetrics => {
+            let status = hook.status();
+            let mut metrics = status.metrics();
+            metrics.extend(status.health.iter().flat_map(|h| h.metrics()));
+            Ok(ApiReply::Metrics(metrics))
+        }
         ApiRequest::CreateSnapshot(params) => snapshot(params).map(ApiReply::Snapshot),
         ApiRequest::Failover(params) => {
             let params = params.clone();
@@ -568,6 +580,33 @@ pub fn replication_resources(graph: &mut ResourceGraph, status: &ReplicationStat
                 to,
                 relation: Relation::ReplicatesTo,
             });
+        }
+    }
+}
+
+/// Adds `health` to a VM's resource `graph`: `health` (and the TAP's `seen_up`) on the
+/// `tap:*` nodes, `health` and `io_errors` on the `file:*` nodes of the disk images, and the
+/// guest's progress (`progress`, `exits`, `idle_ms`) on the vCPU nodes.
+pub fn health_resources(graph: &mut ResourceGraph, health: &HealthState) {
+    for node in &mut graph.nodes {
+        let attrs = match node.kind {
+            ResourceKind::Tap => health
+                .taps
+                .iter()
+                .find(|t| node.id.strip_prefix("tap:") == Some(t.name.as_str()))
+                .map(|t| serde_json::json!({"health": t.state, "seen_up": t.seen_up})),
+            ResourceKind::File => health
+                .disks
+                .iter()
+                .find(|d| node.id.strip_prefix("file:") == d.path.to_str())
+                .map(|d| serde_json::json!({"health": d.state, "io_errors": d.io_errors})),
+            ResourceKind::Vcpu => health.guest.as_ref().map(|g| {
+                serde_json::json!({"progress": g.state, "exits": g.exits, "idle_ms": g.idle_ms})
+            }),
+            _ => None,
+        };
+        if let Some(serde_json::Value::Object(attrs)) = attrs {
+            node.attrs.extend(attrs);
         }
     }
 }

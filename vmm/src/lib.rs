@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod devices;
 pub mod epoch;
+pub mod health;
 pub mod hostcheck;
 pub mod loader;
 pub mod microvm;

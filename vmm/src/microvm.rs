@@ -18,6 +18,7 @@ use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::DevicesState;
 use crate::epoch::{EpochError, EpochOptions, EpochTracker, PendingEpoch};
+use crate::health::{Health, Supervisor};
 use crate::persist::Persist;
 use crate::snapshot::{self, MicroVmState, ParentRef, SnapshotError, SnapshotKind};
 use crate::vstate::dirty::DirtyConsumer;
@@ -447,6 +448,8 @@ pub struct MicroVm {
     snapshot_dirty: Option<DirtyConsumer>,
     /// The vCPUs hold restored MSRs back from KVM until the guest has run a while.
     msrs_held_back: bool,
+    /// Checks the TAPs, disk images and guest progress from the event loop.
+    supervisor: Supervisor,
 }
 
 impl MicroVm {
@@ -466,7 +469,9 @@ impl MicroVm {
         // A restored VM tracking dirty pages diffs against the snapshot it came from.
         let snapshot_dirty =
             (last_snapshot.is_some() && vm.dirty_logging()).then(|| vm.register_dirty_consumer());
+        let supervisor = Supervisor::new(vcpus.iter().filter_map(Vcpu::exit_counter).collect());
         Self {
+            supervisor,
             snapshot_dirty,
             handles: Vec::new(),
             vcpus,
@@ -506,6 +511,32 @@ impl MicroVm {
     /// Time since the vCPUs started.
     pub fn uptime(&self) -> Duration {
         self.started.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// The health of the VM's resources, as the event loop last checked it.
+    pub fn health(&self) -> Health {
+        self.supervisor.health()
+    }
+
+    /// Checks the health of the VM's resources if a check is due (see [`Supervisor`]).
+    fn check_health(&mut self) {
+        let now = Instant::now();
+        if !self.supervisor.due(now) {
+            return;
+        }
+        let disks = self
+            .devices
+            .virtio
+            .iter()
+            .filter_map(|slot| lock(lock(&slot.transport).device()).disk_health())
+            .collect();
+        let taps: Vec<&str> = self.config.net.iter().map(|n| n.tap.as_str()).collect();
+        let running = match self.phase {
+            VmPhase::Created => None,
+            VmPhase::Running => Some(true),
+            VmPhase::Paused => Some(false),
+        };
+        self.supervisor.check(now, &taps, disks, running);
     }
 
     /// The shared run state (to stop the VM from elsewhere).
@@ -586,6 +617,7 @@ impl MicroVm {
                 serial.raise_stalled_interrupt();
                 serial.flush_output();
             }
+            self.check_health();
             control(self);
             self.release_held_back_msrs();
         }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod health;
 pub mod replication;
 pub mod server;
 
@@ -20,6 +21,9 @@ pub mod server;
 mod tests;
 
 pub use client::{ApiClient, ClientError, HttpResponse};
+pub use health::{
+    DiskHealth, DiskState, GuestHealth, GuestState, HealthState, TapHealth, TapState,
+};
 pub use replication::{
     FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply,
     ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus, NO_KEY_MESSAGE,

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{render_prometheus, Metric, MetricKind};
+use super::{render_prometheus, HealthState, Metric, MetricKind};
 
 /// Why a monitor without a replication hook cannot be protected.
 pub const NO_KEY_MESSAGE: &str = "this monitor was started without a replication key \
@@ -130,6 +130,10 @@ pub struct ReplicationStatus {
     /// Anything else the operator should know, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What this host supervises of the resources the VM needs (absent from an older monitor;
+    /// boxed: the status travels in every API reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Box<HealthState>>,
 }
 
 impl ReplicationStatus {

@@ -1228,6 +1228,7 @@ fn primary_status() -> ReplicationStatus {
         ],
         primary: None,
         message: None,
+        health: None,
     }
 }
 
@@ -1239,6 +1240,19 @@ fn standby_status() -> ReplicationStatus {
         key: true,
         last_committed_epoch: 41,
         primary: Some("10.0.0.1:7070".into()),
+        health: Some(Box::new(HealthState {
+            taps: vec![TapHealth {
+                name: "tap1".into(),
+                state: TapState::Down,
+                seen_up: false,
+            }],
+            disks: vec![DiskHealth {
+                path: "/srv/vm1/data.raw".into(),
+                state: DiskState::Gone,
+                io_errors: 0,
+            }],
+            guest: None,
+        })),
         ..ReplicationStatus::default()
     }
 }
@@ -1495,10 +1509,17 @@ fn a_standby_answers_without_a_vm() {
 
     let text = vm.client.metrics().unwrap();
     check_exposition_format(&text);
-    assert_eq!(text, render_prometheus(&standby_status().metrics()));
+    // The replication's figures, and the health of the standby's own TAPs and disks.
+    let mut metrics = standby_status().metrics();
+    metrics.extend(standby_status().health.unwrap().metrics());
+    assert_eq!(text, render_prometheus(&metrics));
     assert!(text.contains("vmr_replication_role{role=\"standby\"} 1\n"));
+    assert!(text.contains("vmr_tap_up{tap=\"tap1\"} 0\n"), "{text}");
     assert!(
-        text.lines().all(|l| l.contains("vmr_replication_")),
+        text.lines()
+            .all(|l| ["vmr_replication_", "vmr_tap_", "vmr_disk_"]
+                .iter()
+                .any(|p| l.contains(p))),
         "{text}"
     );
 
@@ -1615,6 +1636,27 @@ fn openapi_replication_schemas_match_our_types() {
     let mut peer = good;
     peer["peers"][0]["state"] = json!("lost");
     check("ReplicationStatus", &peer, false);
+    let mut health = serde_json::to_value(standby_status()).unwrap();
+    health["health"]["guest"] =
+        json!({"state": "stalled", "exits": 9, "idle_ms": 10200, "stall_ms": 10000});
+    check("ReplicationStatus", &health, true);
+    let mut tap = health.clone();
+    tap["health"]["taps"][0]["state"] = json!("flapping");
+    check("ReplicationStatus", &tap, false);
+    health["health"]["disks"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("io_errors");
+    check("ReplicationStatus", &health, false);
+    // An older monitor's status, without health, still parses.
+    let mut older = serde_json::to_value(standby_status()).unwrap();
+    older.as_object_mut().unwrap().remove("health");
+    assert_eq!(
+        serde_json::from_value::<ReplicationStatus>(older)
+            .unwrap()
+            .health,
+        None
+    );
 
     // Every field of the type is documented and required (but the optional ones).
     let documented = &doc.doc["components"]["schemas"]["ReplicationStatus"];
@@ -1647,4 +1689,46 @@ fn openapi_replication_schemas_match_our_types() {
         .chain(["message".to_string()])
         .collect();
     assert_eq!(properties, with_optionals);
+}
+
+#[test]
+fn the_health_shows_on_the_resource_graphs_tap_file_and_vcpu_nodes() {
+    let node = |id: &str, kind| ResourceNode {
+        id: id.into(),
+        kind,
+        attrs: serde_json::Map::new(),
+    };
+    let mut graph = ResourceGraph {
+        nodes: vec![
+            node("vcpu0", ResourceKind::Vcpu),
+            node("tap:tap0", ResourceKind::Tap),
+            node("tap:tap9", ResourceKind::Tap),
+            node("file:/d.raw", ResourceKind::File),
+            node("memory0", ResourceKind::Memory),
+        ],
+        edges: Vec::new(),
+    };
+    let mut health = standby_status().health.unwrap();
+    health.taps[0].name = "tap0".into();
+    health.disks[0] = DiskHealth {
+        path: "/d.raw".into(),
+        state: DiskState::Failing,
+        io_errors: 2,
+    };
+    health.guest = Some(GuestHealth {
+        state: GuestState::Paused,
+        exits: 5,
+        idle_ms: 0,
+        stall_ms: 10_000,
+    });
+    crate::controller::health_resources(&mut graph, &health);
+    let attrs = |i: usize| Value::Object(graph.nodes[i].attrs.clone());
+    assert_eq!(
+        attrs(0),
+        json!({"progress": "paused", "exits": 5, "idle_ms": 0})
+    );
+    assert_eq!(attrs(1), json!({"health": "down", "seen_up": false}));
+    assert_eq!(attrs(2), json!({}), "a TAP the health does not name");
+    assert_eq!(attrs(3), json!({"health": "failing", "io_errors": 2}));
+    assert_eq!(attrs(4), json!({}));
 }

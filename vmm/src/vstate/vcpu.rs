@@ -334,6 +334,57 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)
 }
 
+vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, kvm_bindings::KVMIO, 0xce);
+
+/// KVM's count of a vCPU's exits (its binary statistics' `exits`: every time the vCPU left
+/// the guest, whatever the reason, in the kernel or to this monitor), read with one `pread`.
+#[derive(Debug)]
+pub struct ExitCounter {
+    stats: std::fs::File,
+    offset: u64,
+}
+
+impl ExitCounter {
+    /// The count now, or `None` if it cannot be read.
+    pub fn read(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut value = [0u8; 8];
+        self.stats.read_exact_at(&mut value, self.offset).ok()?;
+        Some(u64::from_ne_bytes(value))
+    }
+
+    /// The `exits` statistic of the vCPU whose statistics file is `stats`, if it has one.
+    fn find(stats: std::fs::File) -> Option<Self> {
+        use std::os::unix::fs::FileExt;
+        let u32_at = |buf: &[u8], at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+        };
+        // struct kvm_stats_header: flags, name_size, num_desc, id_offset, desc_offset,
+        // data_offset.
+        let mut header = [0u8; 24];
+        stats.read_exact_at(&mut header, 0).ok()?;
+        let name_size = u32_at(&header, 4)? as usize;
+        let count = u32_at(&header, 8)? as usize;
+        let (desc_offset, data_offset) = (u32_at(&header, 16)?, u32_at(&header, 20)?);
+        // struct kvm_stats_desc: flags, exponent (s16), size (u16), offset, bucket_size, then
+        // the name in `name_size` bytes.
+        let desc_size = 16 + name_size;
+        let mut descs = vec![0u8; desc_size.checked_mul(count).filter(|&n| n <= 1 << 20)?];
+        stats
+            .read_exact_at(&mut descs, u64::from(desc_offset))
+            .ok()?;
+        let offset = descs.chunks_exact(desc_size).find_map(|d| {
+            let name = d[16..].split(|&b| b == 0).next()?;
+            (name == b"exits").then(|| u32_at(d, 8))?
+        })?;
+        let counter = Self {
+            stats,
+            offset: u64::from(data_offset) + u64::from(offset),
+        };
+        counter.read().map(|_| counter)
+    }
+}
+
 /// One vCPU and the buses its exits are dispatched to.
 pub struct Vcpu {
     fd: VcpuFd,
@@ -420,6 +471,24 @@ impl Vcpu {
             thread: None,
             held_back: Vec::new(),
         })
+    }
+
+    /// KVM's count of this vCPU's exits, if KVM keeps binary statistics (Linux 5.14 and later).
+    pub fn exit_counter(&self) -> Option<ExitCounter> {
+        // SAFETY: the fd is an open vCPU; KVM_GET_STATS_FD takes no argument and returns a new
+        // fd or a negative value.
+        let fd = unsafe { vmm_sys_util::ioctl::ioctl(&self.fd, KVM_GET_STATS_FD()) };
+        if fd < 0 {
+            tracing::debug!(
+                vcpu = self.index,
+                "no KVM statistics: {}",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        // SAFETY: `fd` was just returned by KVM and is owned by nobody else.
+        let stats = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        ExitCounter::find(stats)
     }
 
     /// Dispatches this vCPU's exits to `pio_bus` and `mmio_bus` (for a vCPU created before

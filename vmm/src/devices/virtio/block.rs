@@ -235,6 +235,18 @@ impl RequestError {
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
     }
+
+    /// Whether the host's I/O on the image failed (rather than the guest's request).
+    fn is_host_io(&self) -> bool {
+        matches!(
+            self,
+            RequestError::Seek(_)
+                | RequestError::ReadImage(_)
+                | RequestError::WriteImage(_)
+                | RequestError::Flush(_)
+                | RequestError::WriteCopy(_)
+        )
+    }
 }
 
 /// Guest memory areas (address, length) that form one logical buffer.
@@ -323,6 +335,8 @@ struct Disk {
     capacity: u64,
     /// The `GET_ID` string, zero-padded.
     id: [u8; ID_LEN],
+    /// Requests failed because the host's I/O on the image failed.
+    io_errors: u64,
 }
 
 impl Disk {
@@ -576,6 +590,7 @@ impl Block {
                 read_only,
                 capacity,
                 id: [0; ID_LEN],
+                io_errors: 0,
             },
             avail_features,
             acked_features: 0,
@@ -693,6 +708,9 @@ fn serve(
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
         Err(err) => {
             tracing::warn!(%err, "virtio-blk: request failed");
+            if err.is_host_io() {
+                disk.io_errors += 1;
+            }
             (err.status(), 0)
         }
     };
@@ -803,6 +821,14 @@ impl Persist for Block {
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
+    }
+
+    fn disk_health(&self) -> Option<crate::api::DiskHealth> {
+        Some(crate::health::disk_health(
+            &self.disk.path,
+            &self.disk.file,
+            self.disk.io_errors,
+        ))
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -1213,6 +1239,29 @@ mod tests {
         add_request(&h.mem, &vq, 5, VIRTIO_BLK_T_DISCARD, 0, 16);
         h.block.process_queue();
         assert_eq!(status(&h.mem), VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn host_io_errors_are_counted_and_guest_errors_are_not() {
+        let mut h = harness(false);
+        let mem = h.mem.clone();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        activate(&mut h, &vq);
+        // A read beyond the disk is the guest's error: the image is fine.
+        add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_IN, DISK_SECTORS, 512);
+        let served = |h: &mut Harness| {
+            h.block.process_queue();
+            assert_eq!(status(&h.mem), VIRTIO_BLK_S_IOERR);
+            let health = h.block.disk_health().unwrap();
+            (health.state, health.io_errors)
+        };
+        assert_eq!(served(&mut h), (crate::api::DiskState::Ok, 0));
+        // The host cannot flush /dev/full (fdatasync of a character device fails).
+        h.block = Block::new("/dev/full", false).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        activate(&mut h, &vq);
+        add_request(&h.mem, &vq, 0, VIRTIO_BLK_T_FLUSH, 0, 0);
+        assert_eq!(served(&mut h), (crate::api::DiskState::Failing, 1));
     }
 
     #[test]

@@ -144,6 +144,10 @@ pub trait VirtioDevice: MutEventSubscriber + Send {
     fn announce(&mut self) -> bool {
         false
     }
+    /// How the disk image behind the device stands now (block devices).
+    fn disk_health(&self) -> Option<crate::api::DiskHealth> {
+        None
+    }
     /// The queues the device runs on, in queue order; empty if it is not activated.
     fn queue_states(&self) -> Vec<QueueRuntimeState>;
     /// The device's own state (what its `Persist::save` returns), for the transport's state.
