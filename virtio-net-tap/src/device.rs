@@ -497,7 +497,7 @@ impl NetDevice {
     fn control(&mut self, command: Command) -> Ack {
         match command {
             Command::AnnounceAck if has(self.acked_features, VIRTIO_NET_F_GUEST_ANNOUNCE) => {
-                tracing::debug!(
+                tracing::info!(
                     tap = self.tap.name(),
                     "virtio-net: the guest announced itself"
                 );
