@@ -74,6 +74,18 @@ fn a_protected_redis_survives_ten_losses_of_its_primary() {
     );
 }
 
+#[test]
+#[ignore = "not yet passing in the lab: its guest, protected by two standbys from boot, booted in 4 min and the lab froze or took a stall for a loss (docs/failover.md); `cargo test -p vmr-tests --test lab -- --ignored paths`"]
+fn a_protected_redis_survives_the_other_paths_of_a_failover() {
+    let run = run_scenario_strict("failover_paths", &[("VMR_FAILOVER_KILLS", "4")], 1500);
+    print!("{}", run.stdout());
+    run.assert_success();
+    assert!(
+        run.stdout().contains("SCENARIO PASS failover_paths"),
+        "scenario failover_paths did not reach its end"
+    );
+}
+
 /// The watchdog's bound in its own check: short, so that the check is quick.
 const STUCK_WATCHDOG_SECS: u32 = 15;
 /// From the watchdog firing to the lab process gone: the dump (one second of KVM tracing,

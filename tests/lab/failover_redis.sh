@@ -1,14 +1,10 @@
-# Failover of a protected redis, in one lab boot: a primary on tap0 and standbys on the other
-# TAPs of one LAN (the bridge), etcd as the coordinator, and two clients on long-lived TCP
-# connections: redis_writer.py SETting increasing values and logging each acknowledged one,
-# stream_client.py with numbered byte streams both ways (each checked where it is received).
-# Then, VMR_FAILOVER_KILLS times (default 3): at a random instant the primary's monitor is
-# killed (SIGKILL); a standby detects it, claims the VM in etcd, runs it and announces it on
-# its TAP; the clients' connections carry on; a new standby is started on the dead primary's
-# TAP and protects the VM again. The first three rounds take the other paths too (see
-# VMR_FAILOVER_PATHS below): two standbys, a standby lost, a partition. At the end every
-# acknowledged SET must be in the VM, no stream line missing or repeated, and no client may
-# have seen an error or a reset.
+# Failover of a protected redis, in one lab boot: a primary on tap0 and a standby on tap1 of
+# one LAN (the bridge), etcd as the coordinator, a client SETting increasing values on one TCP
+# connection and logging each acknowledged one. Then, VMR_FAILOVER_KILLS times (default 3): at
+# a random instant the primary's monitor is killed (SIGKILL); the standby detects it, claims
+# the VM in etcd, runs it and announces it on its TAP; the client's connection carries on; a
+# new standby is started on the dead primary's TAP and protects the VM again. At the end every
+# acknowledged SET must be in the VM, and the client must never have seen an error or a reset.
 #
 # Each failover is measured into $SCRATCH/failover.tsv (kill, detection, VM running, the
 # client's longest wait for an answer around it), which `cargo xtask bench failover` reads.
@@ -18,16 +14,15 @@
 # vmr gets: an unprotected redis killed and restored from its latest snapshot on the other TAP
 # ($SCRATCH/baseline.tsv: the client's gap, the acknowledged SETs lost).
 source "$(dirname "$0")/common.sh"
-make_bridged_netns 3
+make_bridged_netns
 kills=${VMR_FAILOVER_KILLS:-3}
 mode=${VMR_FAILOVER_MODE:-kill}
 baseline=${VMR_FAILOVER_BASELINE:-0}
 head -c 32 /dev/urandom >"$RUNDIR/key"
 # A standby that hears nothing from its primary for this long takes over. The emulated lab
 # runs 15-20 epochs/s with pauses of a few hundred ms under load: 50 ms (the default) would
-# fail over at every hiccup, and 600 ms did, now and then, while the guest booted with two
-# standbys (its large epochs compressed and sent to each in turn on the lab's one CPU).
-detect_ms=${VMR_FAILOVER_DETECT_MS:-1000}
+# fail over at every hiccup.
+detect_ms=${VMR_FAILOVER_DETECT_MS:-600}
 
 log "etcd (the coordinator) in the namespace"
 in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
@@ -63,246 +58,89 @@ committed() {
 
 # wait_synced SOCKET: waits until the standby of SOCKET committed its initial synchronisation.
 wait_synced() {
-    local end=$((SECONDS + 120))
-    while ((SECONDS < end)); do
+    local i
+    for ((i = 0; i < 1200; i++)); do
         [ "$(committed "$1")" -gt 0 ] 2>/dev/null && return 0
         sleep 0.1
     done
     fail "the standby at $1 did not synchronise within 120 s"
 }
 
-# replication SOCKET FIELD: a number or boolean of that monitor's `GET /replication`.
-replication() {
-    ctl "$1" replication 2>/dev/null | sed -n "s/^  \"$2\": *\([0-9a-z]*\).*/\1/p"
-}
-
-# wait_protected SOCKET: waits until the primary at SOCKET has a synchronised standby again.
-wait_protected() {
-    local end=$((SECONDS + 120))
-    while ((SECONDS < end)); do
-        [ "$(replication "$1" protected)" = true ] && return 0
-        sleep 0.1
-    done
-    fail "the primary at $1 was not protected again within 120 s: $(ctl "$1" replication)"
-}
-
-# The guest: redis, and two numbered streams for stream_client.py: on port 7001 it writes the
-# lines 1, 2, 3... (ten every 100 ms); on port 7002 it reads lines that must be 1, 2, 3...,
-# answers "ok N" every 20 and "final N" to "end" (or "BAD ..." and hangs up).
-guest_script='
-cat >/tmp/out.sh <<"EOF"
-#!/bin/sh
-i=0
-while :; do
-    for k in 1 2 3 4 5 6 7 8 9 10; do i=$((i + 1)); echo $i; done
-    usleep 100000
-done
-EOF
-cat >/tmp/in.sh <<"EOF"
-#!/bin/sh
-n=0
-while read m; do
-    [ "$m" = end ] && { echo "final $n"; exit 0; }
-    n=$((n + 1))
-    [ "$m" = "$n" ] || { echo "BAD line $n read as $m"; exit 1; }
-    [ $((n % 20)) = 0 ] && echo "ok $n"
-done
-EOF
-chmod +x /tmp/out.sh /tmp/in.sh
-nc -l -p 7001 -e /tmp/out.sh &
-nc -l -p 7002 -e /tmp/in.sh &
-redis-server --protected-mode no --save "" --appendonly no
-'
-
-# With VMR_FAILOVER_PATHS=1 (the default with kills), the first rounds take the other paths
-# a failover has: the primary lost with two standbys (the more up to date is elected, the
-# other follows it and is paired again by itself), the standby lost (the primary wins the
-# next term and goes on), the primary and its standby partitioned (their link drops every
-# packet: the standby takes over, the primary is fenced).
-paths=0
-[ "$mode" = kill ] && paths=1
-paths=${VMR_FAILOVER_PATHS:-$paths}
-declare -a kill_at tap_of=(tap0 tap1 tap2) standbys=(1) events
 start_standby 1 tap1
-protect_args=(--protect 127.0.0.1:7201)
-if [ "$paths" = 1 ]; then
-    start_standby 2 tap2
-    standbys+=(2)
-    protect_args+=(--protect 127.0.0.1:7202)
-fi
 # The primary (host0) boots redis.
-start_guest host0 "vmr.ip=$GUEST_IP/24 $(run64 "$guest_script")" \
+start_guest host0 "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no --save "" --appendonly no')" \
     --vcpus 2 --mem 128 --net tap=tap0,mac=06:00:0a:00:02:04 --api "$RUNDIR/host0.sock" \
-    "${protect_args[@]}" --key-file "$RUNDIR/key" --coordinator "$COORD" \
+    --protect 127.0.0.1:7201 --key-file "$RUNDIR/key" --coordinator "$COORD" \
     --vm-id redis --host-id host0
 wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
 wait_redis
-for s in "${standbys[@]}"; do wait_synced "$RUNDIR/host$s.sock"; done
+wait_synced "$RUNDIR/host1.sock"
 
 python=python3
 [ -x /usr/bin/python3 ] && python=/usr/bin/python3
 in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
     >"$SCRATCH/writer.log" 2>&1 &
 writer=$!
-in_ns "$python" "$(dirname "$0")/stream_client.py" "$GUEST_IP" 7001 7002 "$SCRATCH/stop-writer" \
-    >"$SCRATCH/stream.log" 2>&1 &
-streamer=$!
 acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
-# clients_alive: fails when the writer or the stream client ended.
-clients_alive() {
-    kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
-    kill -0 "$streamer" 2>/dev/null || fail "the stream client ended: $(tail -n 3 "$SCRATCH/stream.log")"
-}
 # wait_acks N: waits until the writer has N SETs acknowledged.
 wait_acks() {
     local i
     for ((i = 0; i < 1200; i++)); do
         [ "$(acked)" -ge "$1" ] && return 0
-        clients_alive
+        kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
         sleep 0.1
     done
     fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
 }
 wait_acks 3
 
-primary=0 next_host=$((${#standbys[@]} + 1))
+primary=0 standby=1
+declare -a kill_at tap_of=(tap0 tap1)
 wait_acks 20
 # The primary's epoch pauses so far, for the summary.
 ctl "$RUNDIR/host0.sock" replication >"$SCRATCH/protected.json" || true
-
-# new_standby TAP [PROXIED]: a new standby host on TAP (a host come back), paired by the
-# primary with `vmr ctl protect`: directly, or through a partition_proxy.py relay
-# ($RUNDIR/cut partitions it) when PROXIED is given.
-new_standby() {
-    local h=$next_host tap=$1 addr=127.0.0.1:$((7200 + next_host))
-    next_host=$((next_host + 1))
-    tap_of[h]=$tap
-    start_standby "$h" "$tap"
-    if [ -n "${2:-}" ]; then
-        addr=127.0.0.1:$((7300 + h))
-        in_ns "$python" "$(dirname "$0")/partition_proxy.py" $((7300 + h)) $((7200 + h)) "$RUNDIR/cut" \
-            >"$SCRATCH/proxy.log" 2>&1 &
-        for ((i = 0; i < 300; i++)); do
-            grep -q 'PROXY READY' "$SCRATCH/proxy.log" && break
-            sleep 0.1
-        done
-    fi
-    ctl "$RUNDIR/host$primary.sock" protect "$addr" >"$SCRATCH/protect$h.json" ||
-        fail "host$primary could not be protected again: $(cat "$SCRATCH/protect$h.json")"
-    wait_synced "$RUNDIR/host$h.sock"
-    log "host$h protects the VM again${2:+ (through a relay that can be partitioned)}"
-    standbys+=("$h")
-}
-
-# standby_lost: the standby is killed; the primary must win the next term and go on
-# unprotected, its client unaffected; then a new standby on its TAP protects the VM again.
-standby_lost() {
-    local s=${standbys[0]} term from i
-    term=$(replication "$RUNDIR/host$primary.sock" term)
-    log "the standby host$s is lost (SIGKILL), $(acked) SETs acknowledged"
-    pkill -KILL -f -- "--api $RUNDIR/host$s.sock " || fail "no monitor of host$s to kill"
-    from=$(acked)
-    local end=$((SECONDS + 60))
-    while ((SECONDS < end)); do
-        [ "$(replication "$RUNDIR/host$primary.sock" term)" -gt "$term" ] 2>/dev/null && break
-        sleep 0.1
-    done
-    check "the primary host$primary won term $((term + 1)) and goes on unprotected" \
-        test "$(replication "$RUNDIR/host$primary.sock" term)/$(replication "$RUNDIR/host$primary.sock" protected)" = "$((term + 1))/false"
-    wait_acks $((from + 5))
-    events+=("standby lost: host$primary won term $((term + 1)) and went on; the client did not notice")
-    standbys=()
-    new_standby "${tap_of[s]}"
-}
-
-# epoch_at_loss HOST: the epoch that standby had committed when it saw its primary lost.
-epoch_at_loss() {
-    grep 'PRIMARY LOST' "$SCRATCH/host$1.stderr" | tail -n1 | sed -n 's/.*committed_epoch=\([0-9]*\).*/\1/p'
-}
-
-signal=KILL
-[ "$mode" = freeze ] && signal=STOP
 for ((k = 1; k <= kills; k++)); do
     wait_acks $(($(acked) + 5))
-    [ "$paths" = 1 ] && [ "$k" = 2 ] && standby_lost
     sleep "$((RANDOM % 2)).$((RANDOM % 10))"
-    fault=SIG$signal
-    [ "$paths" = 1 ] && [ "$k" = 3 ] && fault=partition
-    log "failover $k of $kills: host$primary ($fault), standbys ${standbys[*]/#/host}, $(acked) SETs acknowledged"
-    pid=$(pgrep -f -- "--api $RUNDIR/host$primary.sock ") || fail "no monitor of host$primary"
+    signal=KILL
+    [ "$mode" = freeze ] && signal=STOP
+    log "kill $k of $kills: host$primary's monitor (SIG$signal), $(acked) SETs acknowledged"
+    pid=$(pgrep -f -- "--api $RUNDIR/host$primary.sock ") || fail "no monitor of host$primary to kill"
     # The shell's own clock and kill: no process to start between the two.
     kill_at[k]=$EPOCHREALTIME
-    if [ "$fault" = partition ]; then : >"$RUNDIR/cut"; else kill -s "$signal" "$pid"; fi
-    winner=
+    kill -s "$signal" $pid
     for ((i = 0; i < 600; i++)); do
-        for s in "${standbys[@]}"; do
-            grep -q 'TAKEN OVER' "$SCRATCH/host$s.stderr" && winner=$s
-        done
-        [ -n "$winner" ] && break
+        grep -q 'TAKEN OVER' "$SCRATCH/host$standby.stderr" && break
         sleep 0.1
     done
-    [ -n "$winner" ] || { GUEST_NAME=host${standbys[0]}; fail "no standby took the VM over within 60 s"; }
-    log "host$winner: $(grep -o 'PRIMARY LOST: [^=]*' "$SCRATCH/host$winner.stderr" | tail -n1)"
-    log "host$winner: $(grep 'TAKEN OVER' "$SCRATCH/host$winner.stderr" | grep -o 'term=.*')"
-    if [ "$fault" = partition ]; then
-        end=$((SECONDS + 30))
-        while ((SECONDS < end)); do
-            ctl "$RUNDIR/host$primary.sock" replication 2>/dev/null | grep -q FENCED && break
-            sleep 0.1
-        done
-        ctl "$RUNDIR/host$primary.sock" replication >"$SCRATCH/fenced.json" 2>&1 || true
-        check "the partitioned primary host$primary is fenced" grep -q FENCED "$SCRATCH/fenced.json"
-        events+=("partition: host$winner took over, host$primary fenced (nothing released, vCPUs paused)")
-    fi
-    [ "$fault" = SIGSTOP ] || [ "$fault" = partition ] && kill -KILL "$pid"
-    losers=()
-    for s in "${standbys[@]}"; do [ "$s" = "$winner" ] || losers+=("$s"); done
-    for l in "${losers[@]}"; do
-        for ((i = 0; i < 300; i++)); do
-            grep -q 'another standby took the VM over' "$SCRATCH/host$l.stderr" && break
-            sleep 0.1
-        done
-        check "host$l follows host$winner" grep -q 'another standby took the VM over' "$SCRATCH/host$l.stderr"
-        check "host$winner (epoch $(epoch_at_loss "$winner")) was at least as up to date as host$l (epoch $(epoch_at_loss "$l"))" \
-            test "$(epoch_at_loss "$winner")" -ge "$(epoch_at_loss "$l")"
-        events+=("two standbys: host$winner (epoch $(epoch_at_loss "$winner")) elected over host$l (epoch $(epoch_at_loss "$l")), which followed it")
-    done
-    lost_at=$(date -u -d "$(grep 'PRIMARY LOST' "$SCRATCH/host$winner.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
-    taken_at=$(date -u -d "$(grep 'TAKEN OVER' "$SCRATCH/host$winner.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
+    grep -q 'TAKEN OVER' "$SCRATCH/host$standby.stderr" ||
+        { GUEST_NAME=host$standby; fail "host$standby did not take the VM over within 60 s"; }
+    [ "$mode" = freeze ] && kill -KILL $pid
+    log "host$standby: $(grep -o 'PRIMARY LOST: [^=]*' "$SCRATCH/host$standby.stderr" | tail -n1)"
+    log "host$standby: $(grep 'TAKEN OVER' "$SCRATCH/host$standby.stderr" | grep -o 'term=.*')"
+    lost_at=$(date -u -d "$(grep 'PRIMARY LOST' "$SCRATCH/host$standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
+    taken_at=$(date -u -d "$(grep 'TAKEN OVER' "$SCRATCH/host$standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
     echo "$k ${kill_at[k]} $lost_at $taken_at" >>"$SCRATCH/kills.txt"
-    dead=$primary primary=$winner standbys=("${losers[@]}")
     wait_acks $(($(acked) + 3))
-    if [ "${#losers[@]}" -gt 0 ]; then
-        # The primary pairs with the standbys that followed it by itself.
-        wait_protected "$RUNDIR/host$primary.sock"
-        log "host$primary is protected again by ${losers[*]/#/host} (paired by itself)"
-    fi
+    kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
     if [ "$k" -eq "$kills" ]; then
-        # Its last standbys leave: the VM runs unprotected now, its round trips for the summary.
-        for s in "${standbys[@]}"; do pkill -KILL -f -- "--api $RUNDIR/host$s.sock " || true; done
-        end=$((SECONDS + 60))
-        while ((SECONDS < end)); do
-            [ "$(replication "$RUNDIR/host$primary.sock" protected)" = false ] && break
-            sleep 0.1
-        done
+        # The VM runs unprotected now: its round trips, for the summary.
         unprotected_from=$(acked)
         wait_acks $((unprotected_from + 30))
         break
     fi
-    # A new standby on the dead primary's TAP (its host back), if none is left; the one
-    # before the partition is paired through the relay.
-    if [ "${#standbys[@]}" = 0 ]; then
-        proxied=
-        [ "$paths" = 1 ] && [ "$k" = 2 ] && proxied=yes
-        new_standby "${tap_of[dead]}" $proxied
-    fi
+    # A new standby on the dead primary's TAP (its host back), protecting the VM again.
+    dead=$primary primary=$standby standby=$((k + 1))
+    tap_of[standby]=${tap_of[dead]}
+    start_standby "$standby" "${tap_of[standby]}"
+    ctl "$RUNDIR/host$primary.sock" protect "127.0.0.1:$((7200 + standby))" >"$SCRATCH/protect$k.json" ||
+        fail "host$primary could not be protected again: $(cat "$SCRATCH/protect$k.json")"
+    log "host$standby protects the VM again (term $(sed -n 's/.*"term": *\([0-9]*\).*/\1/p' "$SCRATCH/protect$k.json"))"
 done
 
 touch "$SCRATCH/stop-writer"
 wait "$writer" || fail "the writer: $(tail -n 3 "$SCRATCH/writer.log")"
 log "writer: $(grep '^WRITER OK' "$SCRATCH/writer.log")"
-wait "$streamer" || fail "the stream client: $(tail -n 3 "$SCRATCH/stream.log")"
-check "no line missing or repeated in the streams both ways" grep -q '^STREAM OK' "$SCRATCH/stream.log"
 n=$(acked)
 seq "$n" | sed 's/^/GET acked:/' | in_ns timeout 120 redis-cli -h "$GUEST_IP" >"$SCRATCH/final.txt"
 check "the VM holds all $n SETs acknowledged through $kills failovers" \
@@ -329,14 +167,12 @@ protected_rtt=$(median_rtt 0 "$first_kill_ack")
 unprotected_rtt=$(median_rtt "$unprotected_from" "$n")
 pause_last=$(sed -n '/"pause_us"/,/}/s/.*"last": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
 pause_max=$(sed -n '/"pause_us"/,/}/s/.*"max": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
-echo "=== vmr: redis protected by standbys, its primary lost $kills times ==="
+echo "=== vmr: redis protected by a standby, its primary lost $kills times ==="
 echo "a SET's round trip, protected:            ${protected_rtt} ms (median)"
 echo "the same, unprotected (after the last failover): ${unprotected_rtt} ms: output commit adds $(awk -v a="$protected_rtt" -v b="$unprotected_rtt" 'BEGIN { printf "%.1f", a - b }') ms"
 echo "epoch pause of the primary:               last $(awk -v v="${pause_last:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms, longest $(awk -v v="${pause_max:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms"
 awk 'NR > 1 { printf "failover %d: detected in %.0f ms, VM running %.0f ms later; the client waited %.0f ms for an answer\n", $1, $2, $3, $4 }' "$SCRATCH/failover.tsv"
-for e in "${events[@]}"; do echo "$e"; done
 echo "acknowledged SETs: $n, lost: 0 (every one read back from the VM); connection resets: 0"
-echo "numbered streams: $(sed -n 's/^STREAM OK out=\([0-9]*\) in=\([0-9]*\).*/\1 lines VM to client, \2 client to VM/p' "$SCRATCH/stream.log"), none missing or repeated"
 echo "(timings are the emulated lab's: several times slower than hardware)"
 in_ns timeout 30 redis-cli -h "$GUEST_IP" shutdown nosave >/dev/null 2>&1 || true
 
