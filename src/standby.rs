@@ -347,7 +347,6 @@ impl StandbyHost {
         let serving = std::thread::Builder::new()
             .name("standby".into())
             .spawn(move || {
-                replicator::priority::set_nice(replicator::priority::LINK_NICE);
                 let Some(standby) = host.standby() else {
                     return;
                 };

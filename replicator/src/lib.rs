@@ -11,7 +11,7 @@
 //!   ([`primary::authority`]);
 //! - [`conn`]: the stream under a link (TCP or a Unix socket);
 //! - [`coordinator`]: who owns a protected VM (etcd), the term as fencing token;
-//! - [`priority`]: the replication threads' priorities beside the guest's vCPUs.
+//! - [`priority`]: the priority of bulk copies beside the epochs.
 
 pub mod auth;
 pub mod compat;

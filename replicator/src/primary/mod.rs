@@ -841,7 +841,6 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("epochs".into())
             .spawn(move || {
-                crate::priority::set_nice(crate::priority::LINK_NICE);
                 let result = self.run_with(&flag, &command_rx);
                 if let Err(e) = &result {
                     tracing::error!("the epoch engine stopped: {e}");
