@@ -18,53 +18,12 @@ make_bridged_netns
 kills=${VMR_FAILOVER_KILLS:-3}
 mode=${VMR_FAILOVER_MODE:-kill}
 baseline=${VMR_FAILOVER_BASELINE:-0}
-head -c 32 /dev/urandom >"$RUNDIR/key"
 # A standby that hears nothing from its primary for this long takes over. The emulated lab
 # runs 15-20 epochs/s with pauses of a few hundred ms under load: 50 ms (the default) would
 # fail over at every hiccup.
 detect_ms=${VMR_FAILOVER_DETECT_MS:-600}
 
-log "etcd (the coordinator) in the namespace"
-in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
-    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster lab=http://127.0.0.1:2380 --log-level error \
-    >"$SCRATCH/etcd.log" 2>&1 &
-for ((i = 0; i < 300; i++)); do
-    in_ns ss -ltn | grep -q ':2379 ' && break
-    sleep 0.1
-done
-in_ns ss -ltn | grep -q ':2379 ' || fail "etcd did not listen: $(tail -n 5 "$SCRATCH/etcd.log")"
-COORD=etcd://127.0.0.1:2379
-
-# start_standby N TAP: a standby (host-id hostN) on TAP, listening on port 7200+N, its API at
-# $RUNDIR/hostN.sock.
-start_standby() {
-    local n=$1 tap=$2 i
-    start_vmr "host$n" standby --listen "127.0.0.1:$((7200 + n))" --key-file "$RUNDIR/key" \
-        --net "tap=$tap" --api "$RUNDIR/host$n.sock" --coordinator "$COORD" --host-id "host$n" \
-        --detect-ms "$detect_ms"
-    for ((i = 0; i < 300; i++)); do
-        in_ns ss -ltn | grep -q ":$((7200 + n)) " && return 0
-        sleep 0.1
-    done
-    fail "standby host$n did not listen: $(cat "$SCRATCH/host$n.stderr")"
-}
-
-# committed SOCKET: the last epoch committed as that monitor's API reports it.
-committed() {
-    ctl "$1" replication 2>/dev/null | sed -n 's/.*"last_committed_epoch": *\([0-9]*\).*/\1/p'
-}
-
-# wait_synced SOCKET: waits until the standby of SOCKET committed its initial synchronisation.
-wait_synced() {
-    local i
-    for ((i = 0; i < 1200; i++)); do
-        [ "$(committed "$1")" -gt 0 ] 2>/dev/null && return 0
-        sleep 0.1
-    done
-    fail "the standby at $1 did not synchronise within 120 s"
-}
+source "$(dirname "$0")/failover_common.sh"
 
 start_standby 1 tap1
 # The primary (host0) boots redis.

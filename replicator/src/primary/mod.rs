@@ -1291,9 +1291,10 @@ impl Engine {
         }
         // A joining standby whose copy of memory is done gets its first epoch now: with the
         // pages written since the copy began.
-        let copied = match self.full_sent {
-            true => self.copied_joiner(),
-            false => None,
+        let copied = if self.full_sent {
+            self.copied_joiner()
+        } else {
+            None
         };
         if let Some(c) = &copied {
             options.join = Some(c.consumer);
@@ -1301,20 +1302,18 @@ impl Engine {
         let tracker = self.tracker.clone();
         let switch = self.switch.clone();
         self.last_epoch_at = Instant::now();
-        let cp = match self
+        let taken = self
             .vm
             .run(move |m| checkpoint(m, &tracker, &options, &switch, n + 1))
-        {
-            Ok(Ok(cp)) => cp,
-            failed => {
+            .map_err(EngineError::from)
+            .and_then(|cp| cp.map_err(EngineError::Checkpoint));
+        let cp = match taken {
+            Ok(cp) => cp,
+            Err(e) => {
                 if let Some(c) = copied {
                     self.drop_joiner(&c.name, &c.conn, c.consumer, "its first epoch failed");
                 }
-                return Err(match failed {
-                    Err(e) => e.into(),
-                    Ok(Err(e)) => EngineError::Checkpoint(e),
-                    Ok(Ok(_)) => unreachable!("matched above"),
-                });
+                return Err(e);
             }
         };
         self.next_epoch += 1;
