@@ -12,8 +12,9 @@ use replicator::compat::{DeviceDesc, Hello, PROTOCOL};
 use replicator::conn::Conn;
 use replicator::primary::{pair_standby, EngineError, EngineOptions, Metrics, NewStandby};
 use vmm::api::{
-    FailoverParams, HealthState, LatencyFigures, PauseFigures, PeerState, ProtectParams,
-    ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
+    CopyFigures, FailoverParams, HealthState, LatencyFigures, PauseFigures, PeerState,
+    ProtectParams, ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole,
+    ReplicationStatus,
 };
 use vmm::config::VmConfig;
 use vmm::health::{decide, Health};
@@ -349,6 +350,13 @@ impl ReplicationHook for PrimaryHook {
         // A standby paired again after it was dropped appears once more: its n-th pairing
         // goes with its n-th drop, if any.
         let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let copy_of = |name: &str| {
+            let p = m.syncing.iter().find(|p| p.standby == name)?;
+            Some(CopyFigures {
+                copied_bytes: p.copied_bytes,
+                total_bytes: p.total_bytes,
+            })
+        };
         status.peers = m
             .peer_names
             .iter()
@@ -377,6 +385,7 @@ impl ReplicationHook for PrimaryHook {
                         acked_epoch: m.last_committed_epoch,
                         lag_epochs: lag,
                         reason: None,
+                        copy: copy_of(name),
                     },
                 }
             })

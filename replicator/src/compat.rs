@@ -25,8 +25,9 @@ impl std::fmt::Display for ProtocolVersion {
 
 /// The protocol this build speaks. 1.1: `Protected { through }`. 1.2: `Join` (a standby
 /// joining a protected VM); the machine's state ends with the devices' additions
-/// (`vmm::devices::DevicesState`): virtio-net's pending announce.
-pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+/// (`vmm::devices::DevicesState`): virtio-net's pending announce. 1.3: `DiskSync` (the copy
+/// of a disk to a joining standby).
+pub const PROTOCOL: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 
 /// Largest TSC frequency difference a pair may have when the host cannot scale the TSC
 /// (DESIGN.md §5), in parts per million.

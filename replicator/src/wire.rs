@@ -332,6 +332,14 @@ pub enum Message {
     /// the standby's memory; then its first epoch, of whatever number, which carries every page
     /// written since the copy began.
     Join,
+    /// A copy of disk `disk` follows, for a joining standby (protocol 1.3): the standby
+    /// zeroes its image, then takes `DiskWrite`s outside any epoch straight into it (the
+    /// image's data, read while the guest runs, then the writes the guest made meanwhile)
+    /// until its first epoch.
+    DiskSync {
+        /// Which disk (index in the Hello's list).
+        disk: u32,
+    },
 }
 
 impl Message {
@@ -352,6 +360,7 @@ impl Message {
             Message::Protected { .. } => "Protected",
             Message::Handover { .. } => "Handover",
             Message::Join => "Join",
+            Message::DiskSync { .. } => "DiskSync",
         }
     }
 
@@ -939,6 +948,7 @@ pub(crate) mod tests {
             any::<u64>().prop_map(|through| Message::Protected { through }),
             any::<u64>().prop_map(|epoch| Message::Handover { epoch }),
             Just(Message::Join),
+            any::<u32>().prop_map(|disk| Message::DiskSync { disk }),
             ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
         ]
     }

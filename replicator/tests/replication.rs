@@ -238,10 +238,12 @@ fn a_standby_killed_mid_stream_is_dropped_and_the_vm_goes_on_unprotected() {
         ..Default::default()
     };
     let mut engine = Engine::start(&vm, vec![a.unwrap(), b.unwrap()], options).unwrap();
-    while engine.next_epoch() <= 10 {
+    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    let next = engine.next_epoch();
+    while engine.next_epoch() <= next + 10 {
         engine.step().unwrap();
     }
-    assert!(engine.wait_committed(10, Duration::from_secs(5)));
+    assert!(engine.wait_committed(next + 10, Duration::from_secs(5)));
     let dropped = engine.metrics().lock().unwrap().dropped.clone();
     assert!(dropped.is_empty(), "{dropped:?}");
     // Standby a dies while epochs flow: b alone commits from then on.
@@ -402,6 +404,25 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
     let primary_disk = image(&dir.path().join("primary.img"), DISK);
     let standby_root = image(&dir.path().join("standby-root.img"), ROOT);
     let standby_disk = image(&dir.path().join("standby.img"), DISK);
+    // The primary's images hold data between holes; the standby's start as something else:
+    // the standby is given a copy of the primary's.
+    {
+        use std::os::unix::fs::FileExt;
+        let root = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&primary_root)
+            .unwrap();
+        root.write_all_at(&[0x5a; 4096], 0).unwrap();
+        root.write_all_at(&[0xa5; 3 << 10], ROOT - (3 << 10))
+            .unwrap();
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&primary_disk)
+            .unwrap();
+        disk.write_all_at(&vec![0x11; 1536 << 10], 512 << 10)
+            .unwrap();
+        std::fs::write(&standby_root, vec![0xee; ROOT as usize]).unwrap();
+    }
     let vm = writer_with_disks(1024, Some(primary_root.clone()), vec![primary_disk.clone()]);
     let standby = Arc::new(
         Standby::new(
@@ -436,10 +457,23 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
         ..hello()
     };
     let (mut engine, server) = replicate_to(&vm, &standby, 6, &hello);
-    while engine.next_epoch() <= 10 {
+    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    let next = engine.next_epoch();
+    while engine.next_epoch() <= next + 5 {
         engine.step().unwrap();
     }
     let (n, Reference { image, state }) = reference_epoch(&mut engine);
+    for (primary, standby) in [
+        (&primary_root, &standby_root),
+        (&primary_disk, &standby_disk),
+    ] {
+        assert!(
+            std::fs::read(primary).unwrap() == std::fs::read(standby).unwrap(),
+            "the standby's {} is not a copy of {}",
+            standby.display(),
+            primary.display()
+        );
+    }
     engine.shutdown();
     vm.stop().unwrap();
     server.join().unwrap().unwrap();
@@ -606,7 +640,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
 }
 
 #[test]
-fn a_committed_epoch_whose_disks_the_standby_cannot_open_is_refused() {
+fn a_standby_without_the_vms_disk_is_refused_and_one_in_memory_cannot_be_opened() {
     const DISK: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     let vm = writer_with_disks(64, None, vec![image(&dir.path().join("vm.img"), DISK)]);
@@ -634,7 +668,7 @@ fn a_committed_epoch_whose_disks_the_standby_cannot_open_is_refused() {
         let (a, b) = UnixStream::pair().unwrap();
         let serving = standby.clone();
         servers.push(std::thread::spawn(move || {
-            serving.serve(Conn::Unix(b)).map(|_| ())
+            serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string())
         }));
         let hello = Hello {
             disk_sizes: disks,
@@ -650,33 +684,30 @@ fn a_committed_epoch_whose_disks_the_standby_cannot_open_is_refused() {
         });
     }
     let mut engine = Engine::start(&vm, peers, EngineOptions::default()).unwrap();
-    while engine.next_epoch() <= 3 {
+    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    let next = engine.next_epoch();
+    while engine.next_epoch() <= next + 3 {
         engine.step().unwrap();
     }
-    assert!(engine.wait_committed(3, Duration::from_secs(5)));
+    assert!(engine.wait_committed(next + 3, Duration::from_secs(5)));
+    let dropped = engine.metrics().lock().unwrap().dropped.clone();
+    assert!(
+        dropped.len() == 1 && dropped[0].starts_with("without: "),
+        "{dropped:?}"
+    );
     engine.shutdown();
     vm.stop().unwrap();
-    for s in servers {
-        s.join().unwrap().unwrap();
-    }
+    let mut ends = servers.into_iter().map(|s| s.join().unwrap());
+    // The copy of the VM's disk was refused: the standby has none.
+    let end = ends.next().unwrap().unwrap();
+    assert!(
+        end.to_string().contains("disk 0"),
+        "the standby without the disk ended with: {end}"
+    );
+    ends.next().unwrap().unwrap();
     let snap = dir.path().join("snap");
     let err = without.write_snapshot(&snap).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StandbyError::DiskCount {
-                configured: 1,
-                devices: 1,
-                standby: 0
-            }
-        ),
-        "{err}"
-    );
-    let err = without
-        .promote(&restore_options())
-        .err()
-        .expect("promoted without the VM's disk");
-    assert!(matches!(err, StandbyError::DiskCount { .. }), "{err}");
+    assert!(matches!(err, StandbyError::NothingCommitted), "{err}");
     let err = in_memory.write_snapshot(&snap).unwrap_err();
     assert!(
         matches!(err, StandbyError::DiskNotAFile { index: 0 }),
@@ -693,10 +724,12 @@ fn a_standby_promoted_while_serving_refuses_the_primarys_next_epochs() {
     let standby: Arc<Standby<Vec<u8>>> =
         Arc::new(Standby::new(profile(), key(9), Vec::new(), StagingOptions::default()).unwrap());
     let (mut engine, server) = replicate_to(&vm, &standby, 9, &hello());
-    while engine.next_epoch() <= 5 {
+    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    let next = engine.next_epoch();
+    while engine.next_epoch() <= next + 5 {
         engine.step().unwrap();
     }
-    assert!(engine.wait_committed(5, Duration::from_secs(5)));
+    assert!(engine.wait_committed(next + 5, Duration::from_secs(5)));
     // Promoted between two messages of the link: the primary still runs and sends epochs.
     let mut promoted = standby.promote(&restore_options()).unwrap();
     let epoch = standby.info().committed_epoch;

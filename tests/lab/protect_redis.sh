@@ -5,16 +5,17 @@
 #   (SIGKILL) and the snapshot restored into a fresh monitor on another TAP of the LAN: its
 #   redis answers at the same address and holds every SET acknowledged before the snapshot
 #   was asked for (output commit: no answer leaves before the standby holds its epoch);
-# - the standby's disk image equals the primary's once an epoch after the guest's last write
-#   is committed.
+# - the standby's disk image (different at the start: the initial synchronisation copies it)
+#   equals the primary's once an epoch after the guest's last write is committed.
 source "$(dirname "$0")/common.sh"
 make_bridged_netns
 port=7100
 head -c 32 /dev/urandom >"$RUNDIR/key"
-# The standby starts from a copy of the primary's disk image (there is no initial disk
-# synchronisation yet): both are the same 16 MiB of random bytes.
+# The primary's disk image is 16 MiB of random bytes; the standby's starts as something else
+# (another 16 MiB of random bytes): the initial synchronisation copies the primary's to it,
+# with what the guest writes meanwhile.
 head -c 16M /dev/urandom >"$RUNDIR/primary.img"
-cp "$RUNDIR/primary.img" "$RUNDIR/standby.img"
+head -c 16M /dev/urandom >"$RUNDIR/standby.img"
 
 start_vmr standby standby --listen "127.0.0.1:$port" --key-file "$RUNDIR/key" \
     --disk "$RUNDIR/standby.img" --net tap=tap1 --api "$RUNDIR/standby.sock"

@@ -34,6 +34,7 @@ use vmm::devices::replication::{
 };
 use vmm::epoch::{EpochCapture, EpochError, EpochOptions, EpochTracker};
 use vmm::vstate::dirty::DirtyConsumer;
+use vmm::vstate::memory::{is_zero, PAGE_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::auth::ReplicationKey;
@@ -103,6 +104,26 @@ pub enum EngineError {
     /// Waiting for events failed.
     #[error("cannot wait for the engine's events: {0}")]
     Poll(std::io::Error),
+    /// A standby too old for the synchronisation this VM needs.
+    #[error("the standby {peer} speaks protocol {protocol}: {what} needs {needed}")]
+    StandbyTooOld {
+        /// The standby.
+        peer: String,
+        /// Its protocol.
+        protocol: crate::compat::ProtocolVersion,
+        /// What needs more.
+        what: &'static str,
+        /// The protocol needed.
+        needed: crate::compat::ProtocolVersion,
+    },
+    /// The thread copying the VM to a joining standby could not be started.
+    #[error("cannot start copying the VM to {peer}: {source}")]
+    SpawnCopy {
+        /// The standby.
+        peer: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// What the engine is told to do.
@@ -157,8 +178,10 @@ pub struct Metrics {
     pub dropped: Vec<String>,
     /// Every standby paired with the engine, in order (the dropped ones too).
     pub peer_names: Vec<String>,
-    /// Standbys joining the VM protected already: synchronising, not protecting yet.
+    /// Standbys synchronising (copied while the guest runs), not protecting yet.
     pub joining: Vec<String>,
+    /// How far each standby's copy of memory and disks has come (while it is taken).
+    pub syncing: Vec<SyncProgress>,
     /// Epochs taken.
     pub epochs: u64,
     /// Epochs ended early (output waiting, disk flush).
@@ -201,6 +224,18 @@ pub struct Metrics {
     pub handed_over: Option<String>,
 }
 
+/// How far the copy of the VM to a synchronising standby has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SyncProgress {
+    /// The standby.
+    pub standby: String,
+    /// Bytes of memory and disks copied (a disk's holes count as copied).
+    pub copied_bytes: u64,
+    /// Bytes to copy: all of memory and disks, plus the pages written meanwhile as the later
+    /// rounds find them.
+    pub total_bytes: u64,
+}
+
 /// What losing a standby means for the VM ([`Engine::drop_standby`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -232,9 +267,19 @@ pub fn ack_allowance(standby_timeout: Duration, raw_bytes: u64) -> Duration {
 /// epoch within this time of its send: protection (output waiting for their acks) starts.
 pub const SYNC_CONVERGED_ACK: Duration = Duration::from_millis(250);
 
-/// The protocol a standby needs to join a VM protected already (`Join`).
+/// The protocol a standby needs to be synchronised while the guest runs (`Join`).
 pub const JOIN_SINCE: crate::compat::ProtocolVersion =
     crate::compat::ProtocolVersion { major: 1, minor: 2 };
+/// The protocol a standby needs to be given a copy of the VM's disks (`DiskSync`).
+pub const DISK_SYNC_SINCE: crate::compat::ProtocolVersion =
+    crate::compat::ProtocolVersion { major: 1, minor: 3 };
+/// The disk writes a synchronising standby may have waiting for it (the guest's writes since
+/// its copy began, sent after the copy): past this, the guest writes faster than the copy
+/// goes and the standby is let go.
+pub const JOIN_RETAINED_MAX: usize = 512 << 20;
+/// The longest epoch while no standby takes epochs (all of them are being copied): the
+/// epochs then only rotate the disk journals and the inbound mirrors.
+const IDLE_PERIOD: Duration = Duration::from_millis(100);
 
 /// A frame from a standby, or its loss.
 enum PeerEvent {
@@ -283,6 +328,10 @@ struct Joiner {
     consumer: DirtyConsumer,
     /// The copy, on a thread of its own with the standby's writer: both back when it ends.
     copy: JoinHandle<(FrameWriter<Conn>, Result<u64, CopyError>)>,
+    /// The guest's disk writes of every epoch since the copy began (per epoch, per disk): the
+    /// copy of the disks may have read the images before them.
+    retained: Vec<Vec<EpochWrites>>,
+    retained_bytes: usize,
 }
 
 /// A joining standby whose copy of memory is done: its first epoch is next.
@@ -292,9 +341,10 @@ struct Copied {
     reader: FrameReader<Conn>,
     writer: FrameWriter<Conn>,
     consumer: DirtyConsumer,
+    retained: Vec<Vec<EpochWrites>>,
 }
 
-/// Why copying memory to a joining standby failed.
+/// Why copying the VM to a joining standby failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     /// The link failed.
@@ -303,6 +353,31 @@ pub enum CopyError {
     /// The pages written meanwhile could not be read.
     #[error("{0}")]
     Dirty(#[from] vmm::epoch::EpochError),
+    /// A disk image could not be read.
+    #[error("cannot read disk image {path}: {source}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Where a copy thread reports how far it has come ([`Metrics::syncing`]).
+struct CopyProgress {
+    metrics: Arc<Mutex<Metrics>>,
+    standby: String,
+}
+
+impl CopyProgress {
+    /// `copied` more bytes copied, `more` more to copy.
+    fn advance(&self, copied: u64, more: u64) {
+        let mut m = lock(&self.metrics);
+        if let Some(p) = m.syncing.iter_mut().find(|p| p.standby == self.standby) {
+            p.copied_bytes += copied;
+            p.total_bytes += more;
+        }
+    }
 }
 
 /// Rounds of a joining standby's copy of memory: all of it, then the pages written during the
@@ -311,19 +386,39 @@ const JOIN_COPY_ROUNDS: usize = 5;
 /// A round of the copy with fewer pages than this is the last: the first epoch carries the rest.
 const JOIN_COPY_ENOUGH: usize = 256;
 
-/// Copies guest memory to a joining standby while the guest runs: `Join`, then every page,
-/// then the pages written meanwhile (`consumer`'s) while they get fewer. The pages written
-/// after their last copy stay in `consumer`'s set for the standby's first epoch. The pages
-/// sent.
+/// Copies the VM to a joining standby while the guest runs: `Join`, its memory
+/// ([`copy_memory`]), then each disk image ([`copy_disk`]). The pages sent.
+fn copy_vm(
+    tracker: &EpochTracker,
+    consumer: DirtyConsumer,
+    disks: &[std::path::PathBuf],
+    out: &mut FrameWriter<Conn>,
+    progress: &CopyProgress,
+) -> Result<u64, CopyError> {
+    out.send(&Message::Join)?;
+    let pages = copy_memory(tracker, consumer, out, progress)?;
+    for (i, path) in disks.iter().enumerate() {
+        copy_disk(i as u32, path, out, progress)?;
+    }
+    out.flush()?;
+    Ok(pages)
+}
+
+/// Copies guest memory: every page, then the pages written meanwhile (`consumer`'s) while
+/// they get fewer. The pages written after their last copy stay in `consumer`'s set for the
+/// standby's first epoch. The pages sent.
 fn copy_memory(
     tracker: &EpochTracker,
     consumer: DirtyConsumer,
     out: &mut FrameWriter<Conn>,
+    progress: &CopyProgress,
 ) -> Result<u64, CopyError> {
-    out.send(&Message::Join)?;
     let mut pfns = tracker.all_pfns();
     let mut sent = 0u64;
     for round in 0..JOIN_COPY_ROUNDS {
+        if round > 0 {
+            progress.advance(0, (pfns.len() * PAGE_SIZE) as u64);
+        }
         let mut batch = PageBatch::with_capacity(BATCH_PAGES);
         for &pfn in &pfns {
             batch.push_with(pfn, |buf| tracker.read_page(pfn, buf));
@@ -332,10 +427,13 @@ fn copy_memory(
                     &mut batch,
                     PageBatch::with_capacity(BATCH_PAGES),
                 )))?;
+                progress.advance((BATCH_PAGES * PAGE_SIZE) as u64, 0);
             }
         }
         if !batch.is_empty() {
+            let n = batch.len();
             out.send(&Message::Pages(batch))?;
+            progress.advance((n * PAGE_SIZE) as u64, 0);
         }
         sent += pfns.len() as u64;
         tracing::debug!(round, pages = pfns.len(), "joining standby: round copied");
@@ -350,14 +448,85 @@ fn copy_memory(
         }
         pfns = written;
     }
-    out.flush()?;
     Ok(sent)
+}
+
+/// A disk's copy goes in writes of this much.
+const DISK_CHUNK: usize = 1 << 20;
+
+/// Copies disk image `path` (disk `index`) as the guest runs: `DiskSync` (the standby zeroes
+/// its image), then a `DiskWrite` outside any epoch per chunk of data that is not zeros; the
+/// image's holes are skipped. What the guest writes meanwhile is sent after the copy
+/// ([`Joiner::retained`]).
+fn copy_disk(
+    index: u32,
+    path: &std::path::Path,
+    out: &mut FrameWriter<Conn>,
+    progress: &CopyProgress,
+) -> Result<(), CopyError> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let read_err = |source| CopyError::Disk {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    // Also a block device's size.
+    let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    progress.advance(0, size);
+    out.send(&Message::DiskSync { disk: index })?;
+    let fd = file.as_raw_fd();
+    // SAFETY (both): lseek on a descriptor this function owns; it only moves its offset.
+    let seek = |at: u64, whence| unsafe { libc::lseek(fd, at as libc::off_t, whence) };
+    let mut buf = vec![0u8; DISK_CHUNK];
+    let mut at = 0u64;
+    while at < size {
+        // The next extent of data: its start and end (without SEEK_DATA, all of the rest).
+        let data = match seek(at, libc::SEEK_DATA) {
+            d if d >= 0 => d as u64,
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) => size,
+            _ => at,
+        };
+        let end = match seek(data, libc::SEEK_HOLE) {
+            h if h >= 0 && h as u64 > data => (h as u64).min(size),
+            _ => size,
+        };
+        progress.advance(data.saturating_sub(at), 0);
+        let mut pos = data;
+        while pos < end {
+            let n = (end - pos).min(DISK_CHUNK as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos).map_err(read_err)?;
+            if !is_zero(&buf[..n]) {
+                out.send(&Message::DiskWrite {
+                    disk: index,
+                    offset: pos,
+                    bytes: buf[..n].to_vec(),
+                })?;
+            }
+            pos += n as u64;
+            progress.advance(n as u64, 0);
+        }
+        at = end.max(data);
+    }
+    tracing::debug!(disk = index, path = %path.display(), size, "disk copied");
+    Ok(())
 }
 
 /// How long a goodbye (`Refuse`) to a standby may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl Peer {
+    /// Whether a synchronising standby keeps up: it committed its first epoch and
+    /// acknowledges each within [`SYNC_CONVERGED_ACK`] of its send.
+    fn keeps_up(&self) -> bool {
+        self.joining
+            .is_some_and(|first| first > 0 && self.acked >= first)
+            && self
+                .in_flight
+                .front()
+                .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK)
+    }
+
     /// Closes the link. With `goodbye`, the standby is first told why (best effort, within
     /// [`GOODBYE_TIMEOUT`]): a standby told it was let go does not take the VM over, while one
     /// whose link just breaks (the primary's host lost) does.
@@ -449,7 +618,6 @@ pub struct Engine {
     next_epoch: u64,
     released: u64,
     last_epoch_at: Instant,
-    full_sent: bool,
     /// The first epoch whose output waits for the standbys' acks, once the initial
     /// synchronisation converged; before it, each epoch's output leaves as the epoch ends.
     protect_from: Option<u64>,
@@ -468,8 +636,9 @@ pub struct Engine {
 
 impl Engine {
     /// Starts protecting the VM behind `vm` with `standbys` (paired, fresh): turns replication
-    /// on the devices, starts epoch tracking. The first epoch ([`Engine::step`]) carries all
-    /// of memory.
+    /// on the devices, starts epoch tracking, and synchronises each standby as
+    /// [`Engine::add_standby`] does (copied while the guest runs, then its first epoch). The
+    /// VM is protected once they keep up ([`Engine::synchronise`]).
     pub fn start(
         vm: &vm::VmThread,
         standbys: Vec<NewStandby>,
@@ -510,7 +679,6 @@ impl Engine {
             next_epoch: 1,
             released: 0,
             last_epoch_at: Instant::now(),
-            full_sent: false,
             protect_from: None,
             hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
@@ -519,30 +687,21 @@ impl Engine {
             protected: true,
             stopping: false,
         };
-        for s in standbys {
-            engine.add_peer(s)?;
-        }
         let term = engine.options.term;
         engine.update_metrics(|m| {
             m.protected = true;
-            m.standbys = engine.peers.len();
             m.term = term;
         });
+        let count = standbys.len();
+        for s in standbys {
+            engine.join(s)?;
+        }
         tracing::info!(
-            standbys = engine.peers.len(),
+            standbys = count,
             period_ms = engine.options.period.as_millis() as u64,
             "VM protected: epoch replication started"
         );
         Ok(engine)
-    }
-
-    fn add_peer(&mut self, s: NewStandby) -> Result<(), EngineError> {
-        let NewStandby {
-            name, conn, link, ..
-        } = s;
-        let Link { reader, writer } = link;
-        self.update_metrics(|m| m.peer_names.push(name.clone()));
-        self.start_peer(name, conn, reader, writer, None)
     }
 
     /// Starts the reader of a standby's acks and counts it among the peers.
@@ -580,33 +739,54 @@ impl Engine {
         Ok(())
     }
 
-    /// Adds a fresh standby to the VM protected already, while the guest runs and the
-    /// others protect it: a thread copies guest memory to it (`Join`, then pages outside any
-    /// epoch, then again those written meanwhile while they get fewer); the epoch after the
-    /// copy carries it every page written since ([`EpochOptions::join`]; the others get their
-    /// delta of the same capture). Its acks release nothing until it keeps up (every ack
-    /// within [`SYNC_CONVERGED_ACK`] of its epoch's send), when it is told `Protected` and
-    /// protects the VM with the others.
+    /// Adds a fresh standby to the VM while the guest runs (and the others, if any, protect
+    /// it): see [`Engine::join`].
     pub fn add_standby(&mut self, s: NewStandby) -> Result<(), String> {
-        if !self.protected || self.protect_from.is_none() {
-            return Err(
-                "the VM's protection is still synchronising its first standbys: add this one \
-                 once it is protected"
-                    .into(),
-            );
+        if !self.protected {
+            return Err("the VM's protection has ended".into());
         }
+        self.join(s).map_err(|e| e.to_string())
+    }
+
+    /// Synchronises a fresh standby while the guest runs: a thread copies the VM to it
+    /// (`Join`, guest memory as pages outside any epoch, then again the pages written
+    /// meanwhile while they get fewer, then each disk image, `DiskSync` and its data); then
+    /// the guest's disk writes since the copy began follow, and the next epoch carries it
+    /// every page written since ([`EpochOptions::join`]; the other standbys get their delta
+    /// of the same capture). Its acks release nothing until it keeps up (every ack within
+    /// [`SYNC_CONVERGED_ACK`] of its epoch's send), when it is told `Protected` and protects
+    /// the VM with the others.
+    fn join(&mut self, s: NewStandby) -> Result<(), EngineError> {
         if s.ack.committed_epoch != 0 {
             return Err(EngineError::NotFresh {
                 peer: s.name.clone(),
                 committed: s.ack.committed_epoch,
-            }
-            .to_string());
+            });
         }
-        if (s.ack.protocol.major, s.ack.protocol.minor) < (JOIN_SINCE.major, JOIN_SINCE.minor) {
-            return Err(format!(
-                "the standby {} speaks protocol {}: joining a protected VM needs {JOIN_SINCE}",
-                s.name, s.ack.protocol
-            ));
+        let disks: Vec<std::path::PathBuf> = self
+            .ports
+            .block
+            .iter()
+            .map(|b| b.path().to_path_buf())
+            .collect();
+        let version = |v: crate::compat::ProtocolVersion| (v.major, v.minor);
+        let needs = [
+            (true, JOIN_SINCE, "synchronising it while the guest runs"),
+            (
+                !disks.is_empty(),
+                DISK_SYNC_SINCE,
+                "copying the VM's disks to it",
+            ),
+        ];
+        for (needed, since, what) in needs {
+            if needed && version(s.ack.protocol) < version(since) {
+                return Err(EngineError::StandbyTooOld {
+                    peer: s.name.clone(),
+                    protocol: s.ack.protocol,
+                    what,
+                    needed: since,
+                });
+            }
         }
         let NewStandby {
             name, conn, link, ..
@@ -614,29 +794,37 @@ impl Engine {
         let Link { reader, mut writer } = link;
         let consumer = self.tracker.register_consumer();
         let tracker = self.tracker.clone();
+        let progress = CopyProgress {
+            metrics: self.metrics.clone(),
+            standby: name.clone(),
+        };
         let copy = std::thread::Builder::new()
             .name("join-copy".into())
             .spawn(move || {
                 crate::priority::set_nice(crate::priority::BULK_NICE);
-                let copied = copy_memory(&tracker, consumer, &mut writer);
+                let copied = copy_vm(&tracker, consumer, &disks, &mut writer, &progress);
                 (writer, copied)
             });
         let copy = match copy {
             Ok(copy) => copy,
-            Err(e) => {
+            Err(source) => {
                 self.tracker.unregister_consumer(consumer);
-                return Err(format!("cannot start copying memory to {name}: {e}"));
+                return Err(EngineError::SpawnCopy { peer: name, source });
             }
         };
+        let standbys = self.peers.len() + self.joiners.len() + 1;
         self.update_metrics(|m| {
             m.peer_names.push(name.clone());
             m.joining.push(name.clone());
+            m.syncing.push(SyncProgress {
+                standby: name.clone(),
+                ..SyncProgress::default()
+            });
+            m.standbys = standbys;
         });
-        let standbys = self.peers.len() + self.joiners.len() + 1;
-        self.update_metrics(|m| m.standbys = standbys);
         tracing::info!(
             standby = name,
-            "standby joining the protected VM: copying memory to it while the guest runs"
+            "standby synchronising: copying the VM to it while the guest runs"
         );
         self.joiners.push(Joiner {
             name,
@@ -644,6 +832,8 @@ impl Engine {
             reader,
             consumer,
             copy,
+            retained: Vec::new(),
+            retained_bytes: 0,
         });
         Ok(())
     }
@@ -658,13 +848,15 @@ impl Engine {
             reader,
             consumer,
             copy,
+            retained,
+            ..
         } = self.joiners.remove(i);
         let failed = match copy.join() {
             Ok((writer, Ok(pages))) => {
                 tracing::info!(
                     standby = name,
                     pages,
-                    "memory copied to the joining standby: its first epoch follows"
+                    "VM copied to the synchronising standby: its first epoch follows"
                 );
                 return Some(Copied {
                     name,
@@ -672,10 +864,11 @@ impl Engine {
                     reader,
                     writer,
                     consumer,
+                    retained,
                 });
             }
-            Ok((_, Err(e))) => format!("copying memory to it failed: {e}"),
-            Err(_) => "copying memory to it panicked".to_string(),
+            Ok((_, Err(e))) => format!("copying the VM to it failed: {e}"),
+            Err(_) => "copying the VM to it panicked".to_string(),
         };
         self.drop_joiner(&name, &conn, consumer, &failed);
         None
@@ -699,15 +892,32 @@ impl Engine {
         }
     }
 
-    /// Says a joining standby was let go, and why.
+    /// Says a joining standby was let go, and why. If it was the last standby while the VM
+    /// was not protected yet, protection ends.
     fn joiner_dropped(&mut self, name: &str, reason: &str) {
         tracing::warn!(standby = name, "joining standby dropped: {reason}");
         let standbys = self.peers.len() + self.joiners.len();
         self.update_metrics(|m| {
             m.dropped.push(format!("{name}: {reason}"));
             m.joining.retain(|n| n != name);
+            m.syncing.retain(|p| p.standby != name);
             m.standbys = standbys;
         });
+        self.none_left_to_synchronise();
+    }
+
+    /// Before the VM was protected, losing every standby decides nothing (none could take
+    /// the VM over: output never waited for them) but the end of protection.
+    fn none_left_to_synchronise(&mut self) -> Decision {
+        if self.protected
+            && self.protect_from.is_none()
+            && self.peers.is_empty()
+            && self.joiners.is_empty()
+        {
+            self.go_unprotected("no standby left to synchronise");
+            return Decision::Unprotected;
+        }
+        Decision::Continue
     }
 
     /// Joining standbys that keep up (every epoch sent to them acknowledged within
@@ -715,15 +925,15 @@ impl Engine {
     /// output waits for their acks too, and they may take the VM over once they committed the
     /// last epoch sent (all output released so far is in it).
     fn promote_joiners(&mut self) {
+        if self.protect_from.is_none() {
+            // The first standbys are promoted together ([`Engine::synchronise`]).
+            return;
+        }
         let through = self.next_epoch - 1;
         let mut i = 0;
         while i < self.peers.len() {
             let p = &mut self.peers[i];
-            let keeps_up = p.joining.is_some_and(|first| first > 0 && p.acked >= first)
-                && p.in_flight
-                    .front()
-                    .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK);
-            if !keeps_up {
+            if !(p.joining.is_some() && p.keeps_up()) {
                 i += 1;
                 continue;
             }
@@ -976,6 +1186,18 @@ impl Engine {
         self.epoch(false, Some(options))
     }
 
+    /// Steps epochs until the initial synchronisation converged (output waits for the
+    /// standbys) or `timeout` passed; whether it did.
+    pub fn wait_synchronised(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.protect_from.is_none() && self.protected && Instant::now() < deadline {
+            if self.step().is_err() {
+                break;
+            }
+        }
+        self.protect_from.is_some()
+    }
+
     /// Handles acks until epoch `epoch` is committed by every standby or `timeout` passes
     /// (or the VM is unprotected); whether it was.
     pub fn wait_committed(&mut self, epoch: u64, timeout: Duration) -> bool {
@@ -1017,7 +1239,12 @@ impl Engine {
             if !self.protected {
                 return Ok(false);
             }
-            let deadline = self.last_epoch_at + self.options.period;
+            let period = if self.peers.is_empty() {
+                self.options.period.max(IDLE_PERIOD)
+            } else {
+                self.options.period
+            };
+            let deadline = self.last_epoch_at + period;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(false);
@@ -1114,12 +1341,14 @@ impl Engine {
         }
     }
 
-    /// Releases the output of every epoch all standbys acknowledged.
+    /// Releases the output of every epoch all protecting standbys acknowledged (before the
+    /// VM is protected: that all standbys taking epochs committed).
     fn release(&mut self) {
+        let initial = self.protect_from.is_none();
         let Some(all) = self
             .peers
             .iter()
-            .filter(|p| p.joining.is_none())
+            .filter(|p| initial || p.joining.is_none())
             .map(|p| p.acked)
             .min()
         else {
@@ -1160,7 +1389,7 @@ impl Engine {
             m.standbys = left;
         });
         if peer.joining.is_some() {
-            return Decision::Continue;
+            return self.none_left_to_synchronise();
         }
         if let Err(d) = self.renew_ownership(&format!("standby {} dropped", peer.name)) {
             return d;
@@ -1286,16 +1515,9 @@ impl Engine {
     ) -> Result<(u64, Option<Reference>), EngineError> {
         let n = self.next_epoch;
         let mut options = options.unwrap_or_else(|| self.options.epoch.clone());
-        if !self.full_sent {
-            options.full = true;
-        }
-        // A joining standby whose copy of memory is done gets its first epoch now: with the
-        // pages written since the copy began.
-        let copied = if self.full_sent {
-            self.copied_joiner()
-        } else {
-            None
-        };
+        // A joining standby whose copy is done gets its first epoch now: with the pages
+        // written since the copy began.
+        let copied = self.copied_joiner();
         if let Some(c) = &copied {
             options.join = Some(c.consumer);
         }
@@ -1317,6 +1539,7 @@ impl Engine {
             }
         };
         self.next_epoch += 1;
+        self.retain_writes(&cp.writes);
         let inbound = self.drain_inbound();
         let capture = match cp.pending.wait() {
             Ok(c) => c,
@@ -1333,17 +1556,12 @@ impl Engine {
                 return Err(EngineError::Checkpoint(e));
             }
         };
-        let sent = self.ship(n, &capture, &cp.writes, &inbound);
+        self.ship(n, &capture, &cp.writes, &inbound);
         if let Some(c) = copied {
             self.first_epoch(c, n, &capture, &cp.writes, &inbound);
         }
-        if sent == 0 {
-            // Nobody has these pages: the next epoch (or a new pairing) must carry them.
-            self.tracker.give_back(&capture);
-        } else {
-            self.full_sent = true;
-            self.synchronise(n);
-        }
+        // Pages nobody took are not given back: a standby paired later is copied whole.
+        self.synchronise(n);
         let reference = capture.reference_image.as_ref().map(|img| Reference {
             image: img.clone(),
             state: capture.state.clone(),
@@ -1383,20 +1601,46 @@ impl Engine {
         frames
     }
 
-    /// Sends epoch `n` to every standby, dropping those that fail; how many got it.
+    /// Keeps the disk writes of the epoch that ended for every standby still being copied
+    /// (they follow its copy); one past [`JOIN_RETAINED_MAX`] is let go.
+    fn retain_writes(&mut self, writes: &[EpochWrites]) {
+        let bytes: usize = writes.iter().map(EpochWrites::bytes).sum();
+        if bytes == 0 {
+            return;
+        }
+        let mut i = 0;
+        while i < self.joiners.len() {
+            let j = &mut self.joiners[i];
+            if j.retained_bytes + bytes <= JOIN_RETAINED_MAX {
+                j.retained.push(writes.to_vec());
+                j.retained_bytes += bytes;
+                i += 1;
+                continue;
+            }
+            let j = self.joiners.remove(i);
+            j.conn.shutdown();
+            let _ = j.copy.join();
+            let reason = format!(
+                "the guest wrote more than {} MiB to its disks while the VM was copied",
+                JOIN_RETAINED_MAX >> 20
+            );
+            self.drop_joiner(&j.name, &j.conn, j.consumer, &reason);
+        }
+    }
+
+    /// Sends epoch `n` to every standby, dropping those that fail.
     fn ship(
         &mut self,
         n: u64,
         capture: &EpochCapture,
         writes: &[EpochWrites],
         inbound: &[(u64, u32, Vec<u8>)],
-    ) -> usize {
+    ) {
         let term = self.options.term;
         let allowed = ack_allowance(self.options.standby_timeout, capture.raw_bytes());
-        // A full epoch taken for a joining standby: the others, which hold the epoch before,
-        // get only their delta of it.
-        let delta = capture.delta_pfns.as_deref().filter(|_| self.full_sent);
-        let mut sent = 0;
+        // An epoch taken for a joining standby: the others, which hold the epoch before, get
+        // only their delta of it.
+        let delta = capture.delta_pfns.as_deref();
         let mut bytes = 0;
         let mut i = 0;
         while i < self.peers.len() {
@@ -1406,7 +1650,6 @@ impl Engine {
                 Ok(()) => {
                     p.in_flight.push_back((n, Instant::now(), allowed));
                     bytes += p.writer.bytes_sent() - before;
-                    sent += 1;
                     i += 1;
                 }
                 Err(e) => {
@@ -1418,11 +1661,12 @@ impl Engine {
             }
         }
         self.update_metrics(|m| m.bytes_sent += bytes);
-        sent
     }
 
-    /// Sends a joining standby whose memory was copied its first epoch `n` (every page
-    /// written since the copy began, and the epoch's), and counts it among the peers, joining.
+    /// Sends a joining standby whose VM was copied the guest's disk writes since the copy
+    /// began (outside any epoch, straight into its images), then its first epoch `n` (every
+    /// page written since the copy began, and the epoch's), and counts it among the peers,
+    /// joining.
     fn first_epoch(
         &mut self,
         c: Copied,
@@ -1437,10 +1681,16 @@ impl Engine {
             reader,
             mut writer,
             consumer,
+            retained,
         } = c;
         self.tracker.unregister_consumer(consumer);
+        self.update_metrics(|m| m.syncing.retain(|p| p.standby != name));
         let term = self.options.term;
-        if let Err(e) = send_epoch(&mut writer, n, term, capture, None, writes, inbound) {
+        let sent = retained
+            .iter()
+            .try_for_each(|w| send_disk_writes(&mut writer, w))
+            .and_then(|()| send_epoch(&mut writer, n, term, capture, None, writes, inbound));
+        if let Err(e) = sent {
             conn.shutdown();
             return self.joiner_dropped(&name, &format!("sending its first epoch {n} failed: {e}"));
         }
@@ -1453,45 +1703,50 @@ impl Engine {
         }
     }
 
-    /// While the initial synchronisation runs (the standbys take in all of memory, then the
-    /// epochs queued meanwhile), the egress gates let every frame out as the guest sends it:
-    /// the VM is not protected yet, and holding its output would stall every client for the
-    /// whole synchronisation. Once every standby acknowledges each epoch within
-    /// [`SYNC_CONVERGED_ACK`] of its send (seen after shipping epoch `c`), the pause that ends
-    /// epoch `c + 1` switches the gates to holding; once `c + 1` is shipped, the standbys are
+    /// While the initial synchronisation runs (the standbys are copied, then take their first
+    /// epochs), the egress gates let every frame out as the guest sends it: the VM is not
+    /// protected yet, and holding its output would stall every client for the whole
+    /// synchronisation. Once every standby is copied and keeps up ([`Peer::keeps_up`], seen
+    /// after shipping epoch `c`), the pause that ends epoch `c + 1` switches the gates to
+    /// holding; once `c + 1` is shipped, the standbys that committed their first epoch are
     /// told (`Protected`: a takeover needs `c + 1` committed), and from `c + 2` on output
-    /// waits for their acks.
+    /// waits for their acks. Until one is, each epoch's output leaves as it is shipped.
     fn synchronise(&mut self, n: u64) {
-        if self.protect_from.is_some() {
+        if self.protect_from.is_some() || !self.protected {
             return;
         }
-        // Frames held before the gates were opened (the first epoch's start).
+        // The output of the epochs so far leaves without waiting (frames held before the
+        // gates were opened, or since they hold again).
         self.ports.release_through(n);
         match self.hold_requested {
             Some(c) if n > c => {}
             Some(_) => return,
             None => {
-                let converged = self.peers.iter().all(|p| {
-                    p.acked > 0
-                        && p.in_flight
-                            .iter()
-                            .find(|(e, _, _)| *e < n)
-                            .is_none_or(|(_, at, _)| at.elapsed() < SYNC_CONVERGED_ACK)
-                });
-                if converged {
+                // All together: the first standbys protect the VM from the same epoch.
+                if self.joiners.is_empty()
+                    && !self.peers.is_empty()
+                    && self.peers.iter().all(Peer::keeps_up)
+                {
                     self.switch.hold_from_next_pause();
                     self.hold_requested = Some(n);
                 }
                 return;
             }
         }
+        let mut promoted = Vec::new();
         let mut i = 0;
         while i < self.peers.len() {
-            match self.peers[i]
-                .writer
-                .send_now(&Message::Protected { through: n })
-            {
-                Ok(()) => i += 1,
+            let p = &mut self.peers[i];
+            if p.joining.is_none_or(|first| p.acked < first) {
+                i += 1;
+                continue;
+            }
+            match p.writer.send_now(&Message::Protected { through: n }) {
+                Ok(()) => {
+                    p.joining = None;
+                    promoted.push(p.name.clone());
+                    i += 1;
+                }
                 Err(e) => {
                     let reason = format!("telling it the VM is protected failed: {e}");
                     if self.drop_standby(i, &reason) != Decision::Continue {
@@ -1500,10 +1755,17 @@ impl Engine {
                 }
             }
         }
+        if promoted.is_empty() {
+            return;
+        }
         self.protect_from = Some(n + 1);
-        self.update_metrics(|m| m.synced_through = Some(n));
+        self.update_metrics(|m| {
+            m.synced_through = Some(n);
+            m.joining.retain(|j| !promoted.contains(j));
+        });
         tracing::info!(
             epoch = n,
+            standbys = ?promoted,
             "initial synchronisation converged: output waits for the standbys from epoch {}",
             n + 1
         );
@@ -1651,6 +1913,21 @@ fn send_epoch(
         }
     }
     e.end()?;
+    Ok(())
+}
+
+/// The guest's disk writes `writes` (per disk), outside any epoch: to a joining standby,
+/// after its copy of the disks.
+fn send_disk_writes(out: &mut FrameWriter<Conn>, writes: &[EpochWrites]) -> Result<(), FrameError> {
+    for (disk, w) in writes.iter().enumerate() {
+        for write in &w.writes {
+            out.send(&Message::DiskWrite {
+                disk: disk as u32,
+                offset: write.offset,
+                bytes: write.bytes.clone(),
+            })?;
+        }
+    }
     Ok(())
 }
 

@@ -146,6 +146,8 @@ pub trait CommittedDisk {
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
     /// Makes the writes durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// Makes the whole image zeros (before a copy of the primary's disk is written into it).
+    fn zero(&mut self) -> io::Result<()>;
     /// The image's file on this host, if it is one (a snapshot of the committed state, or
     /// the VM promoted from it, opens the disk there).
     fn path(&self) -> Option<&Path> {
@@ -192,6 +194,23 @@ impl CommittedDisk for DiskImage {
         self.file.sync_data()
     }
 
+    fn zero(&mut self) -> io::Result<()> {
+        if self.file.metadata()?.is_file() {
+            // Cut to nothing and grown back: a sparse file of zeros, whatever its size.
+            self.file.set_len(0)?;
+            return self.file.set_len(self.size);
+        }
+        // A block device: written over.
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < self.size {
+            let n = (self.size - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
     }
@@ -213,6 +232,11 @@ impl CommittedDisk for Vec<u8> {
     }
 
     fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn zero(&mut self) -> io::Result<()> {
+        self.fill(0);
         Ok(())
     }
 }

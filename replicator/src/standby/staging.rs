@@ -136,6 +136,28 @@ pub enum StagingError {
         /// Disks.
         disks: usize,
     },
+    /// A write outside an epoch to a disk whose copy was not announced (`DiskSync`).
+    #[error("write to disk {disk} outside an epoch, and no copy of that disk was announced")]
+    DiskNotSyncing {
+        /// The disk.
+        disk: u32,
+    },
+    /// Zeroing a disk image for its copy failed.
+    #[error("cannot zero disk {disk} for its copy: {source}")]
+    ZeroDisk {
+        /// The disk.
+        disk: u32,
+        /// Why.
+        source: io::Error,
+    },
+    /// A write of a disk's copy failed.
+    #[error("cannot write the copy of disk {disk}: {source}")]
+    CopyDisk {
+        /// The disk.
+        disk: u32,
+        /// Why.
+        source: io::Error,
+    },
     /// A write beyond a disk's end.
     #[error("write of {len} bytes at {offset} is outside disk {disk} ({size} bytes)")]
     DiskWriteOutOfRange {
@@ -334,6 +356,9 @@ pub struct Staging<M: CommittedMemory, D: CommittedDisk> {
     /// Set by the primary's `Join` before anything is committed: pages outside an epoch are
     /// a copy of memory going straight into it, and the first epoch may have any number.
     joining: bool,
+    /// Per disk: its copy was announced (`DiskSync`, while joining): writes outside an epoch
+    /// go straight into it.
+    disk_syncing: Vec<bool>,
     inbound: BTreeMap<u64, Vec<InboundFrame>>,
     inbound_bytes: u64,
     options: StagingOptions,
@@ -360,6 +385,7 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             open: None,
             protected_through: None,
             joining: false,
+            disk_syncing: Vec::new(),
             inbound: BTreeMap::new(),
             inbound_bytes: 0,
             options,
@@ -504,6 +530,21 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 self.joining = true;
                 Ok(Received::Staged)
             }
+            Message::DiskSync { disk } => {
+                if self.open.is_some() || self.epoch != 0 || !self.joining {
+                    return Err(StagingError::Unexpected { message: name });
+                }
+                let disks = self.disks.len();
+                let d = self
+                    .disks
+                    .get_mut(disk as usize)
+                    .ok_or(StagingError::UnknownDisk { disk, disks })?;
+                d.zero()
+                    .map_err(|source| StagingError::ZeroDisk { disk, source })?;
+                self.disk_syncing.resize(disks, false);
+                self.disk_syncing[disk as usize] = true;
+                Ok(Received::Staged)
+            }
             Message::Protected { through } => {
                 if self.open.is_some() {
                     return Err(StagingError::Unexpected { message: name });
@@ -588,7 +629,6 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
             .map(|d| d.size())
             .ok_or(StagingError::UnknownDisk { disk, disks });
         let limit = self.options.max_staged_bytes;
-        let open = self.open_mut("DiskWrite")?;
         let size = size?;
         if offset
             .checked_add(bytes.len() as u64)
@@ -601,6 +641,23 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
                 size,
             });
         }
+        if self.open.is_none() && self.joining && self.epoch == 0 {
+            // The copy of a disk a joining standby starts from, as for memory: nothing is
+            // committed until its first epoch completes it.
+            if !self
+                .disk_syncing
+                .get(disk as usize)
+                .copied()
+                .unwrap_or(false)
+            {
+                return Err(StagingError::DiskNotSyncing { disk });
+            }
+            self.disks[disk as usize]
+                .write_at(offset, &bytes)
+                .map_err(|source| StagingError::CopyDisk { disk, source })?;
+            return Ok(Received::Staged);
+        }
+        let open = self.open_mut("DiskWrite")?;
         open.add_staged(bytes.len(), limit)?;
         open.digest.disk_write(disk, offset, &bytes);
         open.disk_writes.push((disk, offset, bytes));
@@ -659,7 +716,13 @@ impl<M: CommittedMemory, D: CommittedDisk> Staging<M, D> {
     fn apply(&mut self, open: OpenEpoch) -> Result<Received, StagingError> {
         let epoch = open.epoch;
         self.poisoned = true;
-        let mut touched = vec![false; self.disks.len()];
+        // A joining standby's first commit also makes its copies of the disks durable.
+        let mut touched = if self.epoch == 0 {
+            self.disk_syncing.clone()
+        } else {
+            Vec::new()
+        };
+        touched.resize(self.disks.len(), false);
         for (disk, offset, bytes) in &open.disk_writes {
             let d = &mut self.disks[*disk as usize];
             d.write_at(*offset, bytes)
@@ -1137,6 +1200,9 @@ pub(crate) mod tests {
         fn sync(&mut self) -> io::Result<()> {
             Ok(())
         }
+        fn zero(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
@@ -1226,6 +1292,63 @@ pub(crate) mod tests {
             Err(StagingError::NoEpochOpen { .. })
         ));
         assert_eq!(s.committed_epoch(), 8);
+    }
+
+    #[test]
+    fn a_joining_standby_takes_a_copy_of_its_disks_zeroed_first() {
+        let mut s = staging();
+        s.disks[0].fill(0xee);
+        let write = |offset: u64, byte: u8| Message::DiskWrite {
+            disk: 0,
+            offset,
+            bytes: vec![byte; 512],
+        };
+        // Outside an epoch, a disk write needs `Join` and then that disk's `DiskSync`.
+        assert!(matches!(
+            s.receive(Message::DiskSync { disk: 0 }),
+            Err(StagingError::Unexpected {
+                message: "DiskSync"
+            })
+        ));
+        s.receive(Message::Join).unwrap();
+        assert!(matches!(
+            s.receive(write(0, 1)),
+            Err(StagingError::DiskNotSyncing { disk: 0 })
+        ));
+        assert!(matches!(
+            s.receive(Message::DiskSync { disk: 1 }),
+            Err(StagingError::UnknownDisk { disk: 1, disks: 1 })
+        ));
+        s.receive(Message::DiskSync { disk: 0 }).unwrap();
+        assert!(
+            s.disks()[0].iter().all(|&b| b == 0),
+            "the image was not zeroed"
+        );
+        // The copy's data, then a write the guest made meanwhile over part of it.
+        s.receive(write(4096, 7)).unwrap();
+        s.receive(write(4096 + 256, 8)).unwrap();
+        assert!(matches!(
+            s.receive(write(DISK as u64 - 256, 1)),
+            Err(StagingError::DiskWriteOutOfRange { .. })
+        ));
+        assert_eq!(s.committed_epoch(), 0, "a copy commits nothing");
+        assert_eq!(
+            feed(&mut s, messages(5, 1, &e1())).unwrap(),
+            Received::Committed { epoch: 5, term: 1 }
+        );
+        let d = &s.disks()[0];
+        assert!(d[4096..4096 + 256].iter().all(|&b| b == 7));
+        assert!(d[4096 + 256..4096 + 768].iter().all(|&b| b == 8));
+        assert!(d[8192..].iter().all(|&b| b == 0), "outside the copy: zeros");
+        // Once committed, the copy is over: writes outside an epoch are refused again.
+        assert!(matches!(
+            s.receive(write(0, 1)),
+            Err(StagingError::NoEpochOpen { .. })
+        ));
+        assert!(matches!(
+            s.receive(Message::DiskSync { disk: 0 }),
+            Err(StagingError::Unexpected { .. })
+        ));
     }
 
     #[test]

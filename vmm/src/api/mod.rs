@@ -25,8 +25,9 @@ pub use health::{
     DiskHealth, DiskState, GuestHealth, GuestState, HealthState, TapHealth, TapState,
 };
 pub use replication::{
-    FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams, ProtectReply,
-    ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus, NO_KEY_MESSAGE,
+    CopyFigures, FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams,
+    ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
+    NO_KEY_MESSAGE,
 };
 pub use server::{
     ApiCall, ApiReceiver, ApiServer, ApiServerConfig, ApiServerError, Route, RouteMethod, ROUTES,

@@ -76,6 +76,18 @@ pub struct ReplicationPeer {
     /// Why it was dropped (only for a dropped peer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// How far the copy of the VM to it has come (only while it is being copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyFigures>,
+}
+
+/// How far the copy of the VM's memory and disks to a synchronising standby has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyFigures {
+    /// Bytes copied (a disk's holes count as copied).
+    pub copied_bytes: u64,
+    /// Bytes to copy: memory and disks, plus the pages the guest wrote meanwhile.
+    pub total_bytes: u64,
 }
 
 /// The body of `GET /replication`: the monitor's role and the replication's figures.

@@ -1217,6 +1217,7 @@ fn primary_status() -> ReplicationStatus {
                 acked_epoch: 41,
                 lag_epochs: 1,
                 reason: None,
+                copy: None,
             },
             ReplicationPeer {
                 name: "10.0.0.3:7070".into(),
@@ -1224,6 +1225,18 @@ fn primary_status() -> ReplicationStatus {
                 acked_epoch: 12,
                 lag_epochs: 30,
                 reason: Some("no ack within 500 ms".into()),
+                copy: None,
+            },
+            ReplicationPeer {
+                name: "10.0.0.4:7070".into(),
+                state: PeerState::Syncing,
+                acked_epoch: 0,
+                lag_epochs: 0,
+                reason: None,
+                copy: Some(CopyFigures {
+                    copied_bytes: 96 << 20,
+                    total_bytes: 160 << 20,
+                }),
             },
         ],
         primary: None,
@@ -1557,6 +1570,7 @@ fn replication_shows_in_the_resource_graph() {
     assert_eq!(node("standby:10.0.0.2:7070").kind, ResourceKind::Standby);
     assert_eq!(node("standby:10.0.0.2:7070").attrs["state"], "protecting");
     assert_eq!(node("standby:10.0.0.3:7070").attrs["state"], "dropped");
+    assert_eq!(node("standby:10.0.0.4:7070").attrs["state"], "syncing");
     let edges: std::collections::HashSet<(&str, &str, Relation)> = graph
         .edges
         .iter()
@@ -1569,6 +1583,11 @@ fn replication_shows_in_the_resource_graph() {
         (
             "replication-link",
             "standby:10.0.0.2:7070",
+            Relation::ReplicatesTo,
+        ),
+        (
+            "replication-link",
+            "standby:10.0.0.4:7070",
             Relation::ReplicatesTo,
         ),
     ]
