@@ -55,16 +55,15 @@ fn redis_benchmark_runs_through_a_live_migration() {
 }
 
 #[test]
-#[ignore = "passed 12 of 12 valid lab runs (two soaks of 5): in CI once CI time allows; `cargo test -p vmr-tests --test lab -- --ignored protected`"]
 fn redis_protected_by_a_standby_loses_no_acknowledged_write() {
     scenario("protect_redis");
 }
 
 #[test]
+#[ignore = "in CI its ten kills are failover_paths' (which takes every other path too); the demo runs it; `cargo test -p vmr-tests --test lab -- --ignored ten_losses`"]
 fn a_protected_redis_survives_ten_losses_of_its_primary() {
     // A failed failover is a failure: only a run the lab itself ended is run again.
-    // About 35 s a failover in the emulated lab (most of it the new standby's initial
-    // synchronisation), after a 90 s boot: 445-532 s in CI runs.
+    // About 35 s a failover in the emulated lab, after a 90 s boot: 445-532 s in CI runs.
     let run = run_scenario_strict("failover_redis", &[("VMR_FAILOVER_KILLS", "10")], 900);
     print!("{}", run.stdout());
     run.assert_success();
@@ -75,9 +74,10 @@ fn a_protected_redis_survives_ten_losses_of_its_primary() {
 }
 
 #[test]
-#[ignore = "not yet passing in the lab: its guest, protected by two standbys from boot, booted in 4 min and the lab froze or took a stall for a loss (docs/failover.md); `cargo test -p vmr-tests --test lab -- --ignored paths`"]
-fn a_protected_redis_survives_the_other_paths_of_a_failover() {
-    let run = run_scenario_strict("failover_paths", &[("VMR_FAILOVER_KILLS", "4")], 1500);
+fn a_protected_redis_survives_every_path_of_a_failover() {
+    // Two standbys, a standby lost, a partition, then plain kills: 10 SIGKILLs of the primary
+    // in all. A failed failover is a failure: only a run the lab itself ended is run again.
+    let run = run_scenario_strict("failover_paths", &[("VMR_FAILOVER_KILLS", "11")], 1800);
     print!("{}", run.stdout());
     run.assert_success();
     assert!(

@@ -28,8 +28,46 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-/// One lab at a time: each uses both cores of the machine.
-static LAB: Mutex<()> = Mutex::new(());
+/// Labs running at once in this process ([`lab_slot`]).
+static LAB: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
+
+/// How many labs may run at once: `$VMR_LAB_SLOTS`, else one per core of the machine (a lab
+/// has one CPU, [`LAB_CPUS`], emulated by one host thread), at most two. `cargo test` runs as
+/// many tests at once as there are cores: on two, two scenarios share the machine.
+pub fn lab_slots() -> usize {
+    std::env::var("VMR_LAB_SLOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() / LAB_CPUS as usize)
+                .unwrap_or(1)
+                .clamp(1, 2)
+        })
+}
+
+/// A slot for one lab, held while it runs.
+pub struct LabSlot;
+
+/// Waits for a free lab slot ([`lab_slots`]).
+pub fn lab_slot() -> LabSlot {
+    let (count, freed) = &LAB;
+    let mut running = count.lock().unwrap_or_else(|e| e.into_inner());
+    while *running >= lab_slots() {
+        running = freed.wait(running).unwrap_or_else(|e| e.into_inner());
+    }
+    *running += 1;
+    LabSlot
+}
+
+impl Drop for LabSlot {
+    fn drop(&mut self) {
+        let (count, freed) = &LAB;
+        *count.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        freed.notify_one();
+    }
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -305,7 +343,7 @@ pub fn read_records(path: &Path) -> std::io::Result<Vec<AttemptRecord>> {
 /// [`MAX_ATTEMPTS`] runs; two failures of the scenario itself ([`Outcome::CheckFailed`]) fail
 /// the test.
 pub fn run_scenario(name: &str) -> ScenarioRun {
-    let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let _lab = lab_slot();
     let images = images();
     let opts = RunOptions::default();
     let (mut attempt, mut scenario_failures) = (0, 0);
@@ -338,13 +376,12 @@ pub fn run_scenario(name: &str) -> ScenarioRun {
     }
 }
 
-/// Runs `tests/lab/NAME.sh` once, holding this process's lab lock, and records it.
 /// Runs the scenario `name` with `env` as a failover scenario is run: any failure of its own
 /// (a failed check, a stuck guest) fails at once; only a run the lab itself ended (its
 /// kernel's fault, or frozen) is run again, at most [`MAX_ATTEMPTS`] runs, and the reruns are
 /// printed. A run may take `timeout_secs`.
 pub fn run_scenario_strict(name: &str, env: &[(&str, &str)], timeout_secs: u32) -> ScenarioRun {
-    let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let _lab = lab_slot();
     let images = images();
     let opts = RunOptions {
         env: env
@@ -379,7 +416,7 @@ pub fn run_scenario_strict(name: &str, env: &[(&str, &str)], timeout_secs: u32) 
 }
 
 pub fn run_scenario_once(name: &str, opts: &RunOptions) -> ScenarioRun {
-    let _lab = LAB.lock().unwrap_or_else(|e| e.into_inner());
+    let _lab = lab_slot();
     let run = run_attempt(name, &images(), 1, opts);
     record(&run.record);
     run
@@ -492,7 +529,7 @@ fn kill_tree(pid: u32) {
 }
 
 /// Runs `tests/lab/NAME.sh` once inside the lab, under both watchdogs, and classifies how it
-/// ended. Does not record it (see [`record`]) nor take this process's lab lock.
+/// ended. Does not record it (see [`record`]) nor take a lab slot.
 pub fn run_attempt(
     name: &str,
     images: &HashMap<String, String>,
