@@ -86,6 +86,27 @@ fn a_protected_redis_survives_every_path_of_a_failover() {
     );
 }
 
+#[test]
+#[ignore = "two labs for about 10 minutes: by hand; `cargo test -p vmr-tests --test lab -- --ignored whole_host`"]
+fn a_protected_redis_survives_the_loss_of_its_primarys_whole_host() {
+    // Both lab slots: the scenario is two labs joined by a wire (tests/lab/host_lost.sh).
+    let _a = vmr_tests::lab_slot();
+    let _b = vmr_tests::lab_slot();
+    let out = std::process::Command::new("bash")
+        .arg(vmr_tests::repo_root().join("tests/lab/host_lost.sh"))
+        .env("VMR_BIN", vmr_tests::vmr_bin())
+        .output()
+        .expect("cannot run tests/lab/host_lost.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "host_lost.sh: {}", out.status);
+    assert!(
+        stdout.contains("SCENARIO PASS host_lost"),
+        "scenario host_lost did not reach its end"
+    );
+}
+
 /// The watchdog's bound in its own check: short, so that the check is quick.
 const STUCK_WATCHDOG_SECS: u32 = 15;
 /// From the watchdog firing to the lab process gone: the dump (one second of KVM tracing,

@@ -167,17 +167,6 @@ fn check_name(name: &str) -> Result<(), CoordinatorError> {
     Ok(())
 }
 
-/// A registered member's value, decoded; a malformed one is left out (logged).
-fn decode_member(key: &str, value: &[u8]) -> Option<Member> {
-    match serde_json::from_slice(value) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            tracing::warn!(key, "not a standby's registration, left out: {e}");
-            None
-        }
-    }
-}
-
 /// The key that holds a VM's [`Ownership`]: `/vmr/vms/<vm-id>/owner`.
 pub fn owner_key(vm: &str) -> String {
     format!("/vmr/vms/{vm}/owner")

@@ -36,8 +36,13 @@ PRIMARY_PID=$GUEST_PID
 wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
 wait_console DISK-WRITTEN 60
 wait_redis
-ctl "$RUNDIR/primary.sock" replication >"$SCRATCH/replication.json" ||
-    fail "vmr ctl replication: $(cat "$SCRATCH/replication.json")"
+# The standby's copy (memory, then the disk) runs beside the guest: protected once it is done.
+for ((i = 0; i < 1200; i++)); do
+    ctl "$RUNDIR/primary.sock" replication >"$SCRATCH/replication.json" ||
+        fail "vmr ctl replication: $(cat "$SCRATCH/replication.json")"
+    grep -q '"protected": true' "$SCRATCH/replication.json" && break
+    sleep 0.1
+done
 check "the primary reports itself protected" grep -q '"protected": true' "$SCRATCH/replication.json"
 
 log "redis-benchmark, protected: 500 requests each of SET and GET, 10 clients"

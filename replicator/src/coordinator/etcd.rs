@@ -421,3 +421,14 @@ impl Coordinator for EtcdCoordinator {
         Ok(claim)
     }
 }
+
+/// A registered member's value, decoded; a malformed one is left out (logged).
+fn decode_member(key: &str, value: &[u8]) -> Option<Member> {
+    match serde_json::from_slice(value) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::warn!(key, "not a standby's registration, left out: {e}");
+            None
+        }
+    }
+}

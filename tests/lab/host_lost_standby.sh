@@ -1,0 +1,89 @@
+# The standby's host of host_lost.sh (run in its own lab, started by that driver): etcd, a
+# standby, and the client, on a LAN that the wire between the two labs joins to the primary's
+# host. Once the client writes, it asks the driver to kill the primary's whole lab (the
+# emulator's process: no reset, no goodbye), and checks the standby takes the VM and its
+# address over, the client's connection carries on, and every acknowledged SET is in the VM.
+# $VMR_SHARED is the directory both labs share (the driver's).
+source "$(dirname "$0")/common.sh"
+: "${VMR_SHARED:?}" "${VMR_LAB_LAN_IF:?}"
+HOST_IP=10.0.2.1
+make_bridged_netns 1
+ip link set "$VMR_LAB_LAN_IF" netns "$NS"
+ip -n "$NS" link set "$VMR_LAB_LAN_IF" master br0
+ip -n "$NS" link set "$VMR_LAB_LAN_IF" up
+detect_ms=${VMR_FAILOVER_DETECT_MS:-1000}
+
+head -c 32 /dev/urandom >"$RUNDIR/key"
+chmod 600 "$RUNDIR/key"
+cp "$RUNDIR/key" "$VMR_SHARED/key"
+log "etcd (the coordinator) on this host"
+in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
+    --listen-client-urls "http://$HOST_IP:2379" --advertise-client-urls "http://$HOST_IP:2379" \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster lab=http://127.0.0.1:2380 --log-level error \
+    >"$SCRATCH/etcd.log" 2>&1 &
+for ((i = 0; i < 300; i++)); do
+    in_ns ss -ltn | grep -q ':2379 ' && break
+    sleep 0.1
+done
+in_ns ss -ltn | grep -q ':2379 ' || fail "etcd did not listen: $(tail -n 5 "$SCRATCH/etcd.log")"
+start_vmr standby standby --listen "$HOST_IP:7201" --key-file "$RUNDIR/key" \
+    --net tap=tap0 --api "$RUNDIR/standby.sock" --coordinator "etcd://$HOST_IP:2379" \
+    --host-id hostB --detect-ms "$detect_ms"
+for ((i = 0; i < 300; i++)); do
+    in_ns ss -ltn | grep -q ':7201 ' && break
+    sleep 0.1
+done
+in_ns ss -ltn | grep -q ':7201 ' || fail "the standby did not listen: $(cat "$SCRATCH/standby.stderr")"
+touch "$VMR_SHARED/standby-ready"
+
+log "waiting for the primary's host to run redis, protected by this standby"
+for ((i = 0; i < 6000; i++)); do
+    [ -e "$VMR_SHARED/primary-protected" ] && break
+    sleep 0.1
+done
+[ -e "$VMR_SHARED/primary-protected" ] || fail "the primary was not protected within 600 s"
+
+python=python3
+[ -x /usr/bin/python3 ] && python=/usr/bin/python3
+in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
+    >"$SCRATCH/writer.log" 2>&1 &
+writer=$!
+acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
+wait_acks() {
+    local i
+    for ((i = 0; i < 1200; i++)); do
+        [ "$(acked)" -ge "$1" ] && return 0
+        kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
+        sleep 0.1
+    done
+    fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
+}
+wait_acks 20
+sleep "$((RANDOM % 2)).$((RANDOM % 10))"
+log "the primary's whole host is to be lost, $(acked) SETs acknowledged"
+echo "$EPOCHREALTIME" >"$VMR_SHARED/kill-primary"
+for ((i = 0; i < 900; i++)); do
+    grep -q 'TAKEN OVER' "$SCRATCH/standby.stderr" && break
+    sleep 0.1
+done
+grep -q 'TAKEN OVER' "$SCRATCH/standby.stderr" || fail "the standby did not take the VM over within 90 s"
+log "standby: $(grep -o 'PRIMARY LOST: [^=]*' "$SCRATCH/standby.stderr" | tail -n1)"
+log "standby: $(grep 'TAKEN OVER' "$SCRATCH/standby.stderr" | grep -o 'term=.*')"
+killed=$(cat "$VMR_SHARED/primary-killed" 2>/dev/null || echo)
+[ -n "$killed" ] || fail "the driver did not say when it killed the primary's lab"
+wait_acks $(($(acked) + 20))
+touch "$SCRATCH/stop-writer"
+wait "$writer" || fail "the writer: $(tail -n 3 "$SCRATCH/writer.log")"
+n=$(acked)
+seq "$n" | sed 's/^/GET acked:/' | in_ns timeout 120 redis-cli -h "$GUEST_IP" >"$SCRATCH/final.txt"
+check "the VM holds all $n SETs acknowledged across the loss of its primary's host" \
+    test "$(seq "$n" | md5sum)" = "$(md5sum <"$SCRATCH/final.txt")"
+lost_at=$(date -u -d "$(grep 'PRIMARY LOST' "$SCRATCH/standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
+taken_at=$(date -u -d "$(grep 'TAKEN OVER' "$SCRATCH/standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
+gap=$(awk -v kill="$killed" '$1 == "acked" { if (prev != "" && $3 >= kill && prev <= kill) gap = ($3 - prev) * 1000; prev = $3 }
+    END { printf "%.0f", gap }' "$SCRATCH/writer.log")
+echo "=== vmr: the primary's whole host lost (its emulated host killed) ==="
+echo "detected in $(awk -v a="$lost_at" -v b="$killed" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms (--detect-ms $detect_ms; the clocks of two emulated hosts), VM running $(awk -v a="$taken_at" -v b="$lost_at" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms later"
+echo "the client waited $gap ms for an answer; acknowledged SETs: $n, lost: 0; connection resets: 0"
+echo "SCENARIO PASS host_lost"
