@@ -1,9 +1,11 @@
 //! End-to-end tests with real Linux guests, run inside the lab: boot with 2 vCPUs, networking
 //! over a TAP, block storage across a reboot, redis reached from the host, a TCP connection kept
-//! through snapshot/restore and live migration, redis protected by a standby and failed over ten
-//! times (its primary killed, a standby taking over, the client carrying on). Each scenario is
-//! a script in `tests/lab/`; it fails on its first failed check and prints the guest console.
-//! A last test checks the watchdog itself: a guest that goes silent is ended within the bound.
+//! through snapshot/restore and live migration, redis protected by a standby (its disk copied
+//! while the guest writes it), and redis failed over through every path (two standbys, a lost
+//! standby, a partition, ten kills of its primary; the clients carrying on). Each scenario is a
+//! script in `tests/lab/`; it fails on its first failed check and prints the guest console.
+//! Two labs run at once on a two-core machine ([`vmr_tests::lab_slots`]). A last test checks
+//! the watchdog itself: a guest that goes silent is ended within the bound.
 
 use std::time::SystemTime;
 

@@ -62,7 +62,10 @@ wait_acks() {
 wait_acks 20
 sleep "$((RANDOM % 2)).$((RANDOM % 10))"
 log "the primary's whole host is to be lost, $(acked) SETs acknowledged"
-echo "$EPOCHREALTIME" >"$VMR_SHARED/kill-primary"
+# The kill's instant on this host's clock (the emulated hosts' clocks differ from each other's
+# by up to a second): when it was asked for; the driver kills within 50 ms.
+killed=$EPOCHREALTIME
+echo "$killed" >"$VMR_SHARED/kill-primary"
 for ((i = 0; i < 900; i++)); do
     grep -q 'TAKEN OVER' "$SCRATCH/standby.stderr" && break
     sleep 0.1
@@ -70,8 +73,7 @@ done
 grep -q 'TAKEN OVER' "$SCRATCH/standby.stderr" || fail "the standby did not take the VM over within 90 s"
 log "standby: $(grep -o 'PRIMARY LOST: [^=]*' "$SCRATCH/standby.stderr" | tail -n1)"
 log "standby: $(grep 'TAKEN OVER' "$SCRATCH/standby.stderr" | grep -o 'term=.*')"
-killed=$(cat "$VMR_SHARED/primary-killed" 2>/dev/null || echo)
-[ -n "$killed" ] || fail "the driver did not say when it killed the primary's lab"
+[ -e "$VMR_SHARED/primary-killed" ] || fail "the driver did not say it killed the primary's lab"
 wait_acks $(($(acked) + 20))
 touch "$SCRATCH/stop-writer"
 wait "$writer" || fail "the writer: $(tail -n 3 "$SCRATCH/writer.log")"
@@ -84,6 +86,6 @@ taken_at=$(date -u -d "$(grep 'TAKEN OVER' "$SCRATCH/standby.stderr" | tail -n1 
 gap=$(awk -v kill="$killed" '$1 == "acked" { if (prev != "" && $3 >= kill && prev <= kill) gap = ($3 - prev) * 1000; prev = $3 }
     END { printf "%.0f", gap }' "$SCRATCH/writer.log")
 echo "=== vmr: the primary's whole host lost (its emulated host killed) ==="
-echo "detected in $(awk -v a="$lost_at" -v b="$killed" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms (--detect-ms $detect_ms; the clocks of two emulated hosts), VM running $(awk -v a="$taken_at" -v b="$lost_at" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms later"
+echo "detected $(awk -v a="$lost_at" -v b="$killed" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms after the kill was asked for (--detect-ms $detect_ms), VM running $(awk -v a="$taken_at" -v b="$lost_at" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms later"
 echo "the client waited $gap ms for an answer; acknowledged SETs: $n, lost: 0; connection resets: 0"
 echo "SCENARIO PASS host_lost"
