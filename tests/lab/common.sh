@@ -219,12 +219,64 @@ wait_replies() {
     fail "the TCP client logged $(replies "$log") answers, not $count, within ${limit}s"
 }
 
-# start_client: starts tcp_client.py against the guest's echo server (CLIENT_PID, CLIENT_LOG).
 # The system's python3 when there is one: a python3 on PATH may be a version manager's shim
 # (pyenv: a chain of bash scripts), which took 50-60 s to start in the emulated lab.
+python=python3
+[ -x /usr/bin/python3 ] && python=/usr/bin/python3
+
+# wait_file PATH SECONDS: waits until PATH exists (another lab's signal, through a shared
+# directory); fails after SECONDS.
+wait_file() {
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        [ -e "$1" ] && return 0
+        sleep 0.1
+    done
+    fail "no $1 within $2 s"
+}
+
+# start_etcd IP: etcd (the coordinator) in the namespace, its clients served at IP:2379.
+start_etcd() {
+    log "etcd (the coordinator) at $1:2379"
+    in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
+        --listen-client-urls "http://$1:2379" --advertise-client-urls "http://$1:2379" \
+        --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+        --initial-cluster lab=http://127.0.0.1:2380 --log-level error \
+        >"$SCRATCH/etcd.log" 2>&1 &
+    for ((i = 0; i < 300; i++)); do
+        in_ns ss -ltn | grep -q ':2379 ' && return 0
+        sleep 0.1
+    done
+    fail "etcd did not listen: $(tail -n 5 "$SCRATCH/etcd.log")"
+}
+
+# start_writer: redis_writer.py SETting increasing values on one connection to the guest's
+# redis, each acknowledged one logged in $SCRATCH/writer.log, until $SCRATCH/stop-writer
+# exists ($writer: its pid).
+start_writer() {
+    in_ns "$python" "$(dirname "${BASH_SOURCE[0]}")/redis_writer.py" "$GUEST_IP" 6379 \
+        "$SCRATCH/stop-writer" >"$SCRATCH/writer.log" 2>&1 &
+    writer=$!
+}
+# acked: how many SETs the writer saw acknowledged.
+acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
+# clients_alive: fails when the writer ended (a scenario with more clients redefines it).
+clients_alive() {
+    kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
+}
+# wait_acks N: waits until the writer has N SETs acknowledged.
+wait_acks() {
+    local i
+    for ((i = 0; i < 1200; i++)); do
+        [ "$(acked)" -ge "$1" ] && return 0
+        clients_alive
+        sleep 0.1
+    done
+    fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
+}
+
+# start_client: starts tcp_client.py against the guest's echo server (CLIENT_PID, CLIENT_LOG).
 start_client() {
-    local python=python3
-    [ -x /usr/bin/python3 ] && python=/usr/bin/python3
     CLIENT_LOG="$SCRATCH/client.log"
     CLIENT_STOP="$SCRATCH/stop-client"
     in_ns "$python" "$(dirname "${BASH_SOURCE[0]}")/tcp_client.py" "$GUEST_IP" 7000 "$CLIENT_STOP" \

@@ -3,17 +3,7 @@
 # that start standbys and wait for their synchronisation.
 head -c 32 /dev/urandom >"$RUNDIR/key"
 
-log "etcd (the coordinator) in the namespace"
-in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
-    --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster lab=http://127.0.0.1:2380 --log-level error \
-    >"$SCRATCH/etcd.log" 2>&1 &
-for ((i = 0; i < 300; i++)); do
-    in_ns ss -ltn | grep -q ':2379 ' && break
-    sleep 0.1
-done
-in_ns ss -ltn | grep -q ':2379 ' || fail "etcd did not listen: $(tail -n 5 "$SCRATCH/etcd.log")"
+start_etcd 127.0.0.1
 COORD=etcd://127.0.0.1:2379
 
 # start_standby N TAP: a standby (host-id hostN) on TAP, listening on port 7200+N, its API at

@@ -98,29 +98,14 @@ wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
 wait_redis
 for s in "${standbys[@]}"; do wait_synced "$RUNDIR/host$s.sock"; done
 
-python=python3
-[ -x /usr/bin/python3 ] && python=/usr/bin/python3
-in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
-    >"$SCRATCH/writer.log" 2>&1 &
-writer=$!
+start_writer
 in_ns "$python" "$(dirname "$0")/stream_client.py" "$GUEST_IP" 7001 7002 "$SCRATCH/stop-writer" \
     >"$SCRATCH/stream.log" 2>&1 &
 streamer=$!
-acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
 # clients_alive: fails when the writer or the stream client ended.
 clients_alive() {
     kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
     kill -0 "$streamer" 2>/dev/null || fail "the stream client ended: $(tail -n 3 "$SCRATCH/stream.log")"
-}
-# wait_acks N: waits until the writer has N SETs acknowledged.
-wait_acks() {
-    local i
-    for ((i = 0; i < 1200; i++)); do
-        [ "$(acked)" -ge "$1" ] && return 0
-        clients_alive
-        sleep 0.1
-    done
-    fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
 }
 wait_acks 3
 

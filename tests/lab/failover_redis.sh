@@ -35,22 +35,7 @@ wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
 wait_redis
 wait_synced "$RUNDIR/host1.sock"
 
-python=python3
-[ -x /usr/bin/python3 ] && python=/usr/bin/python3
-in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
-    >"$SCRATCH/writer.log" 2>&1 &
-writer=$!
-acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
-# wait_acks N: waits until the writer has N SETs acknowledged.
-wait_acks() {
-    local i
-    for ((i = 0; i < 1200; i++)); do
-        [ "$(acked)" -ge "$1" ] && return 0
-        kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
-        sleep 0.1
-    done
-    fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
-}
+start_writer
 wait_acks 3
 
 primary=0 standby=1

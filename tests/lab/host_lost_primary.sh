@@ -12,11 +12,7 @@ ip -n "$NS" link set "$VMR_LAB_LAN_IF" master br0
 ip -n "$NS" link set "$VMR_LAB_LAN_IF" up
 
 log "waiting for the standby's host"
-for ((i = 0; i < 3000; i++)); do
-    [ -e "$VMR_SHARED/standby-ready" ] && break
-    sleep 0.1
-done
-[ -e "$VMR_SHARED/standby-ready" ] || fail "the standby's host was not ready within 300 s"
+wait_file "$VMR_SHARED/standby-ready" 300
 in_ns ping -c 3 -W 5 "$PEER_IP" >/dev/null || fail "the standby's host is not reachable over the wire"
 cp "$VMR_SHARED/key" "$RUNDIR/key"
 chmod 600 "$RUNDIR/key"

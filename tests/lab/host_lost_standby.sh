@@ -16,17 +16,7 @@ detect_ms=${VMR_FAILOVER_DETECT_MS:-1000}
 head -c 32 /dev/urandom >"$RUNDIR/key"
 chmod 600 "$RUNDIR/key"
 cp "$RUNDIR/key" "$VMR_SHARED/key"
-log "etcd (the coordinator) on this host"
-in_ns /usr/bin/etcd --name lab --data-dir "$RUNDIR/etcd" \
-    --listen-client-urls "http://$HOST_IP:2379" --advertise-client-urls "http://$HOST_IP:2379" \
-    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
-    --initial-cluster lab=http://127.0.0.1:2380 --log-level error \
-    >"$SCRATCH/etcd.log" 2>&1 &
-for ((i = 0; i < 300; i++)); do
-    in_ns ss -ltn | grep -q ':2379 ' && break
-    sleep 0.1
-done
-in_ns ss -ltn | grep -q ':2379 ' || fail "etcd did not listen: $(tail -n 5 "$SCRATCH/etcd.log")"
+start_etcd "$HOST_IP"
 start_vmr standby standby --listen "$HOST_IP:7201" --key-file "$RUNDIR/key" \
     --net tap=tap0 --api "$RUNDIR/standby.sock" --coordinator "etcd://$HOST_IP:2379" \
     --host-id hostB --detect-ms "$detect_ms"
@@ -38,27 +28,8 @@ in_ns ss -ltn | grep -q ':7201 ' || fail "the standby did not listen: $(cat "$SC
 touch "$VMR_SHARED/standby-ready"
 
 log "waiting for the primary's host to run redis, protected by this standby"
-for ((i = 0; i < 6000; i++)); do
-    [ -e "$VMR_SHARED/primary-protected" ] && break
-    sleep 0.1
-done
-[ -e "$VMR_SHARED/primary-protected" ] || fail "the primary was not protected within 600 s"
-
-python=python3
-[ -x /usr/bin/python3 ] && python=/usr/bin/python3
-in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
-    >"$SCRATCH/writer.log" 2>&1 &
-writer=$!
-acked() { grep -c '^acked ' "$SCRATCH/writer.log" || true; }
-wait_acks() {
-    local i
-    for ((i = 0; i < 1200; i++)); do
-        [ "$(acked)" -ge "$1" ] && return 0
-        kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
-        sleep 0.1
-    done
-    fail "the writer has $(acked) SETs acknowledged, not $1, within 120 s"
-}
+wait_file "$VMR_SHARED/primary-protected" 600
+start_writer
 wait_acks 20
 sleep "$((RANDOM % 2)).$((RANDOM % 10))"
 log "the primary's whole host is to be lost, $(acked) SETs acknowledged"

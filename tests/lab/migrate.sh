@@ -21,8 +21,6 @@ check "the guest negotiated VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_GUEST_ANNOUNCE
     test "${features:17:1}${features:21:1}" = 11
 start_client
 wait_replies "$CLIENT_LOG" 20 60
-python=python3
-[ -x /usr/bin/python3 ] && python=/usr/bin/python3
 in_ns "$python" "$(dirname "$0")/garp.py" tap1 "$GUEST_IP" 30 >"$SCRATCH/garp.log" 2>&1 &
 GARP_PID=$!
 for _ in $(seq 50); do grep -q LISTENING "$SCRATCH/garp.log" && break; sleep 0.1; done

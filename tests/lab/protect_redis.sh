@@ -66,17 +66,9 @@ check "the standby's disk image equals the primary's (epoch $committed)" cmp -s 
 ctl "$RUNDIR/primary.sock" resume >/dev/null || fail "cannot resume the primary"
 
 # Acknowledged writes: the writer runs; at a random instant (1-4 s in) the standby snapshots.
-python=python3
-[ -x /usr/bin/python3 ] && python=/usr/bin/python3
-in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
-    >"$SCRATCH/writer.log" 2>&1 &
-writer=$!
+start_writer
 # Python starts slowly in the lab: the random instant counts from the first acknowledgements.
-for ((i = 0; i < 600; i++)); do
-    [ "$(grep -c '^acked ' "$SCRATCH/writer.log" || true)" -ge 3 ] && break
-    kill -0 "$writer" 2>/dev/null || fail "the writer ended: $(tail -n 3 "$SCRATCH/writer.log")"
-    sleep 0.1
-done
+wait_acks 3
 sleep "$((1 + RANDOM % 4)).$((RANDOM % 10))"
 acked=$(grep -c '^acked ' "$SCRATCH/writer.log" || true)
 log "snapshot of the standby's committed state, $acked SETs acknowledged so far"
