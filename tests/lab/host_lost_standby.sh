@@ -54,7 +54,9 @@ check "the VM holds all $n SETs acknowledged across the loss of its primary's ho
     test "$(seq "$n" | md5sum)" = "$(md5sum <"$SCRATCH/final.txt")"
 lost_at=$(date -u -d "$(grep 'PRIMARY LOST' "$SCRATCH/standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
 taken_at=$(date -u -d "$(grep 'TAKEN OVER' "$SCRATCH/standby.stderr" | tail -n1 | cut -d' ' -f1)" +%s.%N)
-gap=$(awk -v kill="$killed" '$1 == "acked" { if (prev != "" && $3 >= kill && prev <= kill) gap = ($3 - prev) * 1000; prev = $3 }
+# The client's longest wait for an answer from the kill on (the kill comes up to 50 ms after
+# it was asked for: an answer may still come between the two).
+gap=$(awk -v kill="$killed" '$1 == "acked" { if (prev != "" && $3 >= kill && ($3 - prev) * 1000 > gap) gap = ($3 - prev) * 1000; prev = $3 }
     END { printf "%.0f", gap }' "$SCRATCH/writer.log")
 echo "=== vmr: the primary's whole host lost (its emulated host killed) ==="
 echo "detected $(awk -v a="$lost_at" -v b="$killed" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms after the kill was asked for (--detect-ms $detect_ms), VM running $(awk -v a="$taken_at" -v b="$lost_at" 'BEGIN { printf "%.0f", (a - b) * 1000 }') ms later"
