@@ -119,6 +119,10 @@ fn unix_standby(
 
 type Server = JoinHandle<Result<String, StandbyError>>;
 
+/// The longest a standby's initial synchronisation (a copy of the 64 MiB VM, then its first
+/// epochs) may take, on a machine busy with other tests.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// An engine replicating `vm` to `standby` with the default options: `standby` serves it over
 /// a Unix socket pair on a thread, paired as "s" with key `k` and `hello`. The engine and the
 /// serving thread (why it stopped).
@@ -193,6 +197,8 @@ fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
         EngineOptions::default(),
     )
     .unwrap();
+    // The standby's copy of the VM (64 MiB) runs beside the epochs; then it takes them all.
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     let before = progress(&vm);
     let t0 = Instant::now();
     for round in 0..4 {
@@ -238,7 +244,7 @@ fn a_standby_killed_mid_stream_is_dropped_and_the_vm_goes_on_unprotected() {
         ..Default::default()
     };
     let mut engine = Engine::start(&vm, vec![a.unwrap(), b.unwrap()], options).unwrap();
-    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     let next = engine.next_epoch();
     while engine.next_epoch() <= next + 10 {
         engine.step().unwrap();
@@ -457,7 +463,7 @@ fn the_committed_epoch_becomes_a_snapshot_and_a_promoted_vm_that_run_on() {
         ..hello()
     };
     let (mut engine, server) = replicate_to(&vm, &standby, 6, &hello);
-    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     let next = engine.next_epoch();
     while engine.next_epoch() <= next + 5 {
         engine.step().unwrap();
@@ -684,7 +690,7 @@ fn a_standby_without_the_vms_disk_is_refused_and_one_in_memory_cannot_be_opened(
         });
     }
     let mut engine = Engine::start(&vm, peers, EngineOptions::default()).unwrap();
-    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     let next = engine.next_epoch();
     while engine.next_epoch() <= next + 3 {
         engine.step().unwrap();
@@ -724,7 +730,7 @@ fn a_standby_promoted_while_serving_refuses_the_primarys_next_epochs() {
     let standby: Arc<Standby<Vec<u8>>> =
         Arc::new(Standby::new(profile(), key(9), Vec::new(), StagingOptions::default()).unwrap());
     let (mut engine, server) = replicate_to(&vm, &standby, 9, &hello());
-    assert!(engine.wait_synchronised(Duration::from_secs(10)));
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     let next = engine.next_epoch();
     while engine.next_epoch() <= next + 5 {
         engine.step().unwrap();
