@@ -236,12 +236,23 @@ impl StandbyHost {
             }
         }
         if let Some(available) = mem_available() {
-            // The initial synchronisation is staged whole before it is applied.
-            if hello.mem_bytes.saturating_mul(2) > available {
+            // A primary older than protocol 1.2 sends all of memory as the first epoch, staged
+            // whole before it is applied; newer ones copy it into place.
+            let join = replicator::primary::JOIN_SINCE;
+            let staged_whole =
+                (hello.protocol.major, hello.protocol.minor) < (join.major, join.minor);
+            let needed = hello
+                .mem_bytes
+                .saturating_mul(if staged_whole { 2 } else { 1 });
+            if needed > available {
                 return Err(format!(
-                    "the VM's {} MiB of memory (twice that during the initial synchronisation) \
-                     do not fit in this host's {} MiB available",
+                    "the VM's {} MiB of memory{} do not fit in this host's {} MiB available",
                     hello.mem_bytes >> 20,
+                    if staged_whole {
+                        " (twice that during the initial synchronisation from this primary)"
+                    } else {
+                        ""
+                    },
                     available >> 20
                 ));
             }

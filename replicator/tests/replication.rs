@@ -370,7 +370,7 @@ fn the_engine_runs_on_its_own_thread() {
         .unwrap()
         .spawn()
         .unwrap();
-    // The first epoch carries all memory; then epochs come at the period (10 ms).
+    // Epochs come every 100 ms while the standby is copied, then at the period (10 ms).
     let t0 = Instant::now();
     while engine.metrics().epochs < 2 {
         assert!(t0.elapsed() < Duration::from_secs(20), "no epoch");

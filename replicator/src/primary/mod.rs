@@ -251,9 +251,9 @@ pub enum Decision {
 }
 
 /// The slowest a standby may take in an epoch's pages (decode, verify, stage, apply) before
-/// it is dropped: a large epoch (the initial synchronisation carries all of memory) gets that
-/// much longer than the standby timeout. The initial synchronisation of a 256 MiB guest took
-/// about 10 s in the emulated lab, against a 2 s timeout.
+/// it is dropped: a large epoch (a joining standby's first, with every page written during its
+/// copy) gets that much longer than the standby timeout. A first epoch carrying all of a
+/// 256 MiB guest took about 10 s in the emulated lab, against a 2 s timeout.
 pub const STANDBY_MIN_APPLY_RATE: u64 = 8 << 20;
 
 /// How long a standby has to acknowledge an epoch of `raw_bytes` once it was sent (or, for an

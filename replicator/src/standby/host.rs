@@ -1,10 +1,10 @@
 //! The standby host's side of a pairing: committed memory of the VM's size (the vmm's guest
 //! memory, ready to run), the staging area, and serving a primary's epochs over a [`Conn`].
 //!
-//! The first epoch after pairing carries all of memory (the initial synchronisation); it is
-//! staged whole before it is applied, so the standby holds up to twice the VM's memory during
-//! it (acceptable for the tiny guests and small VMs of today; a large VM wants the initial
-//! synchronisation applied in place, before the first commit).
+//! The initial synchronisation (`Join`, then memory and disks outside any epoch) is written
+//! straight into the committed memory and images, nothing committed until the first epoch
+//! completes it. A primary older than protocol 1.2 sends all of memory as the first epoch
+//! instead, staged whole before it is applied (twice the VM's memory meanwhile).
 //!
 //! The committed epoch can leave the standby two ways: written as an ordinary snapshot
 //! directory ([`Standby::write_snapshot`], for `vmr restore` here or elsewhere), or promoted
