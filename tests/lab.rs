@@ -64,27 +64,27 @@ fn redis_protected_by_a_standby_loses_no_acknowledged_write() {
 #[test]
 #[ignore = "in CI its ten kills are failover_paths' (which takes every other path too); the demo runs it; `cargo test -p vmr-tests --test lab -- --ignored ten_losses`"]
 fn a_protected_redis_survives_ten_losses_of_its_primary() {
-    // A failed failover is a failure: only a run the lab itself ended is run again.
     // About 35 s a failover in the emulated lab, after a 90 s boot: 445-532 s in CI runs.
-    let run = run_scenario_strict("failover_redis", &[("VMR_FAILOVER_KILLS", "10")], 900);
-    print!("{}", run.stdout());
-    run.assert_success();
-    assert!(
-        run.stdout().contains("SCENARIO PASS failover_redis"),
-        "scenario failover_redis did not reach its end"
-    );
+    failover_scenario("failover_redis", 10, 900);
 }
 
 #[test]
 fn a_protected_redis_survives_every_path_of_a_failover() {
     // Two standbys, a standby lost, a partition, then plain kills: 10 SIGKILLs of the primary
-    // in all. A failed failover is a failure: only a run the lab itself ended is run again.
-    let run = run_scenario_strict("failover_paths", &[("VMR_FAILOVER_KILLS", "11")], 1800);
+    // in all.
+    failover_scenario("failover_paths", 11, 1800);
+}
+
+/// Runs failover scenario `name` with `kills` rounds, each run given `timeout_secs`: a failed
+/// failover is a failure, only a run the lab itself ended is run again.
+fn failover_scenario(name: &str, kills: u32, timeout_secs: u32) {
+    let kills = kills.to_string();
+    let run = run_scenario_strict(name, &[("VMR_FAILOVER_KILLS", &kills)], timeout_secs);
     print!("{}", run.stdout());
     run.assert_success();
     assert!(
-        run.stdout().contains("SCENARIO PASS failover_paths"),
-        "scenario failover_paths did not reach its end"
+        run.stdout().contains(&format!("SCENARIO PASS {name}")),
+        "scenario {name} did not reach its end"
     );
 }
 

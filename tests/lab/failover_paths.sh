@@ -14,14 +14,12 @@
 # client's longest wait for an answer around it), which `cargo xtask bench failover` reads.
 # VMR_FAILOVER_MODE=freeze stops the primary (SIGSTOP: a host that goes silent, no reset of its
 # connections) instead of killing it, so that the standby detects it by --detect-ms; it is
-# killed once taken over. VMR_FAILOVER_BASELINE=N then measures, N times, what a user without
-# vmr gets: an unprotected redis killed and restored from its latest snapshot on the other TAP
-# ($SCRATCH/baseline.tsv: the client's gap, the acknowledged SETs lost).
+# killed once taken over. (The benchmark's comparison, a restart from a snapshot, is
+# failover_redis.sh's.)
 source "$(dirname "$0")/common.sh"
 make_bridged_netns 3
 kills=${VMR_FAILOVER_KILLS:-3}
 mode=${VMR_FAILOVER_MODE:-kill}
-baseline=${VMR_FAILOVER_BASELINE:-0}
 # A standby that hears nothing from its primary for this long takes over. The emulated lab
 # runs 15-20 epochs/s with pauses of a few hundred ms under load: 50 ms (the default) would
 # fail over at every hiccup, and 600 ms did, now and then, while the guest booted with two
@@ -242,83 +240,12 @@ for ((k = 1; k <= kills; k++)); do
     fi
 done
 
-touch "$SCRATCH/stop-writer"
-wait "$writer" || fail "the writer: $(tail -n 3 "$SCRATCH/writer.log")"
-log "writer: $(grep '^WRITER OK' "$SCRATCH/writer.log")"
+finish_writer
 wait "$streamer" || fail "the stream client: $(tail -n 3 "$SCRATCH/stream.log")"
 check "no line missing or repeated in the streams both ways" grep -q '^STREAM OK' "$SCRATCH/stream.log"
-n=$(acked)
-seq "$n" | sed 's/^/GET acked:/' | in_ns timeout 120 redis-cli -h "$GUEST_IP" >"$SCRATCH/final.txt"
-check "the VM holds all $n SETs acknowledged through $kills failovers" \
-    test "$(seq "$n" | md5sum)" = "$(md5sum <"$SCRATCH/final.txt")"
-# Per failover: detection (kill to the standby's "PRIMARY LOST"), resume (to "TAKEN OVER":
-# claimed, restored, running), and the client's wait for the answer it was waiting for when
-# the primary died (its last answer before the kill to its first after).
-echo "kill detect_ms resume_ms client_gap_ms" >"$SCRATCH/failover.tsv"
-while read -r k kill lost taken; do
-    awk -v k="$k" -v kill="$kill" -v lost="$lost" -v taken="$taken" '
-        $1 == "acked" { if (prev != "" && $3 >= kill && prev <= kill) gap = ($3 - prev) * 1000; prev = $3 }
-        END { printf "%d %.1f %.1f %.1f\n", k, (lost - kill) * 1000, (taken - lost) * 1000, gap }' \
-        "$SCRATCH/writer.log" >>"$SCRATCH/failover.tsv"
-done <"$SCRATCH/kills.txt"
-column -t "$SCRATCH/failover.tsv"
-# The summary: a SET's round trip protected (before the first failover) and unprotected (after
-# the last), the epoch pauses, the failovers, the writes.
-median_rtt() { # FROM TO: median interval between acks FROM..TO of the sequential client, ms
-    awk -v a="$1" -v b="$2" '$1 == "acked" && $2 > a && $2 <= b { if (p != "") print ($3 - p) * 1000; p = $3 }' \
-        "$SCRATCH/writer.log" | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", NR ? v[int((NR + 1) / 2)] : 0 }'
-}
-first_kill_ack=$(awk -v t="${kill_at[1]}" '$1 == "acked" && $3 < t { n = $2 } END { print n + 0 }' "$SCRATCH/writer.log")
-protected_rtt=$(median_rtt 0 "$first_kill_ack")
-unprotected_rtt=$(median_rtt "$unprotected_from" "$n")
-pause_last=$(sed -n '/"pause_us"/,/}/s/.*"last": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
-pause_max=$(sed -n '/"pause_us"/,/}/s/.*"max": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
-echo "=== vmr: redis protected by standbys, its primary lost $kills times ==="
-echo "a SET's round trip, protected:            ${protected_rtt} ms (median)"
-echo "the same, unprotected (after the last failover): ${unprotected_rtt} ms: output commit adds $(awk -v a="$protected_rtt" -v b="$unprotected_rtt" 'BEGIN { printf "%.1f", a - b }') ms"
-echo "epoch pause of the primary:               last $(awk -v v="${pause_last:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms, longest $(awk -v v="${pause_max:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms"
-awk 'NR > 1 { printf "failover %d: detected in %.0f ms, VM running %.0f ms later; the client waited %.0f ms for an answer\n", $1, $2, $3, $4 }' "$SCRATCH/failover.tsv"
+failover_report "redis protected by standbys, its primary lost $kills times"
 for e in "${events[@]}"; do echo "$e"; done
 echo "acknowledged SETs: $n, lost: 0 (every one read back from the VM); connection resets: 0"
 echo "numbered streams: $(sed -n 's/^STREAM OK out=\([0-9]*\) in=\([0-9]*\).*/\1 lines VM to client, \2 client to VM/p' "$SCRATCH/stream.log"), none missing or repeated"
 echo "(timings are the emulated lab's: several times slower than hardware)"
-in_ns timeout 30 redis-cli -h "$GUEST_IP" shutdown nosave >/dev/null 2>&1 || true
-
-# What a user without vmr gets: redis unprotected, snapshotted, killed, restored from the
-# snapshot on the other TAP; the client reconnects.
-if [ "$baseline" -gt 0 ]; then
-    pkill -KILL -f -- "--api $RUNDIR/host" || true
-    echo "round client_gap_ms lost_acked" >"$SCRATCH/baseline.tsv"
-fi
-for ((r = 1; r <= baseline; r++)); do
-    rm -rf "$RUNDIR/snap" "$RUNDIR/plain.sock" "$RUNDIR/restored.sock" "$SCRATCH/stop-writer"
-    start_guest "plain$r" "vmr.ip=$GUEST_IP/24 $(run64 'redis-server --protected-mode no --save "" --appendonly no')" \
-        --vcpus 2 --mem 128 --net tap=tap0,mac=06:00:0a:00:02:04 --api "$RUNDIR/plain.sock"
-    wait_console "VMR-NET-UP eth0 $GUEST_IP" 120
-    wait_redis
-    in_ns "$python" "$(dirname "$0")/redis_writer.py" "$GUEST_IP" 6379 "$SCRATCH/stop-writer" \
-        >"$SCRATCH/baseline-writer$r.log" 2>&1 &
-    writer=$!
-    for ((i = 0; i < 600; i++)); do
-        [ "$(grep -c '^acked ' "$SCRATCH/baseline-writer$r.log" || true)" -ge 5 ] && break
-        sleep 0.1
-    done
-    ctl "$RUNDIR/plain.sock" snapshot "$RUNDIR/snap" >/dev/null || fail "cannot snapshot the plain VM"
-    at_snapshot=$(grep -c '^acked ' "$SCRATCH/baseline-writer$r.log" || true)
-    sleep "$((RANDOM % 2)).$((RANDOM % 10))"
-    last=$(grep '^acked ' "$SCRATCH/baseline-writer$r.log" | tail -n1 | cut -d' ' -f3)
-    at_kill=$(grep -c '^acked ' "$SCRATCH/baseline-writer$r.log" || true)
-    pkill -KILL -f -- "--api $RUNDIR/plain.sock " || fail "no plain monitor to kill"
-    kill "$writer" 2>/dev/null || true
-    start_vmr "restored$r" restore --from "$RUNDIR/snap" --net tap=tap1 --api "$RUNDIR/restored.sock"
-    for ((i = 0; i < 1200; i++)); do
-        [ "$(in_ns timeout 5 redis-cli -h "$GUEST_IP" set baseline "$r" 2>/dev/null)" = OK ] && break
-        sleep 0.05
-    done
-    answered=$(date +%s.%N)
-    echo "$r $(awk -v a="$answered" -v b="$last" 'BEGIN { printf "%.1f", (a - b) * 1000 }') $((at_kill - at_snapshot))" >>"$SCRATCH/baseline.tsv"
-    pkill -KILL -f -- "--api $RUNDIR/restored.sock " || true
-    sleep 0.5
-done
-[ "$baseline" -gt 0 ] && column -t "$SCRATCH/baseline.tsv"
 echo "SCENARIO PASS failover_paths"

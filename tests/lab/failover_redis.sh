@@ -82,40 +82,8 @@ for ((k = 1; k <= kills; k++)); do
     log "host$standby protects the VM again (term $(sed -n 's/.*"term": *\([0-9]*\).*/\1/p' "$SCRATCH/protect$k.json"))"
 done
 
-touch "$SCRATCH/stop-writer"
-wait "$writer" || fail "the writer: $(tail -n 3 "$SCRATCH/writer.log")"
-log "writer: $(grep '^WRITER OK' "$SCRATCH/writer.log")"
-n=$(acked)
-seq "$n" | sed 's/^/GET acked:/' | in_ns timeout 120 redis-cli -h "$GUEST_IP" >"$SCRATCH/final.txt"
-check "the VM holds all $n SETs acknowledged through $kills failovers" \
-    test "$(seq "$n" | md5sum)" = "$(md5sum <"$SCRATCH/final.txt")"
-# Per failover: detection (kill to the standby's "PRIMARY LOST"), resume (to "TAKEN OVER":
-# claimed, restored, running), and the client's wait for the answer it was waiting for when
-# the primary died (its last answer before the kill to its first after).
-echo "kill detect_ms resume_ms client_gap_ms" >"$SCRATCH/failover.tsv"
-while read -r k kill lost taken; do
-    awk -v k="$k" -v kill="$kill" -v lost="$lost" -v taken="$taken" '
-        $1 == "acked" { if (prev != "" && $3 >= kill && prev <= kill) gap = ($3 - prev) * 1000; prev = $3 }
-        END { printf "%d %.1f %.1f %.1f\n", k, (lost - kill) * 1000, (taken - lost) * 1000, gap }' \
-        "$SCRATCH/writer.log" >>"$SCRATCH/failover.tsv"
-done <"$SCRATCH/kills.txt"
-column -t "$SCRATCH/failover.tsv"
-# The summary: a SET's round trip protected (before the first failover) and unprotected (after
-# the last), the epoch pauses, the failovers, the writes.
-median_rtt() { # FROM TO: median interval between acks FROM..TO of the sequential client, ms
-    awk -v a="$1" -v b="$2" '$1 == "acked" && $2 > a && $2 <= b { if (p != "") print ($3 - p) * 1000; p = $3 }' \
-        "$SCRATCH/writer.log" | sort -n | awk '{ v[NR] = $1 } END { printf "%.1f", NR ? v[int((NR + 1) / 2)] : 0 }'
-}
-first_kill_ack=$(awk -v t="${kill_at[1]}" '$1 == "acked" && $3 < t { n = $2 } END { print n + 0 }' "$SCRATCH/writer.log")
-protected_rtt=$(median_rtt 0 "$first_kill_ack")
-unprotected_rtt=$(median_rtt "$unprotected_from" "$n")
-pause_last=$(sed -n '/"pause_us"/,/}/s/.*"last": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
-pause_max=$(sed -n '/"pause_us"/,/}/s/.*"max": *\([0-9]*\).*/\1/p' "$SCRATCH/protected.json")
-echo "=== vmr: redis protected by a standby, its primary lost $kills times ==="
-echo "a SET's round trip, protected:            ${protected_rtt} ms (median)"
-echo "the same, unprotected (after the last failover): ${unprotected_rtt} ms: output commit adds $(awk -v a="$protected_rtt" -v b="$unprotected_rtt" 'BEGIN { printf "%.1f", a - b }') ms"
-echo "epoch pause of the primary:               last $(awk -v v="${pause_last:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms, longest $(awk -v v="${pause_max:-0}" 'BEGIN { printf "%.1f", v / 1000 }') ms"
-awk 'NR > 1 { printf "failover %d: detected in %.0f ms, VM running %.0f ms later; the client waited %.0f ms for an answer\n", $1, $2, $3, $4 }' "$SCRATCH/failover.tsv"
+finish_writer
+failover_report "redis protected by a standby, its primary lost $kills times"
 echo "acknowledged SETs: $n, lost: 0 (every one read back from the VM); connection resets: 0"
 echo "(timings are the emulated lab's: several times slower than hardware)"
 in_ns timeout 30 redis-cli -h "$GUEST_IP" shutdown nosave >/dev/null 2>&1 || true

@@ -1604,6 +1604,9 @@ impl Engine {
     /// Keeps the disk writes of the epoch that ended for every standby still being copied
     /// (they follow its copy); one past [`JOIN_RETAINED_MAX`] is let go.
     fn retain_writes(&mut self, writes: &[EpochWrites]) {
+        if self.joiners.is_empty() {
+            return;
+        }
         let bytes: usize = writes.iter().map(EpochWrites::bytes).sum();
         if bytes == 0 {
             return;
