@@ -20,6 +20,9 @@ pub struct ReplicationConfig {
     /// Longest epoch, in ms.
     #[serde(default)]
     pub epoch_ms: Option<u64>,
+    /// Most of the time the epoch engine spends taking and sending epochs, in percent.
+    #[serde(default)]
+    pub epoch_duty_pct: Option<u64>,
     /// A standby silent this long (ms) is dropped.
     #[serde(default)]
     pub standby_timeout_ms: Option<u64>,
@@ -100,6 +103,7 @@ mod tests {
             standbys = ["10.0.0.2:7070", "10.0.0.3:7070"]
             key_file = "/etc/vmr/key"
             epoch_ms = 20
+            epoch_duty_pct = 50
             standby_timeout_ms = 1500
             "#,
         )
@@ -109,6 +113,7 @@ mod tests {
         assert_eq!(r.standbys, ["10.0.0.2:7070", "10.0.0.3:7070"]);
         assert_eq!(r.key_file.as_deref(), Some(Path::new("/etc/vmr/key")));
         assert_eq!((r.epoch_ms, r.standby_timeout_ms), (Some(20), Some(1500)));
+        assert_eq!(r.epoch_duty_pct, Some(50));
         // The VM's configuration is what it was without the table.
         let (plain, none) = parse("kernel = \"/k\"\nmem = 128\n[[net]]\ntap = \"tap0\"\n").unwrap();
         assert_eq!(plain, vm);

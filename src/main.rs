@@ -9,7 +9,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use replicator::primary::EngineOptions;
+use replicator::primary::{rest_of_duty, EngineOptions};
 use vmm::api::{ApiClient, ApiServer, FailoverParams, MigrateParams, ProtectParams, SnapshotType};
 use vmm::builder::{restore_microvm, RestoreOptions};
 use vmm::config::{DiskConfig, NetConfig, SerialConfig, VmConfig};
@@ -306,6 +306,11 @@ struct RunArgs {
     /// Longest epoch in ms (default 10).
     #[arg(long, value_name = "N")]
     epoch_ms: Option<u64>,
+    /// The epoch engine spends at most N % of the time taking and sending epochs: after each,
+    /// it waits (N = 25: three times as long as the epoch took) before it ends the next, even
+    /// with output waiting (default 25; 100: no wait).
+    #[arg(long, value_name = "N")]
+    epoch_duty_pct: Option<u64>,
     /// A standby that does not acknowledge an epoch within N ms is dropped (default 2000).
     #[arg(long, value_name = "N")]
     standby_timeout_ms: Option<u64>,
@@ -340,6 +345,9 @@ impl RunArgs {
         }
         if self.epoch_ms.is_some() {
             replication.epoch_ms = self.epoch_ms;
+        }
+        if self.epoch_duty_pct.is_some() {
+            replication.epoch_duty_pct = self.epoch_duty_pct;
         }
         if self.standby_timeout_ms.is_some() {
             replication.standby_timeout_ms = self.standby_timeout_ms;
@@ -389,6 +397,14 @@ fn engine_options(r: &ReplicationConfig) -> Result<EngineOptions, String> {
             return Err("--epoch-ms 0: an epoch lasts at least 1 ms".into());
         }
         options.period = Duration::from_millis(ms);
+    }
+    if let Some(pct) = r.epoch_duty_pct {
+        if !(1..=100).contains(&pct) {
+            return Err(format!(
+                "--epoch-duty-pct {pct}: give a percentage from 1 to 100"
+            ));
+        }
+        options.rest = rest_of_duty(pct);
     }
     if let Some(ms) = r.standby_timeout_ms {
         if ms == 0 {

@@ -333,8 +333,9 @@ impl ReplicationHook for PrimaryHook {
         status.pause_us = PauseFigures {
             last: m.last_pause_us,
             max: m.max_pause_us,
-            p50: 0,
-            p99: 0,
+            p50: m.pause_p50_us,
+            p99: m.pause_p99_us,
+            parts: m.pause_parts,
         };
         status.dirty_pages_last = m.last_dirty_pages;
         status.dirty_pages_total = m.dirty_pages;

@@ -100,11 +100,12 @@ impl<'a, W: Write> EpochWriter<'a, W> {
     /// Begins epoch `epoch` of `term` on `out`.
     pub fn begin(out: &'a mut FrameWriter<W>, epoch: u64, term: u64) -> Result<Self, FrameError> {
         out.send(&Message::EpochBegin { epoch, term })?;
+        let batch = out.take_batch();
         Ok(Self {
             out,
             epoch,
             digest: EpochDigest::new(epoch, term),
-            batch: PageBatch::with_capacity(BATCH_PAGES),
+            batch,
         })
     }
 
@@ -134,10 +135,13 @@ impl<'a, W: Write> EpochWriter<'a, W> {
         for (page, contents) in self.batch.iter() {
             self.digest.page(page, contents);
         }
-        let batch = std::mem::take(&mut self.batch);
-        self.out.send(&Message::Pages(batch))?;
-        self.batch = PageBatch::with_capacity(BATCH_PAGES);
-        Ok(())
+        let msg = Message::Pages(std::mem::take(&mut self.batch));
+        let sent = self.out.send(&msg);
+        if let Message::Pages(mut batch) = msg {
+            batch.clear();
+            self.batch = batch;
+        }
+        sent
     }
 
     /// Sends the machine state.
@@ -159,6 +163,7 @@ impl<'a, W: Write> EpochWriter<'a, W> {
     /// Sends the last pages and `EpochEnd`, and flushes; returns the pages sent and the digest.
     pub fn end(mut self) -> Result<(u64, [u8; 16]), FrameError> {
         self.send_batch()?;
+        self.out.give_batch(std::mem::take(&mut self.batch));
         let (pages, digest) = (self.digest.pages(), self.digest.finish());
         self.out.send(&Message::EpochEnd {
             epoch: self.epoch,

@@ -374,7 +374,18 @@ impl Message {
             Message::Inbound { frame, .. } => frame.len(),
             _ => 0,
         };
-        postcard::to_extend(self, Vec::with_capacity(bulk + 64))
+        let mut out = Vec::with_capacity(bulk + 64);
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`Message::encode`] into `out` (emptied first; its room is kept from one message to the
+    /// next).
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FrameError> {
+        out.clear();
+        // `to_io` writes each byte string with one copy (`to_extend` goes byte by byte).
+        postcard::to_io(self, out)
+            .map(drop)
             .map_err(|e| FrameError::Malformed(e.to_string()))
     }
 
@@ -429,6 +440,12 @@ pub struct FrameWriter<W: Write> {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     max_payload: u32,
     bytes_sent: u64,
+    /// The last message encoded and its compression: their room is kept from one frame to
+    /// the next (no fresh megabytes, and their page faults, per frame).
+    payload: Vec<u8>,
+    compressed: Vec<u8>,
+    /// A batch of pages for the next [`crate::epoch::EpochWriter`], its room kept likewise.
+    spare_batch: Option<PageBatch>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -441,7 +458,23 @@ impl<W: Write> FrameWriter<W> {
             compressor: zstd_level.and_then(|l| zstd::bulk::Compressor::new(l).ok()),
             max_payload: DEFAULT_MAX_PAYLOAD,
             bytes_sent: 0,
+            payload: Vec::new(),
+            compressed: Vec::new(),
+            spare_batch: None,
         }
+    }
+
+    /// A batch of pages to fill, empty: the one given back last, or a new one.
+    pub(crate) fn take_batch(&mut self) -> PageBatch {
+        self.spare_batch
+            .take()
+            .unwrap_or_else(|| PageBatch::with_capacity(BATCH_PAGES))
+    }
+
+    /// Keeps `batch`'s room for the next [`FrameWriter::take_batch`].
+    pub(crate) fn give_batch(&mut self, mut batch: PageBatch) {
+        batch.clear();
+        self.spare_batch = Some(batch);
     }
 
     /// Bytes written so far, headers included.
@@ -456,24 +489,24 @@ impl<W: Write> FrameWriter<W> {
 
     /// Sends `msg` (buffered: [`FrameWriter::flush`] pushes it out).
     pub fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
-        let payload = msg.encode()?;
-        self.send_payload(&payload)
-    }
-
-    /// Frames one encoded message.
-    fn send_payload(&mut self, payload: &[u8]) -> Result<(), FrameError> {
+        msg.encode_into(&mut self.payload)?;
+        let payload = &self.payload;
         if payload.len() > self.max_payload as usize {
             return Err(FrameError::MessageTooLarge { len: payload.len() });
         }
         let compressed = match &mut self.compressor {
             Some(c) if payload.len() >= COMPRESS_MIN => {
-                c.compress(payload).ok().filter(|z| z.len() < payload.len())
+                let z = &mut self.compressed;
+                z.clear();
+                z.reserve(zstd::zstd_safe::compress_bound(payload.len()));
+                c.compress_to_buffer(payload, z).is_ok() && z.len() < payload.len()
             }
-            _ => None,
+            _ => false,
         };
-        let (flags, wire): (u8, &[u8]) = match &compressed {
-            Some(z) => (FLAG_ZSTD, z),
-            None => (0, payload),
+        let (flags, wire): (u8, &[u8]) = if compressed {
+            (FLAG_ZSTD, &self.compressed)
+        } else {
+            (0, payload)
         };
         let h = frame_header(&self.auth, self.seq, flags, wire, payload.len() as u32);
         self.out.write_all(&h)?;
@@ -512,6 +545,10 @@ pub struct FrameReader<R: Read> {
     expected: u64,
     max_payload: u32,
     decompressor: zstd::bulk::Decompressor<'static>,
+    /// The last frame as it came and its payload: their room is kept from one frame to the
+    /// next.
+    wire: Vec<u8>,
+    payload: Vec<u8>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -524,6 +561,8 @@ impl<R: Read> FrameReader<R> {
             expected: 0,
             max_payload: DEFAULT_MAX_PAYLOAD,
             decompressor: zstd::bulk::Decompressor::new().expect("zstd decompression context"),
+            wire: Vec::new(),
+            payload: Vec::new(),
         }
     }
 
@@ -539,12 +578,13 @@ impl<R: Read> FrameReader<R> {
 
     /// The next message.
     pub fn recv(&mut self) -> Result<Message, FrameError> {
-        let payload = self.recv_payload()?;
-        Message::decode(&payload)
+        self.recv_payload()?;
+        Message::decode(&self.payload)
     }
 
-    /// The next frame's payload, authenticated, in sequence and decompressed.
-    pub fn recv_payload(&mut self) -> Result<Vec<u8>, FrameError> {
+    /// Reads the next frame's payload, authenticated, in sequence and decompressed, into
+    /// `self.payload`.
+    fn recv_payload(&mut self) -> Result<(), FrameError> {
         let mut h = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -570,8 +610,10 @@ impl<R: Read> FrameReader<R> {
                 });
             }
         }
-        let mut wire = vec![0u8; wire_len as usize];
-        self.input.read_exact(&mut wire).map_err(|e| {
+        let wire = &mut self.wire;
+        wire.clear();
+        wire.resize(wire_len as usize, 0);
+        self.input.read_exact(wire).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 FrameError::Truncated
             } else {
@@ -579,7 +621,7 @@ impl<R: Read> FrameReader<R> {
             }
         })?;
         self.auth
-            .mac(&h[..MAC_OFFSET], &wire)
+            .mac(&h[..MAC_OFFSET], wire)
             .verify_slice(&h[MAC_OFFSET..])
             .map_err(|_| FrameError::BadMac { seq })?;
         if seq != self.expected {
@@ -602,12 +644,17 @@ impl<R: Read> FrameReader<R> {
                     found: wire.len(),
                 });
             }
-            return Ok(wire);
+            std::mem::swap(&mut self.wire, &mut self.payload);
+            return Ok(());
         }
-        // The capacity bounds the output: a frame cannot decompress to more than announced.
-        let payload = self
-            .decompressor
-            .decompress(&wire, raw_len as usize)
+        // The room bounds the output (it never grows): a frame cannot decompress to more
+        // than announced, or than the largest payload before it, which is refused below.
+        let payload = &mut self.payload;
+        payload.clear();
+        payload.reserve(raw_len as usize);
+        let room = payload.capacity();
+        self.decompressor
+            .decompress_to_buffer(&self.wire, payload)
             .map_err(FrameError::Zstd)?;
         if payload.len() != raw_len as usize {
             return Err(FrameError::SizeMismatch {
@@ -615,7 +662,8 @@ impl<R: Read> FrameReader<R> {
                 found: payload.len(),
             });
         }
-        Ok(payload)
+        debug_assert!(payload.capacity() == room, "the output never grows");
+        Ok(())
     }
 
     /// The stream (buffered input not yet read is lost).

@@ -20,7 +20,7 @@ use replicator::conn::Conn;
 use replicator::pairing::PairError;
 use replicator::primary::vm::VmThread;
 use replicator::primary::{
-    pair_standby, Engine, EngineError, EngineOptions, NewStandby, Reference,
+    pair_standby, Engine, EngineError, EngineOptions, NewStandby, Reference, MAX_REST,
 };
 use replicator::standby::committed::{CommittedDisk, DiskImage};
 use replicator::standby::host::{Standby, StandbyError};
@@ -360,6 +360,39 @@ fn a_standby_without_the_key_is_refused_on_both_ends() {
         "{end:?}"
     );
     assert_eq!(s.committed().committed_epoch(), 0);
+}
+
+#[test]
+fn a_resting_engine_ends_at_most_one_epoch_per_rest() {
+    let vm = writer(256);
+    let (a, _, standby) = unix_standby("resting", 4, 4);
+    // Every epoch is followed by the longest rest: at most one epoch per MAX_REST, where the
+    // 10-ms period alone would end ten.
+    let options = EngineOptions {
+        rest: 1e6,
+        ..Default::default()
+    };
+    let engine = Engine::start(&vm, vec![a.unwrap()], options)
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while engine.metrics().last_committed_epoch == 0 {
+        assert!(t0.elapsed() < SYNC_TIMEOUT, "not protected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (t1, first) = (Instant::now(), engine.metrics().epochs);
+    std::thread::sleep(Duration::from_secs(1));
+    let (elapsed, epochs) = (t1.elapsed(), engine.metrics().epochs - first);
+    let most = (elapsed.as_secs_f64() / MAX_REST.as_secs_f64()).ceil() as u64 + 1;
+    engine.stop().unwrap();
+    assert!(
+        epochs <= most,
+        "{epochs} epochs in {elapsed:?}, resting {MAX_REST:?} after each"
+    );
+    let (_, end) = standby.join().unwrap();
+    assert!(end.is_ok(), "{end:?}");
+    vm.stop().unwrap();
 }
 
 #[test]

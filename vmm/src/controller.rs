@@ -130,7 +130,7 @@ impl Controller {
             ApiRequest::GetReplication => {
                 let mut status = self.replication.status();
                 status.health = Some(Box::new(vm.health().state()));
-                Ok(ApiReply::Replication(status))
+                Ok(ApiReply::Replication(Box::new(status)))
             }
             ApiRequest::Migrate(_) | ApiRequest::Protect(_) | ApiRequest::Failover(_) => Err(
                 ApiError::internal(format!("{} requests are served apart", request.name())),
@@ -407,7 +407,7 @@ fn reply_with_status(call: ApiCall, done: &'static str, failed: &'static str) ->
         let result = match result {
             Ok(status) => {
                 tracing::info!(term = status.term, "{done}");
-                Ok(ApiReply::Replication(status))
+                Ok(ApiReply::Replication(Box::new(status)))
             }
             Err(reason) => {
                 tracing::warn!("{failed}: {reason}");
@@ -438,7 +438,7 @@ pub fn answer_without_vm(
         return;
     }
     let result = match &call.request {
-        ApiRequest::GetReplication => Ok(ApiReply::Replication(hook.status())),
+        ApiRequest::GetReplication => Ok(ApiReply::Replication(Box::new(hook.status()))),
         ApiRequest::GetMetrics => {
             let status = hook.status();
             let mut metrics = status.metrics();

@@ -196,8 +196,8 @@ pub struct EpochCapture {
     pub pause: PauseBreakdown,
     /// The copy.
     pub copy: CopyStats,
-    /// The disk writes of the epoch, per disk in order, from the devices' replication ports
-    /// ([`EpochTracker::attach_device_ports`]; empty without).
+    /// The disk writes of the epoch, per disk in order, from the pause's device step
+    /// ([`EpochTracker::attach_pause_step`]; empty without).
     pub disk_writes: Vec<EpochWrites>,
     /// Test path: all guest memory at the pause, regions in order (pages numbered as
     /// `pfns` are).
@@ -467,8 +467,24 @@ pub struct EpochTracker {
     next_epoch: AtomicU64,
     /// How long registering guest RAM with the userfaultfd took.
     register_cost: Duration,
-    /// The devices' replication ports, stepped in every pause.
-    ports: Mutex<Option<ReplicationPorts>>,
+    /// What every pause does to the devices once their state is saved.
+    step: Mutex<Option<Box<dyn PauseStep>>>,
+}
+
+/// What a pause does to the devices once their state is saved: the next epoch starts on
+/// them (output and disk writes from then on belong to it), and the disk writes of the epoch
+/// that ends, per disk in order, go with its capture.
+pub trait PauseStep: Send {
+    /// At the end of the tracker's epoch `epoch`, inside the pause.
+    fn step(&self, epoch: u64) -> Vec<EpochWrites>;
+}
+
+/// The devices' replication ports number epochs as the tracker does: the capture of epoch N
+/// starts their epoch N + 1.
+impl PauseStep for ReplicationPorts {
+    fn step(&self, epoch: u64) -> Vec<EpochWrites> {
+        self.begin_epoch(epoch + 1)
+    }
 }
 
 impl EpochTracker {
@@ -522,24 +538,21 @@ impl EpochTracker {
             handler,
             next_epoch: AtomicU64::new(1),
             register_cost,
-            ports: Mutex::new(None),
+            step: Mutex::new(None),
         })
     }
 
-    /// Has every pause take the devices' step too (see
-    /// [`crate::microvm::MicroVm::set_replication`]): after the state is saved, the devices start
-    /// the next epoch ([`ReplicationPorts::begin_epoch`]) and the ending epoch's disk writes go
-    /// with its capture. Epoch numbers are the tracker's: the capture of epoch N starts the
-    /// devices' epoch N + 1.
-    pub fn attach_device_ports(&self, ports: ReplicationPorts) {
-        *lock(&self.ports) = Some(ports);
+    /// Has every pause take the devices' step too, once the state is saved: for instance the
+    /// [`ReplicationPorts`] of [`crate::microvm::MicroVm::set_replication`].
+    pub fn attach_pause_step(&self, step: Box<dyn PauseStep>) {
+        *lock(&self.step) = Some(step);
     }
 
     /// The pause's device step for the end of epoch `epoch`.
     fn device_step(&self, epoch: u64) -> Vec<EpochWrites> {
-        lock(&self.ports)
+        lock(&self.step)
             .as_ref()
-            .map(|ports| ports.begin_epoch(epoch + 1))
+            .map(|step| step.step(epoch))
             .unwrap_or_default()
     }
 

@@ -265,7 +265,7 @@ fn every_pause_steps_the_devices_into_the_next_epoch() {
     })
     .unwrap();
     let tracker = Arc::new(EpochTracker::new(&vm.vm, true).unwrap());
-    tracker.attach_device_ports(rx.recv().unwrap());
+    tracker.attach_pause_step(Box::new(rx.recv().unwrap()));
     for expected in 1..=3 {
         let capture = vm
             .freezes

@@ -29,10 +29,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm::api::PauseParts;
 use vmm::devices::replication::{
     EpochWrites, ReplicationMode, ReplicationPorts, DEFAULT_INBOUND_CAPACITY,
 };
-use vmm::epoch::{EpochCapture, EpochError, EpochOptions, EpochTracker};
+use vmm::epoch::{EpochCapture, EpochError, EpochOptions, EpochTracker, PauseBreakdown};
 use vmm::vstate::dirty::DirtyConsumer;
 use vmm::vstate::memory::{is_zero, PAGE_SIZE};
 use vmm_sys_util::eventfd::EventFd;
@@ -133,6 +134,12 @@ pub struct EngineOptions {
     pub period: Duration,
     /// End an epoch early when output waits or the guest flushes a disk.
     pub early_on_events: bool,
+    /// After each epoch, the engine rests this many times as long as the epoch took it (at
+    /// most [`MAX_REST`]) before it ends the next, even with output waiting (acks are handled
+    /// meanwhile): where taking and sending epochs is slow (a host short of CPU, where it
+    /// costs the guest what the engine spends), epochs come less often and carry more. 0:
+    /// epochs end at the period or events only. See [`rest_of_duty`].
+    pub rest: f64,
     /// A standby that has not acknowledged an epoch this long after it was sent, or whose
     /// stream does not take a write for this long, is dropped.
     pub standby_timeout: Duration,
@@ -150,6 +157,18 @@ pub struct EngineOptions {
 
 /// Default of [`EngineOptions::period`].
 pub const DEFAULT_PERIOD: Duration = Duration::from_millis(10);
+/// The longest rest after an epoch ([`EngineOptions::rest`]): an epoch that took long (a
+/// large dirty set) does not hold output back for many times as long.
+pub const MAX_REST: Duration = Duration::from_millis(100);
+/// The most of the time the engine spends on epochs by default, in percent: its
+/// [`EngineOptions::rest`] is [`rest_of_duty`] of it.
+pub const DEFAULT_DUTY_PCT: u64 = 25;
+
+/// The rest after each epoch that keeps the engine's time on epochs at most `pct` percent
+/// (1 to 100).
+pub fn rest_of_duty(pct: u64) -> f64 {
+    100.0 / pct.clamp(1, 100) as f64 - 1.0
+}
 /// Default of [`EngineOptions::standby_timeout`].
 pub const DEFAULT_STANDBY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -158,6 +177,7 @@ impl Default for EngineOptions {
         Self {
             period: DEFAULT_PERIOD,
             early_on_events: true,
+            rest: rest_of_duty(DEFAULT_DUTY_PCT),
             standby_timeout: DEFAULT_STANDBY_TIMEOUT,
             term: 1,
             authority: None,
@@ -194,6 +214,11 @@ pub struct Metrics {
     pub last_pause_us: u64,
     /// Longest pause, microseconds.
     pub max_pause_us: u64,
+    /// Median and 99th percentile of the recent pauses (0 until the first), microseconds.
+    pub pause_p50_us: u64,
+    pub pause_p99_us: u64,
+    /// Where the recent pauses went.
+    pub pause_parts: PauseParts,
     /// Dirty pages of the last epoch.
     pub last_dirty_pages: u64,
     /// Dirty pages in all.
@@ -222,6 +247,54 @@ pub struct Metrics {
     pub fenced: Option<Fenced>,
     /// Set when the VM was handed over to a standby (a planned switch-over): to whom, when.
     pub handed_over: Option<String>,
+}
+
+/// The pauses of the recent epochs, for their percentiles.
+#[derive(Default)]
+struct PauseWindow {
+    recent: VecDeque<PauseBreakdown>,
+}
+
+impl PauseWindow {
+    /// Epochs the figures are taken over.
+    const LEN: usize = 1000;
+
+    fn push(&mut self, pause: PauseBreakdown) {
+        if self.recent.len() == Self::LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(pause);
+    }
+
+    /// The `q` quantile of `part` of the recent pauses, microseconds (0 with none).
+    fn quantile(&self, q: f64, part: impl Fn(&PauseBreakdown) -> Duration) -> u64 {
+        let mut v: Vec<u64> = self
+            .recent
+            .iter()
+            .map(|p| part(p).as_micros() as u64)
+            .collect();
+        if v.is_empty() {
+            return 0;
+        }
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        *v.select_nth_unstable(i).1
+    }
+
+    /// (p50, p99, the parts' medians).
+    fn figures(&self) -> (u64, u64, PauseParts) {
+        let parts = PauseParts {
+            stop: self.quantile(0.5, |p| p.stop),
+            harvest: self.quantile(0.5, |p| p.harvest),
+            state: self.quantile(0.5, |p| p.state),
+            pages: self.quantile(0.5, |p| p.copy + p.protect),
+            resume: self.quantile(0.5, |p| p.resume),
+        };
+        (
+            self.quantile(0.5, |p| p.total),
+            self.quantile(0.99, |p| p.total),
+            parts,
+        )
+    }
 }
 
 /// How far the copy of the VM to a synchronising standby has come.
@@ -618,6 +691,10 @@ pub struct Engine {
     next_epoch: u64,
     released: u64,
     last_epoch_at: Instant,
+    /// No epoch ends before this (see [`EngineOptions::rest`]).
+    rest_until: Instant,
+    /// The recent epochs' pauses.
+    pauses: PauseWindow,
     /// The first epoch whose output waits for the standbys' acks, once the initial
     /// synchronisation converged; before it, each epoch's output leaves as the epoch ends.
     protect_from: Option<u64>,
@@ -661,6 +738,7 @@ impl Engine {
         let capacity = options.inbound_capacity;
         let ports = control.run(move |m| replication_on(m, 1, capacity))?;
         let switch = EpochSwitch::of(&ports);
+        tracker.attach_pause_step(Box::new(switch.clone()));
         // Until the initial synchronisation converges the VM is not protected: its output
         // leaves as it is sent ([`Engine::synchronise`]).
         switch.pass_through();
@@ -679,6 +757,8 @@ impl Engine {
             next_epoch: 1,
             released: 0,
             last_epoch_at: Instant::now(),
+            rest_until: Instant::now(),
+            pauses: PauseWindow::default(),
             protect_from: None,
             hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
@@ -1244,17 +1324,25 @@ impl Engine {
             } else {
                 self.options.period
             };
-            let deadline = self.last_epoch_at + period;
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let deadline = (self.last_epoch_at + period).max(self.rest_until);
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Ok(false);
             }
-            let ms = left.as_micros().div_ceil(1000) as libc::c_int;
+            // Resting after a costly epoch: only acks are handled until the rest is over.
+            let rest = self.rest_until.saturating_duration_since(now);
+            let (watched, wait) = if rest.is_zero() {
+                (fds.len(), left)
+            } else {
+                (1, rest)
+            };
+            let ms = wait.as_micros().div_ceil(1000) as libc::c_int;
             for fd in fds.iter_mut() {
                 fd.revents = 0;
             }
-            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            // SAFETY: `fds` is a valid array of at least `watched` pollfd structs for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), watched as libc::nfds_t, ms) };
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() == Some(libc::EINTR) {
@@ -1514,6 +1602,7 @@ impl Engine {
         options: Option<EpochOptions>,
     ) -> Result<(u64, Option<Reference>), EngineError> {
         let n = self.next_epoch;
+        let started = Instant::now();
         let mut options = options.unwrap_or_else(|| self.options.epoch.clone());
         // A joining standby whose copy is done gets its first epoch now: with the pages
         // written since the copy began.
@@ -1529,8 +1618,8 @@ impl Engine {
             .run(move |m| checkpoint(m, &tracker, &options, &switch, n + 1))
             .map_err(EngineError::from)
             .and_then(|cp| cp.map_err(EngineError::Checkpoint));
-        let cp = match taken {
-            Ok(cp) => cp,
+        let pending = match taken {
+            Ok(pending) => pending,
             Err(e) => {
                 if let Some(c) = copied {
                     self.drop_joiner(&c.name, &c.conn, c.consumer, "its first epoch failed");
@@ -1539,9 +1628,9 @@ impl Engine {
             }
         };
         self.next_epoch += 1;
-        self.retain_writes(&cp.writes);
+        let pause = pending.pause;
         let inbound = self.drain_inbound();
-        let capture = match cp.pending.wait() {
+        let mut capture = match pending.wait() {
             Ok(c) => c,
             Err(e) => {
                 if let Some(c) = copied {
@@ -1556,9 +1645,11 @@ impl Engine {
                 return Err(EngineError::Checkpoint(e));
             }
         };
-        self.ship(n, &capture, &cp.writes, &inbound);
+        let writes = std::mem::take(&mut capture.disk_writes);
+        self.retain_writes(&writes);
+        self.ship(n, &capture, &writes, &inbound);
         if let Some(c) = copied {
-            self.first_epoch(c, n, &capture, &cp.writes, &inbound);
+            self.first_epoch(c, n, &capture, &writes, &inbound);
         }
         // Pages nobody took are not given back: a standby paired later is copied whole.
         self.synchronise(n);
@@ -1566,7 +1657,9 @@ impl Engine {
             image: img.clone(),
             state: capture.state.clone(),
         });
-        let pause_us = cp.pause.as_micros() as u64;
+        let pause_us = pause.total.as_micros() as u64;
+        self.pauses.push(pause);
+        let (p50, p99, parts) = self.pauses.figures();
         let pages = capture.pfns.len() as u64;
         let raw = capture.raw_bytes() + capture.state.len() as u64;
         let held_frames = self.ports.net.iter().map(|p| p.held_frames()).sum();
@@ -1577,6 +1670,9 @@ impl Engine {
             m.last_sent_epoch = n;
             m.last_pause_us = pause_us;
             m.max_pause_us = m.max_pause_us.max(pause_us);
+            m.pause_p50_us = p50;
+            m.pause_p99_us = p99;
+            m.pause_parts = parts;
             m.last_dirty_pages = pages;
             m.dirty_pages += pages;
             m.bytes_raw += raw;
@@ -1586,6 +1682,8 @@ impl Engine {
         });
         tracing::debug!(epoch = n, pages, pause_us, early, "epoch shipped");
         self.tracker.recycle(capture);
+        self.rest_until =
+            Instant::now() + started.elapsed().mul_f64(self.options.rest).min(MAX_REST);
         Ok((n, reference))
     }
 

@@ -1,17 +1,17 @@
 //! A protected microVM on a monitor thread of its own, which runs jobs the epoch engine sends
-//! it between two rounds of device events: the pause of an epoch must start the next epoch on
-//! the devices (egress gates, disk journals) *inside* the pause, after the devices were saved,
-//! which [`vmm::microvm::FreezeHandle::epoch`] alone does not do.
+//! it between two rounds of device events; and what the pause of an epoch does to its devices
+//! ([`EpochSwitch`]): start the next epoch on them (egress gates, disk journals) *inside* the
+//! pause, after they were saved.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use virtio_net_tap::{Egress, GateMode};
 use vmm::config::VmConfig;
 use vmm::devices::replication::{BlockPort, Epoch, EpochWrites, ReplicationMode, ReplicationPorts};
-use vmm::epoch::{EpochError, EpochOptions, EpochTracker, PendingEpoch};
+use vmm::epoch::{EpochError, EpochOptions, EpochTracker, PauseStep, PendingEpoch};
 use vmm::microvm::{freeze_channel, FreezeHandle, MicroVm, VmPhase};
 use vmm::vstate::vcpu::{ExitReason, VmRunState};
 use vmm::vstate::vm::Vm;
@@ -236,13 +236,16 @@ impl VmControl {
 }
 
 /// What the pause needs of the devices' ports, cheap to send to the monitor thread: their
-/// egress gates and disk journals.
+/// egress gates and disk journals. It is the epoch tracker's [`PauseStep`], in the engine's
+/// numbering of epochs.
 #[derive(Clone)]
 pub struct EpochSwitch {
     egress: Vec<Egress>,
     blocks: Vec<BlockPort>,
     /// Set once output must wait for the standbys: the next pause holds the egress gates.
-    hold: Arc<std::sync::atomic::AtomicBool>,
+    hold: Arc<AtomicBool>,
+    /// The epoch the next pause starts on the devices.
+    next: Arc<AtomicU64>,
 }
 
 impl EpochSwitch {
@@ -252,6 +255,7 @@ impl EpochSwitch {
             egress: ports.net.iter().map(|n| n.egress().clone()).collect(),
             blocks: ports.block.clone(),
             hold: Arc::default(),
+            next: Arc::default(),
         }
     }
 
@@ -266,13 +270,16 @@ impl EpochSwitch {
     /// From the epoch the next pause starts, the egress gates hold every frame until its
     /// epoch is released (switched inside the pause: no frame of that epoch escapes).
     pub fn hold_from_next_pause(&self) {
-        self.hold.store(true, std::sync::atomic::Ordering::Release);
+        self.hold.store(true, Ordering::Release);
     }
+}
 
-    /// The pause's device step (as [`ReplicationPorts::begin_epoch`]): starts epoch `next`,
-    /// returns the writes of the epoch that ends, per disk.
-    fn begin_epoch(&self, next: Epoch) -> Vec<EpochWrites> {
-        let hold = self.hold.load(std::sync::atomic::Ordering::Acquire);
+impl PauseStep for EpochSwitch {
+    /// Starts the epoch set by [`checkpoint`] (as [`ReplicationPorts::begin_epoch`]), returns
+    /// the writes of the epoch that ends, per disk.
+    fn step(&self, _tracker_epoch: u64) -> Vec<EpochWrites> {
+        let next = self.next.load(Ordering::Acquire);
+        let hold = self.hold.load(Ordering::Acquire);
         for e in &self.egress {
             e.set_epoch(next);
             if hold {
@@ -283,44 +290,17 @@ impl EpochSwitch {
     }
 }
 
-/// One epoch's pause, done: its copy goes on in `pending`.
-pub struct Checkpoint {
-    /// The epoch whose pages are being copied.
-    pub pending: PendingEpoch,
-    /// The disk writes of the epoch that ended, per disk.
-    pub writes: Vec<EpochWrites>,
-    /// The whole pause as the guest saw it (vCPUs stopped to running).
-    pub pause: Duration,
-}
-
-/// On the monitor thread: pauses the vCPUs, takes the epoch (dirty set, state, protection),
-/// starts epoch `next` on the devices, resumes.
+/// On the monitor thread: takes the epoch (pause, dirty set, state, `switch` starting epoch
+/// `next` on the devices, resume); its copy goes on in what it returns.
 pub fn checkpoint(
     m: &mut MicroVm,
     tracker: &EpochTracker,
     options: &EpochOptions,
     switch: &EpochSwitch,
     next: Epoch,
-) -> Result<Checkpoint, EpochError> {
-    let t0 = Instant::now();
-    let was_running = m.phase() == VmPhase::Running;
-    if was_running {
-        m.pause()?;
-    }
-    let result = m.checkpoint_epoch(tracker, options);
-    let writes = match &result {
-        Ok(_) => switch.begin_epoch(next),
-        Err(_) => Vec::new(),
-    };
-    if was_running {
-        m.resume()?;
-    }
-    let pause = t0.elapsed();
-    Ok(Checkpoint {
-        pending: result?,
-        writes,
-        pause,
-    })
+) -> Result<PendingEpoch, EpochError> {
+    switch.next.store(next, Ordering::Release);
+    m.checkpoint_epoch(tracker, options)
 }
 
 /// On the monitor thread: turns replication on from epoch `first` (vCPUs paused, so the

@@ -25,9 +25,9 @@ pub use health::{
     DiskHealth, DiskState, GuestHealth, GuestState, HealthState, TapHealth, TapState,
 };
 pub use replication::{
-    CopyFigures, FailoverParams, LatencyFigures, PauseFigures, PeerState, ProtectParams,
-    ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole, ReplicationStatus,
-    NO_KEY_MESSAGE,
+    CopyFigures, FailoverParams, LatencyFigures, PauseFigures, PauseParts, PeerState,
+    ProtectParams, ProtectReply, ReplicationHook, ReplicationPeer, ReplicationRole,
+    ReplicationStatus, NO_KEY_MESSAGE,
 };
 pub use server::{
     ApiCall, ApiReceiver, ApiServer, ApiServerConfig, ApiServerError, Route, RouteMethod, ROUTES,
@@ -175,7 +175,7 @@ pub enum ApiReply {
     /// The answer to [`ApiRequest::GetMetrics`].
     Metrics(Vec<Metric>),
     /// The answer to [`ApiRequest::GetReplication`] and [`ApiRequest::Protect`].
-    Replication(ReplicationStatus),
+    Replication(Box<ReplicationStatus>),
 }
 
 /// Why the VM refused or failed a request; each kind is an HTTP status.

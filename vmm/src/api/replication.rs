@@ -47,10 +47,28 @@ pub struct PauseFigures {
     pub last: u64,
     /// The longest pause so far.
     pub max: u64,
-    /// The median pause (0 when unknown).
+    /// The median pause of the recent epochs (0 when unknown).
     pub p50: u64,
-    /// The 99th percentile of the pauses (0 when unknown).
+    /// The 99th percentile of the pauses of the recent epochs (0 when unknown).
     pub p99: u64,
+    /// Where the recent pauses went.
+    #[serde(default)]
+    pub parts: PauseParts,
+}
+
+/// Where the recent pauses went: the median of each part, in microseconds (0 when unknown).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseParts {
+    /// Stopping the vCPUs.
+    pub stop: u64,
+    /// Taking the dirty set.
+    pub harvest: u64,
+    /// Saving the devices, the VM and the vCPUs.
+    pub state: u64,
+    /// Copying the dirty pages (a small epoch) or write-protecting them.
+    pub pages: u64,
+    /// Resuming the vCPUs.
+    pub resume: u64,
 }
 
 /// How long the standbys take to acknowledge an epoch, in microseconds.
@@ -232,6 +250,22 @@ impl ReplicationStatus {
             pause("max", self.pause_us.max),
             pause("p50", self.pause_us.p50),
             pause("p99", self.pause_us.p99),
+        ]);
+        let part = |name: &str, value: u64| {
+            gauge(
+                "vmr_replication_pause_part_us",
+                "The median of each part of the recent pauses (0 when unknown).",
+                value,
+            )
+            .with_label("part", name)
+        };
+        let parts = &self.pause_us.parts;
+        m.extend([
+            part("stop", parts.stop),
+            part("harvest", parts.harvest),
+            part("state", parts.state),
+            part("pages", parts.pages),
+            part("resume", parts.resume),
         ]);
         let ack = |stat: &str, value: u64| {
             gauge(

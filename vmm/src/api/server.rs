@@ -771,6 +771,6 @@ async fn call_vm(shared: &Shared, request: ApiRequest) -> Result<Response, Failu
             render_prometheus(&metrics),
         )
             .into_response(),
-        ApiReply::Replication(status) => Json(status).into_response(),
+        ApiReply::Replication(status) => Json(*status).into_response(),
     })
 }

@@ -115,7 +115,9 @@ impl FakeVm {
                 metrics.extend(self.replication.metrics());
                 Ok(ApiReply::Metrics(metrics))
             }
-            ApiRequest::GetReplication => Ok(ApiReply::Replication(self.replication.status())),
+            ApiRequest::GetReplication => {
+                Ok(ApiReply::Replication(Box::new(self.replication.status())))
+            }
             ApiRequest::Protect(params) => {
                 let params = params.clone();
                 return self.replication.protect(call, params);
@@ -1198,6 +1200,13 @@ fn primary_status() -> ReplicationStatus {
             max: 4000,
             p50: 850,
             p99: 3100,
+            parts: PauseParts {
+                stop: 60,
+                harvest: 10,
+                state: 120,
+                pages: 200,
+                resume: 25,
+            },
         },
         dirty_pages_last: 120,
         dirty_pages_total: 70000,
@@ -1306,6 +1315,7 @@ fn get_replication_answers_the_hooks_status() {
     assert_eq!(body["role"], "primary");
     assert_eq!(body["protected"], true);
     assert_eq!(body["pause_us"]["p99"], 3100);
+    assert_eq!(body["pause_us"]["parts"]["state"], 120);
     assert_eq!(body["ack_latency_us"]["last"], 350);
     assert_eq!(body["peers"][0]["state"], "protecting");
     assert_eq!(body["peers"][0].get("reason"), None);
@@ -1469,6 +1479,7 @@ fn metrics_show_the_replication_with_a_hook() {
         "vmr_replication_protected 1\n",
         "vmr_replication_last_committed_epoch 41\n",
         "vmr_replication_pause_us{stat=\"p99\"} 3100\n",
+        "vmr_replication_pause_part_us{part=\"resume\"} 25\n",
         "vmr_replication_ack_latency_us{stat=\"max\"} 2000\n",
         "vmr_replication_bytes_sent_total 83886080\n",
         "vmr_replication_held_egress_frames 4\n",

@@ -1,5 +1,6 @@
-//! Measuring a running monitor process: its output markers and its memory.
+//! Measuring a running monitor process: its output markers, its memory and its CPU time.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout};
 use std::time::{Duration, Instant};
@@ -75,4 +76,62 @@ pub fn kill(child: &mut Child) {
         "warning: process {} did not end within 10 s of SIGKILL",
         child.id()
     );
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`sysconf(_SC_CLK_TCK)`).
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user and system) of every thread of process `pid`, in seconds, by thread name
+/// (threads of one name summed). A process that is gone has none.
+pub fn thread_cpu_secs(pid: u32) -> BTreeMap<String, f64> {
+    let mut threads = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    let hz = clock_ticks();
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `tid (comm) state ppid ...`: the name may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 of stat (utime, stime), counted from the state (field 3).
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+            .sum();
+        *threads.entry(name).or_insert(0.0) += ticks as f64 / hz;
+    }
+    threads
+}
+
+/// The whole system's CPU time so far, in seconds: (busy, all), all CPUs summed.
+pub fn system_cpu_secs() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0.0, 0.0);
+    };
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let all: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    let hz = clock_ticks();
+    ((all - idle) as f64 / hz, all as f64 / hz)
 }

@@ -18,6 +18,7 @@
 //! p50 and p99 as `redis-benchmark --csv` prints them. A configuration that cannot be run is
 //! reported with the step, the command and the monitor's error, and the others go on.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::guest::{base64, Monitor, Scratch, Setup};
+use super::proc;
 use super::qmp::{qmp_arg, Qmp};
 use crate::lab;
 
@@ -156,6 +158,63 @@ struct ConfigResult {
     /// The monitor's own view after the measurement: vmr's `GET /replication`, QEMU's
     /// `query-migrate` and `query-colo-status`.
     monitor_status: Option<Value>,
+    /// Where the CPU went during the measurement.
+    cpu: Option<CpuUse>,
+}
+
+/// Where the CPU went during a measurement, in CPU seconds per second of it (1.0: one CPU
+/// busy all along).
+#[derive(Serialize)]
+struct CpuUse {
+    /// The host's CPUs (the lab's, inside the lab).
+    cpus: usize,
+    /// Busy, all of them together.
+    busy: f64,
+    /// Per thread of the monitors (`PROCESS/THREAD`, threads of one name summed), the
+    /// busiest first; the rest of `busy` is everything else (the client, the kernel).
+    threads: Vec<(String, f64)>,
+}
+
+/// CPU times at the start of a measurement, for [`CpuUse`].
+struct CpuProbe {
+    procs: Vec<(&'static str, u32)>,
+    at: Instant,
+    system: (f64, f64),
+    threads: Vec<BTreeMap<String, f64>>,
+}
+
+impl CpuProbe {
+    fn start(procs: &[(&'static str, u32)]) -> Self {
+        Self {
+            procs: procs.to_vec(),
+            at: Instant::now(),
+            system: proc::system_cpu_secs(),
+            threads: procs
+                .iter()
+                .map(|&(_, pid)| proc::thread_cpu_secs(pid))
+                .collect(),
+        }
+    }
+
+    fn finish(self) -> CpuUse {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-3);
+        let (busy, _) = proc::system_cpu_secs();
+        let mut threads = Vec::new();
+        for ((label, pid), before) in self.procs.iter().zip(&self.threads) {
+            for (name, secs) in proc::thread_cpu_secs(*pid) {
+                let used = secs - before.get(&name).copied().unwrap_or(0.0);
+                if used > 0.0 {
+                    threads.push((format!("{label}/{name}"), used / wall));
+                }
+            }
+        }
+        threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+        CpuUse {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            busy: (busy - self.system.0) / wall,
+            threads,
+        }
+    }
 }
 
 impl ConfigResult {
@@ -172,6 +231,7 @@ impl ConfigResult {
             warmup_rps: None,
             error: None,
             monitor_status: None,
+            cpu: None,
         }
     }
 }
@@ -449,13 +509,15 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-/// Warms the guest up, then measures it: fills `r`. With `n` 0 the warm-up's rate picks it
-/// (so that the measurement lasts `target_secs`).
+/// Warms the guest up, then measures it: fills `r`, with the CPU time of the monitors'
+/// processes `procs` (label, pid). With `n` 0 the warm-up's rate picks it (so that the
+/// measurement lasts `target_secs`).
 fn warm_and_measure(
     ns: &Netns,
     args: &ProtectArgs,
     n: &mut u64,
     r: &mut ConfigResult,
+    procs: &[(&'static str, u32)],
 ) -> Result<(), String> {
     let (warm, _) = redis_benchmark(ns, args.warmup_requests, args.clients, args.max_secs)
         .map_err(|e| format!("warm-up: {e}"))?;
@@ -483,7 +545,9 @@ fn warm_and_measure(
         );
     }
     r.requests = Some(requests);
+    let probe = CpuProbe::start(procs);
     let (tests, secs) = redis_benchmark(ns, requests, args.clients, args.max_secs + 120)?;
+    r.cpu = Some(probe.finish());
     r.rps = Some(combined_rps(&tests));
     r.p50_ms = Some(mean(tests.iter().map(|t| t.p50_ms)));
     r.p99_ms = Some(mean(tests.iter().map(|t| t.p99_ms)));
@@ -507,7 +571,7 @@ fn run_vmr(setup: &Setup, ns: &Netns, args: &ProtectArgs, n: &mut u64) -> Config
         let shown = format!("{cmd:?}");
         let mut vm = Monitor::spawn("vmr run", &mut cmd).map_err(|e| format!("{shown}: {e}"))?;
         wait_redis(ns, &mut [&mut vm], READY_TIMEOUT).map_err(|e| format!("{shown}: {e}"))?;
-        let res = warm_and_measure(ns, args, n, &mut r);
+        let res = warm_and_measure(ns, args, n, &mut r, &[("vmr", vm.child.id())]);
         if args.verbose {
             vm.print_log();
         }
@@ -602,7 +666,8 @@ fn run_vmr_protected(
                 _ => std::thread::sleep(Duration::from_millis(500)),
             }
         }
-        let res = warm_and_measure(ns, args, n, &mut r);
+        let procs = [("primary", vm.child.id()), ("standby", standby.child.id())];
+        let res = warm_and_measure(ns, args, n, &mut r, &procs);
         let status = replication_status(setup, &api);
         if let Ok(s) = &status {
             if s["protected"] != true {
@@ -643,7 +708,7 @@ fn run_qemu(setup: &Setup, ns: &Netns, args: &ProtectArgs, n: &mut u64) -> Confi
         let shown = format!("{cmd:?}");
         let mut vm = Monitor::spawn("qemu", &mut cmd).map_err(|e| format!("{shown}: {e}"))?;
         wait_redis(ns, &mut [&mut vm], READY_TIMEOUT).map_err(|e| format!("{shown}: {e}"))?;
-        warm_and_measure(ns, args, n, &mut r)
+        warm_and_measure(ns, args, n, &mut r, &[("qemu", vm.child.id())])
     })();
     r.error = attempt.err();
     r
@@ -836,7 +901,11 @@ fn run_colo(
         eprintln!("  COLO running (query-migrate: colo)");
         wait_redis(ns, &mut [&mut primary, &mut secondary], READY_TIMEOUT)
             .map_err(|e| colo_step("redis under COLO", &primary_shown, e))?;
-        let res = warm_and_measure(ns, args, n, &mut r).map_err(|e| {
+        let procs = [
+            ("primary", primary.child.id()),
+            ("secondary", secondary.child.id()),
+        ];
+        let res = warm_and_measure(ns, args, n, &mut r, &procs).map_err(|e| {
             fail(
                 "redis-benchmark under COLO",
                 &primary_shown,
@@ -1042,6 +1111,27 @@ fn print_table(r: &ProtectReport) {
             f(ratio, 3),
             f(p99_added, 3),
             error
+        );
+    }
+    println!(
+        "\nwhere the CPU went during each measurement (CPU seconds per second; the threads \
+         above 0.02)"
+    );
+    for c in &r.configs {
+        let Some(cpu) = &c.cpu else { continue };
+        let monitors: f64 = cpu.threads.iter().map(|t| t.1).sum();
+        let threads: Vec<String> = cpu
+            .threads
+            .iter()
+            .filter(|t| t.1 >= 0.02)
+            .map(|(name, share)| format!("{name} {share:.2}"))
+            .collect();
+        println!(
+            "{:<16} busy {:.2} of {} CPU(s), monitors {monitors:.2}: {}",
+            c.label,
+            cpu.busy,
+            cpu.cpus,
+            threads.join(", ")
         );
     }
 }
