@@ -693,6 +693,8 @@ pub struct Engine {
     last_epoch_at: Instant,
     /// No epoch ends before this (see [`EngineOptions::rest`]).
     rest_until: Instant,
+    /// When the standbys were last sent an epoch or a heartbeat.
+    last_sent_at: Instant,
     /// The recent epochs' pauses.
     pauses: PauseWindow,
     /// The first epoch whose output waits for the standbys' acks, once the initial
@@ -758,6 +760,7 @@ impl Engine {
             released: 0,
             last_epoch_at: Instant::now(),
             rest_until: Instant::now(),
+            last_sent_at: Instant::now(),
             pauses: PauseWindow::default(),
             protect_from: None,
             hold_requested: None,
@@ -1330,12 +1333,18 @@ impl Engine {
             if left.is_zero() {
                 return Ok(false);
             }
-            // Resting after a costly epoch: only acks are handled until the rest is over.
+            // Resting after a costly epoch: only acks are handled until the rest is over, and
+            // the standbys hear from the primary at least every period meanwhile.
             let rest = self.rest_until.saturating_duration_since(now);
             let (watched, wait) = if rest.is_zero() {
                 (fds.len(), left)
             } else {
-                (1, rest)
+                let quiet = now.saturating_duration_since(self.last_sent_at);
+                if quiet >= self.options.period {
+                    self.heartbeat();
+                    continue;
+                }
+                (1, rest.min(self.options.period - quiet))
             };
             let ms = wait.as_micros().div_ceil(1000) as libc::c_int;
             for fd in fds.iter_mut() {
@@ -1682,9 +1691,31 @@ impl Engine {
         });
         tracing::debug!(epoch = n, pages, pause_us, early, "epoch shipped");
         self.tracker.recycle(capture);
+        self.last_sent_at = Instant::now();
         self.rest_until =
-            Instant::now() + started.elapsed().mul_f64(self.options.rest).min(MAX_REST);
+            self.last_sent_at + started.elapsed().mul_f64(self.options.rest).min(MAX_REST);
         Ok((n, reference))
+    }
+
+    /// Tells every standby the primary is alive (while the engine rests: no epoch to send).
+    fn heartbeat(&mut self) {
+        self.last_sent_at = Instant::now();
+        let msg = Message::Heartbeat {
+            term: self.options.term,
+            epoch: self.next_epoch - 1,
+        };
+        let mut i = 0;
+        while i < self.peers.len() {
+            match self.peers[i].writer.send_now(&msg) {
+                Ok(()) => i += 1,
+                Err(e) => {
+                    let reason = format!("sending a heartbeat failed: {e}");
+                    if self.drop_standby(i, &reason) != Decision::Continue {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// Every inbound frame delivered to the guest so far, as (epoch, net, frame).
