@@ -214,7 +214,8 @@ pub struct Metrics {
     pub last_pause_us: u64,
     /// Longest pause, microseconds.
     pub max_pause_us: u64,
-    /// Median and 99th percentile of the recent pauses (0 until the first), microseconds.
+    /// Median and 99th percentile of the recent pauses (0 until the first; taken again every
+    /// 16 epochs), microseconds.
     pub pause_p50_us: u64,
     pub pause_p99_us: u64,
     /// Where the recent pauses went.
@@ -253,17 +254,25 @@ pub struct Metrics {
 #[derive(Default)]
 struct PauseWindow {
     recent: VecDeque<PauseBreakdown>,
+    pushed: u64,
 }
 
 impl PauseWindow {
     /// Epochs the figures are taken over.
     const LEN: usize = 1000;
+    /// The figures are taken again every this many epochs (not at every epoch: seven
+    /// selections over the window each time).
+    const REFRESH: u64 = 16;
 
-    fn push(&mut self, pause: PauseBreakdown) {
+    /// Adds `pause`; the figures when they are due (at the first pause, then every
+    /// [`PauseWindow::REFRESH`]).
+    fn push(&mut self, pause: PauseBreakdown) -> Option<(u64, u64, PauseParts)> {
         if self.recent.len() == Self::LEN {
             self.recent.pop_front();
         }
         self.recent.push_back(pause);
+        self.pushed += 1;
+        (self.pushed % Self::REFRESH == 1).then(|| self.figures())
     }
 
     /// The `q` quantile of `part` of the recent pauses, microseconds (0 with none).
@@ -1667,8 +1676,7 @@ impl Engine {
             state: capture.state.clone(),
         });
         let pause_us = pause.total.as_micros() as u64;
-        self.pauses.push(pause);
-        let (p50, p99, parts) = self.pauses.figures();
+        let figures = self.pauses.push(pause);
         let pages = capture.pfns.len() as u64;
         let raw = capture.raw_bytes() + capture.state.len() as u64;
         let held_frames = self.ports.net.iter().map(|p| p.held_frames()).sum();
@@ -1679,9 +1687,11 @@ impl Engine {
             m.last_sent_epoch = n;
             m.last_pause_us = pause_us;
             m.max_pause_us = m.max_pause_us.max(pause_us);
-            m.pause_p50_us = p50;
-            m.pause_p99_us = p99;
-            m.pause_parts = parts;
+            if let Some((p50, p99, parts)) = figures {
+                m.pause_p50_us = p50;
+                m.pause_p99_us = p99;
+                m.pause_parts = parts;
+            }
             m.last_dirty_pages = pages;
             m.dirty_pages += pages;
             m.bytes_raw += raw;
