@@ -9,11 +9,9 @@
 //! the guest received them, whether or not an epoch is being staged (see
 //! [`crate::standby::staging`]).
 
-use std::io::Write;
-
 use twox_hash::XxHash3_128;
 
-use crate::wire::{FrameError, FrameWriter, Message, PageBatch, BATCH_PAGES};
+use crate::wire::{FrameError, FrameSink, Message, PageBatch, BATCH_PAGES};
 
 /// Accumulates the digest of one epoch's content.
 pub struct EpochDigest {
@@ -89,16 +87,16 @@ impl EpochDigest {
 
 /// Sends one epoch on a link, batching its pages and accounting its content, so that the
 /// `EpochEnd` it finishes with matches what the standby will check.
-pub struct EpochWriter<'a, W: Write> {
-    out: &'a mut FrameWriter<W>,
+pub struct EpochWriter<'a, S: FrameSink> {
+    out: &'a mut S,
     epoch: u64,
     digest: EpochDigest,
     batch: PageBatch,
 }
 
-impl<'a, W: Write> EpochWriter<'a, W> {
-    /// Begins epoch `epoch` of `term` on `out`.
-    pub fn begin(out: &'a mut FrameWriter<W>, epoch: u64, term: u64) -> Result<Self, FrameError> {
+impl<'a, S: FrameSink> EpochWriter<'a, S> {
+    /// Begins epoch `epoch` of `term` on `out` (one link, or several: [`crate::wire::Fanout`]).
+    pub fn begin(out: &'a mut S, epoch: u64, term: u64) -> Result<Self, FrameError> {
         out.send(&Message::EpochBegin { epoch, term })?;
         let batch = out.take_batch();
         Ok(Self {

@@ -432,63 +432,41 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes(b.try_into().expect("4 bytes"))
 }
 
-/// Sends authenticated frames on one direction of a connection.
-pub struct FrameWriter<W: Write> {
-    out: BufWriter<W>,
-    auth: FrameAuth,
-    seq: u64,
+/// Encodes messages into frame payloads (postcard, then zstd when that pays), keeping its
+/// buffers from one message to the next (no fresh megabytes, and their page faults, per
+/// frame). A [`FrameWriter`] has one; [`Fanout`] shares one between several links, so that a
+/// message sent to every standby is encoded and compressed once.
+pub struct FrameEncoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     max_payload: u32,
-    bytes_sent: u64,
-    /// The last message encoded and its compression: their room is kept from one frame to
-    /// the next (no fresh megabytes, and their page faults, per frame).
     payload: Vec<u8>,
     compressed: Vec<u8>,
     /// A batch of pages for the next [`crate::epoch::EpochWriter`], its room kept likewise.
     spare_batch: Option<PageBatch>,
 }
 
-impl<W: Write> FrameWriter<W> {
-    /// A writer authenticating with `auth`, compressing at `zstd_level` (or not at all).
-    pub fn new(out: W, auth: FrameAuth, zstd_level: Option<i32>) -> Self {
+/// A message as [`FrameEncoder::encode`] made it: what goes on the wire after the header.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoded<'a> {
+    flags: u8,
+    wire: &'a [u8],
+    raw_len: u32,
+}
+
+impl FrameEncoder {
+    /// An encoder compressing at `zstd_level` (or not at all).
+    pub fn new(zstd_level: Option<i32>) -> Self {
         Self {
-            out: BufWriter::with_capacity(1 << 20, out),
-            auth,
-            seq: 0,
             compressor: zstd_level.and_then(|l| zstd::bulk::Compressor::new(l).ok()),
             max_payload: DEFAULT_MAX_PAYLOAD,
-            bytes_sent: 0,
             payload: Vec::new(),
             compressed: Vec::new(),
             spare_batch: None,
         }
     }
 
-    /// A batch of pages to fill, empty: the one given back last, or a new one.
-    pub(crate) fn take_batch(&mut self) -> PageBatch {
-        self.spare_batch
-            .take()
-            .unwrap_or_else(|| PageBatch::with_capacity(BATCH_PAGES))
-    }
-
-    /// Keeps `batch`'s room for the next [`FrameWriter::take_batch`].
-    pub(crate) fn give_batch(&mut self, mut batch: PageBatch) {
-        batch.clear();
-        self.spare_batch = Some(batch);
-    }
-
-    /// Bytes written so far, headers included.
-    pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
-    }
-
-    /// The sequence number of the next frame.
-    pub fn next_seq(&self) -> u64 {
-        self.seq
-    }
-
-    /// Sends `msg` (buffered: [`FrameWriter::flush`] pushes it out).
-    pub fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
+    /// Encodes `msg`, compressed if that makes it shorter.
+    pub fn encode(&mut self, msg: &Message) -> Result<Encoded<'_>, FrameError> {
         msg.encode_into(&mut self.payload)?;
         let payload = &self.payload;
         if payload.len() > self.max_payload as usize {
@@ -508,12 +486,92 @@ impl<W: Write> FrameWriter<W> {
         } else {
             (0, payload)
         };
-        let h = frame_header(&self.auth, self.seq, flags, wire, payload.len() as u32);
-        self.out.write_all(&h)?;
-        self.out.write_all(wire)?;
-        self.seq += 1;
-        self.bytes_sent += (HEADER_LEN + wire.len()) as u64;
-        Ok(())
+        Ok(Encoded {
+            flags,
+            wire,
+            raw_len: payload.len() as u32,
+        })
+    }
+
+    /// A batch of pages to fill, empty: the one given back last, or a new one.
+    fn take_batch(&mut self) -> PageBatch {
+        self.spare_batch
+            .take()
+            .unwrap_or_else(|| PageBatch::with_capacity(BATCH_PAGES))
+    }
+
+    /// Keeps `batch`'s room for the next [`FrameEncoder::take_batch`].
+    fn give_batch(&mut self, mut batch: PageBatch) {
+        batch.clear();
+        self.spare_batch = Some(batch);
+    }
+}
+
+/// Where an epoch's messages go: one link ([`FrameWriter`]) or several at once ([`Fanout`]).
+pub trait FrameSink {
+    /// Sends `msg` (buffered until [`FrameSink::flush`]).
+    fn send(&mut self, msg: &Message) -> Result<(), FrameError>;
+    /// Pushes buffered frames out.
+    fn flush(&mut self) -> Result<(), FrameError>;
+    /// A batch of pages to fill, empty, its room kept from an earlier batch.
+    fn take_batch(&mut self) -> PageBatch;
+    /// Gives a batch's room back for the next [`FrameSink::take_batch`].
+    fn give_batch(&mut self, batch: PageBatch);
+}
+
+/// Sends authenticated frames on one direction of a connection.
+pub struct FrameWriter<W: Write> {
+    out: BufWriter<W>,
+    auth: FrameAuth,
+    seq: u64,
+    bytes_sent: u64,
+    encoder: FrameEncoder,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer authenticating with `auth`, compressing at `zstd_level` (or not at all).
+    pub fn new(out: W, auth: FrameAuth, zstd_level: Option<i32>) -> Self {
+        Self {
+            out: BufWriter::with_capacity(1 << 20, out),
+            auth,
+            seq: 0,
+            bytes_sent: 0,
+            encoder: FrameEncoder::new(zstd_level),
+        }
+    }
+
+    /// Bytes written so far, headers included.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// The sequence number of the next frame.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Sends `msg` (buffered: [`FrameWriter::flush`] pushes it out).
+    pub fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
+        let encoded = self.encoder.encode(msg)?;
+        write_frame(
+            &mut self.out,
+            &self.auth,
+            &mut self.seq,
+            &mut self.bytes_sent,
+            encoded,
+        )
+    }
+
+    /// Sends a message another encoder made (buffered), with this link's sequence number and
+    /// MAC.
+    pub fn send_encoded(&mut self, encoded: Encoded<'_>) -> Result<(), FrameError> {
+        write_frame(
+            &mut self.out,
+            &self.auth,
+            &mut self.seq,
+            &mut self.bytes_sent,
+            encoded,
+        )
     }
 
     /// Pushes buffered frames to the stream.
@@ -532,6 +590,107 @@ impl<W: Write> FrameWriter<W> {
         self.out
             .into_inner()
             .map_err(|e| FrameError::Io(e.into_error()))
+    }
+}
+
+/// Writes one frame: the header (sequence number `seq`, then +1; MAC under `auth`) and the
+/// encoded payload.
+fn write_frame<W: Write>(
+    out: &mut W,
+    auth: &FrameAuth,
+    seq: &mut u64,
+    bytes_sent: &mut u64,
+    e: Encoded<'_>,
+) -> Result<(), FrameError> {
+    let h = frame_header(auth, *seq, e.flags, e.wire, e.raw_len);
+    out.write_all(&h)?;
+    out.write_all(e.wire)?;
+    *seq += 1;
+    *bytes_sent += (HEADER_LEN + e.wire.len()) as u64;
+    Ok(())
+}
+
+impl<W: Write> FrameSink for FrameWriter<W> {
+    fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
+        FrameWriter::send(self, msg)
+    }
+
+    fn flush(&mut self) -> Result<(), FrameError> {
+        FrameWriter::flush(self)
+    }
+
+    fn take_batch(&mut self) -> PageBatch {
+        self.encoder.take_batch()
+    }
+
+    fn give_batch(&mut self, batch: PageBatch) {
+        self.encoder.give_batch(batch)
+    }
+}
+
+/// The same messages to several links, each encoded and compressed once (only the header, with
+/// each link's sequence number and MAC, is made per link). A link whose write fails is left
+/// out from then on and its error kept ([`Fanout::finish`]); the others go on. Sending fails
+/// only when the message cannot be encoded, or when no link is left.
+pub struct Fanout<'a, W: Write> {
+    encoder: &'a mut FrameEncoder,
+    links: Vec<(&'a mut FrameWriter<W>, Option<FrameError>)>,
+}
+
+impl<'a, W: Write> Fanout<'a, W> {
+    /// A fan-out over `links`, encoding with `encoder`.
+    pub fn new(
+        encoder: &'a mut FrameEncoder,
+        links: impl IntoIterator<Item = &'a mut FrameWriter<W>>,
+    ) -> Self {
+        Self {
+            encoder,
+            links: links.into_iter().map(|w| (w, None)).collect(),
+        }
+    }
+
+    /// Each link's outcome, in the order given: `None` if everything reached its stream.
+    pub fn finish(self) -> Vec<Option<FrameError>> {
+        self.links.into_iter().map(|(_, e)| e).collect()
+    }
+}
+
+/// Applies `f` to every link of a [`Fanout`] still writing; fails when none is left.
+fn each_link<W: Write>(
+    links: &mut [(&mut FrameWriter<W>, Option<FrameError>)],
+    mut f: impl FnMut(&mut FrameWriter<W>) -> Result<(), FrameError>,
+) -> Result<(), FrameError> {
+    let mut left = 0;
+    for (w, failed) in links.iter_mut().filter(|(_, e)| e.is_none()) {
+        match f(w) {
+            Ok(()) => left += 1,
+            Err(e) => *failed = Some(e),
+        }
+    }
+    if left == 0 && !links.is_empty() {
+        return Err(FrameError::Io(io::Error::other(
+            "every link of the fan-out failed",
+        )));
+    }
+    Ok(())
+}
+
+impl<W: Write> FrameSink for Fanout<'_, W> {
+    fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
+        let encoded = self.encoder.encode(msg)?;
+        each_link(&mut self.links, |w| w.send_encoded(encoded))
+    }
+
+    fn flush(&mut self) -> Result<(), FrameError> {
+        each_link(&mut self.links, FrameWriter::flush)
+    }
+
+    fn take_batch(&mut self) -> PageBatch {
+        self.encoder.take_batch()
+    }
+
+    fn give_batch(&mut self, batch: PageBatch) {
+        self.encoder.give_batch(batch)
     }
 }
 
@@ -766,6 +925,110 @@ pub(crate) mod tests {
             }
             assert!(matches!(r.recv(), Err(FrameError::Closed)));
         }
+    }
+
+    /// A stream that keeps `room` bytes, then fails.
+    struct Failing {
+        room: usize,
+        kept: Vec<u8>,
+    }
+
+    impl Write for Failing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "link down"));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.kept.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn failing(room: usize) -> FrameWriter<Failing> {
+        FrameWriter::new(
+            Failing {
+                room,
+                kept: Vec::new(),
+            },
+            FrameAuth::new(KEY, &NONCE, Direction::ToStandby),
+            Some(DEFAULT_ZSTD_LEVEL),
+        )
+    }
+
+    #[test]
+    fn a_fanout_sends_each_link_the_same_messages_under_its_own_mac() {
+        let other = [9; CONNECTION_NONCE_LEN];
+        let mut a = writer();
+        let mut b = FrameWriter::new(
+            Vec::new(),
+            FrameAuth::new(KEY, &other, Direction::ToStandby),
+            Some(DEFAULT_ZSTD_LEVEL),
+        );
+        // Each link's sequence numbers go on from where that link was.
+        b.send(&Message::Heartbeat { term: 1, epoch: 0 }).unwrap();
+        let msgs = every_message();
+        let mut encoder = FrameEncoder::new(Some(DEFAULT_ZSTD_LEVEL));
+        let mut fanout = Fanout::new(&mut encoder, [&mut a, &mut b]);
+        for m in &msgs {
+            FrameSink::send(&mut fanout, m).unwrap();
+        }
+        FrameSink::flush(&mut fanout).unwrap();
+        assert!(fanout.finish().iter().all(Option::is_none));
+
+        let bytes = a.into_inner().unwrap();
+        let mut r = reader(&bytes);
+        for m in &msgs {
+            assert_eq!(&r.recv().unwrap(), m);
+        }
+        let bytes = b.into_inner().unwrap();
+        let mut r = FrameReader::new(
+            &bytes[..],
+            FrameAuth::new(KEY, &other, Direction::ToStandby),
+        );
+        assert_eq!(r.recv().unwrap(), Message::Heartbeat { term: 1, epoch: 0 });
+        for m in &msgs {
+            assert_eq!(&r.recv().unwrap(), m);
+        }
+        // Frames of one link do not pass on the other.
+        assert!(reader(&bytes).recv().is_err());
+    }
+
+    #[test]
+    fn a_failing_link_leaves_the_fanout_and_the_others_go_on() {
+        let (mut good, mut bad) = (failing(usize::MAX), failing(100));
+        let mut msgs = every_message();
+        // More than the writers buffer: the failing link fails in a send, not only in a flush.
+        msgs.push(Message::State(
+            (0..4u32 << 20)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        ));
+        msgs.push(Message::Ack { epoch: 5 });
+        let mut encoder = FrameEncoder::new(Some(DEFAULT_ZSTD_LEVEL));
+        let mut both = Fanout::new(&mut encoder, [&mut good, &mut bad]);
+        for m in &msgs {
+            FrameSink::send(&mut both, m).unwrap();
+        }
+        FrameSink::flush(&mut both).unwrap();
+        let outcome = both.finish();
+        assert!(outcome[0].is_none(), "{outcome:?}");
+        assert!(matches!(outcome[1], Some(FrameError::Io(_))), "{outcome:?}");
+        let bytes = good.into_inner().unwrap().kept;
+        let mut r = reader(&bytes);
+        for m in &msgs {
+            assert_eq!(&r.recv().unwrap(), m);
+        }
+
+        // With no link left, the fan-out itself fails.
+        let mut lone = failing(100);
+        let mut only = Fanout::new(&mut encoder, [&mut lone]);
+        let sent = msgs.iter().try_for_each(|m| FrameSink::send(&mut only, m));
+        assert!(sent.and_then(|()| FrameSink::flush(&mut only)).is_err());
     }
 
     #[test]

@@ -235,6 +235,72 @@ fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
 }
 
 #[test]
+fn two_standbys_commit_the_same_epochs_from_one_encoding() {
+    let vm = writer(1024);
+    let standbys: Vec<Arc<Standby<Vec<u8>>>> = (0..2)
+        .map(|_| {
+            Arc::new(
+                Standby::new(profile(), key(7), Vec::new(), StagingOptions::default()).unwrap(),
+            )
+        })
+        .collect();
+    let mut servers = Vec::new();
+    let mut links = Vec::new();
+    for (i, standby) in standbys.iter().enumerate() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let serving = standby.clone();
+        servers.push(std::thread::spawn(move || {
+            serving.serve(Conn::Unix(b)).map(|(_, end)| end.to_string())
+        }));
+        let name = format!("s{i}");
+        let (conn, link, ack) = pair_standby(
+            &name,
+            Conn::Unix(a),
+            &key(7),
+            &hello(),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        links.push(NewStandby {
+            name,
+            conn,
+            link,
+            ack,
+        });
+    }
+    let mut engine = Engine::start(&vm, links, EngineOptions::default()).unwrap();
+    assert!(engine.wait_synchronised(SYNC_TIMEOUT));
+    for round in 0..3 {
+        let target = engine.next_epoch() + 10;
+        while engine.next_epoch() < target {
+            engine.step().unwrap();
+        }
+        let (n, Reference { image, state }) = reference_epoch(&mut engine);
+        for (i, standby) in standbys.iter().enumerate() {
+            let committed = standby.committed();
+            assert_eq!(committed.committed_epoch(), n, "standby {i}, round {round}");
+            assert_eq!(
+                committed.committed_state(),
+                &state[..],
+                "standby {i}, epoch {n}"
+            );
+            assert_eq!(
+                memory_hash(committed.memory().guest_memory()),
+                image_hash(&image),
+                "standby {i}'s memory differs from the primary's at epoch {n}"
+            );
+        }
+    }
+    let metrics = engine.metrics().lock().unwrap().clone();
+    assert!(metrics.protected && metrics.standbys == 2, "{metrics:?}");
+    engine.shutdown();
+    for server in servers {
+        server.join().unwrap().unwrap();
+    }
+    vm.stop().unwrap();
+}
+
+#[test]
 fn a_standby_killed_mid_stream_is_dropped_and_the_vm_goes_on_unprotected() {
     let vm = writer(256);
     let (a, kill_a, sa) = unix_standby("a", 3, 3);

@@ -100,6 +100,15 @@ dump_guest() {
     cat "$SCRATCH/$GUEST_NAME.stderr" || true
     dump_threads
     dump_kvm_exits
+    dump_guest_clock
+}
+
+# dump_guest_clock: the guest kernel's timekeeping words as each vmr's guest memory holds them
+# (see guest_clock.py: which of a lost write or a stale translation stopped a guest spinning
+# in its clock readers).
+dump_guest_clock() {
+    echo "--- guest clocks in memory"
+    "$python" "$(dirname "${BASH_SOURCE[0]}")/guest_clock.py" "${VMR_KERNEL%/*}/vmlinux" 2>&1 || true
 }
 
 # dump_threads: where each thread of every vmr still running is (name, state, kernel stack).
@@ -348,6 +357,7 @@ watchdog_dump() {
     done
     dump_threads
     dump_kvm_exits
+    dump_guest_clock
 }
 
 watchdog() {

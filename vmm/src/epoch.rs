@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::replication::{EpochWrites, ReplicationPorts};
+use crate::devices::replication::{DeviceSwitch, EpochWrites};
 use crate::devices::DevicesState;
 use crate::microvm::{ControlError, MicroVm};
 use crate::vstate::dirty::DirtyConsumer;
@@ -479,9 +479,9 @@ pub trait PauseStep: Send {
     fn step(&self, epoch: u64) -> Vec<EpochWrites>;
 }
 
-/// The devices' replication ports number epochs as the tracker does: the capture of epoch N
-/// starts their epoch N + 1.
-impl PauseStep for ReplicationPorts {
+/// The devices number epochs as the tracker does: the capture of epoch N starts their epoch
+/// N + 1.
+impl PauseStep for DeviceSwitch {
     fn step(&self, epoch: u64) -> Vec<EpochWrites> {
         self.begin_epoch(epoch + 1)
     }
@@ -543,7 +543,7 @@ impl EpochTracker {
     }
 
     /// Has every pause take the devices' step too, once the state is saved: for instance the
-    /// [`ReplicationPorts`] of [`crate::microvm::MicroVm::set_replication`].
+    /// [`DeviceSwitch`] of the ports [`crate::microvm::MicroVm::set_replication`] returns.
     pub fn attach_pause_step(&self, step: Box<dyn PauseStep>) {
         *lock(&self.step) = Some(step);
     }

@@ -265,7 +265,8 @@ fn every_pause_steps_the_devices_into_the_next_epoch() {
     })
     .unwrap();
     let tracker = Arc::new(EpochTracker::new(&vm.vm, true).unwrap());
-    tracker.attach_pause_step(Box::new(rx.recv().unwrap()));
+    let ports: vmm::devices::replication::ReplicationPorts = rx.recv().unwrap();
+    tracker.attach_pause_step(Box::new(ports.switch()));
     for expected in 1..=3 {
         let capture = vm
             .freezes

@@ -44,7 +44,8 @@ use crate::conn::Conn;
 use crate::epoch::EpochWriter;
 use crate::pairing::{self, Link, PairError};
 use crate::wire::{
-    FrameError, FrameReader, FrameWriter, Message, PageBatch, BATCH_PAGES, DEFAULT_ZSTD_LEVEL,
+    Fanout, FrameEncoder, FrameError, FrameReader, FrameSink, FrameWriter, Message, PageBatch,
+    BATCH_PAGES, DEFAULT_ZSTD_LEVEL,
 };
 pub use authority::{Authority, Fenced, Renewal};
 use vm::{checkpoint, replication_on, EpochSwitch, VmControl, VmThreadError};
@@ -706,6 +707,8 @@ pub struct Engine {
     last_sent_at: Instant,
     /// The recent epochs' pauses.
     pauses: PauseWindow,
+    /// Encodes each epoch once for every standby ([`Engine::ship`]).
+    encoder: FrameEncoder,
     /// The first epoch whose output waits for the standbys' acks, once the initial
     /// synchronisation converged; before it, each epoch's output leaves as the epoch ends.
     protect_from: Option<u64>,
@@ -752,7 +755,7 @@ impl Engine {
         tracker.attach_pause_step(Box::new(switch.clone()));
         // Until the initial synchronisation converges the VM is not protected: its output
         // leaves as it is sent ([`Engine::synchronise`]).
-        switch.pass_through();
+        switch.devices.pass_through();
         let waker = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(EngineError::Wakeup)?);
         let (events_tx, events) = channel();
         let mut engine = Self {
@@ -771,6 +774,7 @@ impl Engine {
             rest_until: Instant::now(),
             last_sent_at: Instant::now(),
             pauses: PauseWindow::default(),
+            encoder: FrameEncoder::new(Some(DEFAULT_ZSTD_LEVEL)),
             protect_from: None,
             hold_requested: None,
             metrics: Arc::new(Mutex::new(Metrics::default())),
@@ -1770,7 +1774,8 @@ impl Engine {
         }
     }
 
-    /// Sends epoch `n` to every standby, dropping those that fail.
+    /// Sends epoch `n` to every standby, dropping those that fail. The epoch is encoded and
+    /// compressed once for all of them ([`Fanout`]); only the frames' headers are per link.
     fn ship(
         &mut self,
         n: u64,
@@ -1783,26 +1788,34 @@ impl Engine {
         // An epoch taken for a joining standby: the others, which hold the epoch before, get
         // only their delta of it.
         let delta = capture.delta_pfns.as_deref();
+        let before: Vec<u64> = self.peers.iter().map(|p| p.writer.bytes_sent()).collect();
+        let mut fanout = Fanout::new(
+            &mut self.encoder,
+            self.peers.iter_mut().map(|p| &mut p.writer),
+        );
+        let sent = send_epoch(&mut fanout, n, term, capture, delta, writes, inbound);
+        let outcomes = fanout.finish();
+        let mut failed = Vec::new();
         let mut bytes = 0;
-        let mut i = 0;
-        while i < self.peers.len() {
+        for (i, outcome) in outcomes.into_iter().enumerate() {
             let p = &mut self.peers[i];
-            let before = p.writer.bytes_sent();
-            match send_epoch(&mut p.writer, n, term, capture, delta, writes, inbound) {
-                Ok(()) => {
-                    p.in_flight.push_back((n, Instant::now(), allowed));
-                    bytes += p.writer.bytes_sent() - before;
-                    i += 1;
-                }
-                Err(e) => {
-                    let reason = format!("sending epoch {n} failed: {e}");
-                    if self.drop_standby(i, &reason) != Decision::Continue {
-                        break;
-                    }
-                }
+            bytes += p.writer.bytes_sent() - before[i];
+            // A message that could not be encoded fails every link alike.
+            match outcome
+                .map(|e| e.to_string())
+                .or_else(|| sent.as_ref().err().map(|e| e.to_string()))
+            {
+                None => p.in_flight.push_back((n, Instant::now(), allowed)),
+                Some(e) => failed.push((i, format!("sending epoch {n} failed: {e}"))),
             }
         }
         self.update_metrics(|m| m.bytes_sent += bytes);
+        // From the last: dropping one leaves the indices before it as they were.
+        for (i, reason) in failed.into_iter().rev() {
+            if self.drop_standby(i, &reason) != Decision::Continue {
+                break;
+            }
+        }
     }
 
     /// Sends a joining standby whose VM was copied the guest's disk writes since the copy
@@ -1869,7 +1882,7 @@ impl Engine {
                     && !self.peers.is_empty()
                     && self.peers.iter().all(Peer::keeps_up)
                 {
-                    self.switch.hold_from_next_pause();
+                    self.switch.devices.hold_from_next_epoch();
                     self.hold_requested = Some(n);
                 }
                 return;
@@ -2013,9 +2026,10 @@ impl Drop for EngineHandle {
     }
 }
 
-/// One epoch on one link: inbound frames, then the epoch (pages, state, disk writes, end).
+/// One epoch on one link or several: inbound frames, then the epoch (pages, state, disk
+/// writes, end).
 fn send_epoch(
-    out: &mut FrameWriter<Conn>,
+    out: &mut impl FrameSink,
     n: u64,
     term: u64,
     capture: &EpochCapture,

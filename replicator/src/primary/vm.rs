@@ -3,14 +3,15 @@
 //! ([`EpochSwitch`]): start the next epoch on them (egress gates, disk journals) *inside* the
 //! pause, after they were saved.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_net_tap::{Egress, GateMode};
 use vmm::config::VmConfig;
-use vmm::devices::replication::{BlockPort, Epoch, EpochWrites, ReplicationMode, ReplicationPorts};
+use vmm::devices::replication::{
+    DeviceSwitch, Epoch, EpochWrites, ReplicationMode, ReplicationPorts,
+};
 use vmm::epoch::{EpochError, EpochOptions, EpochTracker, PauseStep, PendingEpoch};
 use vmm::microvm::{freeze_channel, FreezeHandle, MicroVm, VmPhase};
 use vmm::vstate::vcpu::{ExitReason, VmRunState};
@@ -235,15 +236,13 @@ impl VmControl {
     }
 }
 
-/// What the pause needs of the devices' ports, cheap to send to the monitor thread: their
-/// egress gates and disk journals. It is the epoch tracker's [`PauseStep`], in the engine's
-/// numbering of epochs.
+/// The devices' step of the pause ([`DeviceSwitch`]) in the engine's numbering of epochs
+/// (which a plan of the engine's own, not the tracker's, decides): the epoch tracker's
+/// [`PauseStep`].
 #[derive(Clone)]
 pub struct EpochSwitch {
-    egress: Vec<Egress>,
-    blocks: Vec<BlockPort>,
-    /// Set once output must wait for the standbys: the next pause holds the egress gates.
-    hold: Arc<AtomicBool>,
+    /// The egress gates and disk journals.
+    pub devices: DeviceSwitch,
     /// The epoch the next pause starts on the devices.
     next: Arc<AtomicU64>,
 }
@@ -252,41 +251,17 @@ impl EpochSwitch {
     /// The switch of `ports`.
     pub fn of(ports: &ReplicationPorts) -> Self {
         Self {
-            egress: ports.net.iter().map(|n| n.egress().clone()).collect(),
-            blocks: ports.block.clone(),
-            hold: Arc::default(),
+            devices: ports.switch(),
             next: Arc::default(),
         }
-    }
-
-    /// Lets every frame out as the guest sends it (the initial synchronisation: the VM is not
-    /// protected yet), until [`EpochSwitch::hold_from_next_pause`].
-    pub fn pass_through(&self) {
-        for e in &self.egress {
-            e.set_mode(GateMode::PassThrough);
-        }
-    }
-
-    /// From the epoch the next pause starts, the egress gates hold every frame until its
-    /// epoch is released (switched inside the pause: no frame of that epoch escapes).
-    pub fn hold_from_next_pause(&self) {
-        self.hold.store(true, Ordering::Release);
     }
 }
 
 impl PauseStep for EpochSwitch {
-    /// Starts the epoch set by [`checkpoint`] (as [`ReplicationPorts::begin_epoch`]), returns
-    /// the writes of the epoch that ends, per disk.
+    /// Starts the epoch set by [`checkpoint`] on the devices; returns the writes of the epoch
+    /// that ends, per disk.
     fn step(&self, _tracker_epoch: u64) -> Vec<EpochWrites> {
-        let next = self.next.load(Ordering::Acquire);
-        let hold = self.hold.load(Ordering::Acquire);
-        for e in &self.egress {
-            e.set_epoch(next);
-            if hold {
-                e.set_mode(GateMode::Held);
-            }
-        }
-        self.blocks.iter().map(|b| b.take_epoch(next)).collect()
+        self.devices.begin_epoch(self.next.load(Ordering::Acquire))
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! **Network** ([`NetPort`]): output commit and inbound mirroring. With replication on, the
 //! egress gate holds every frame the guest sends, tagged with the current epoch;
-//! [`NetPort::set_epoch`] at each pause starts the next epoch, [`NetPort::release_through`]
+//! [`DeviceSwitch::begin_epoch`] at each pause starts the next epoch, [`NetPort::release_through`]
 //! writes to the TAP, in order, the frames of every acknowledged epoch, and
 //! [`NetPort::discard_after`] drops those of epochs that were lost. [`NetPort::waiting_event`]
 //! fires on the first frame held in an epoch (end it early). Every inbound frame delivered to the
@@ -37,10 +37,11 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
-use virtio_net_tap::{Egress, MirrorReceiver};
+use virtio_net_tap::{Egress, GateMode, MirrorReceiver};
 pub use virtio_net_tap::{Epoch, IngressFrame, MirrorError};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -97,27 +98,14 @@ pub struct ReplicationPorts {
 }
 
 impl ReplicationPorts {
-    /// Starts epoch `epoch` on every network device (the disks' journals start it in
-    /// [`ReplicationPorts::take_disk_writes`]).
-    pub fn set_epoch(&self, epoch: Epoch) {
-        for net in &self.net {
-            net.set_epoch(epoch);
+    /// What a pause does to these devices, as a handle of its own (the ports stay with whoever
+    /// releases output and reads the inbound frames).
+    pub fn switch(&self) -> DeviceSwitch {
+        DeviceSwitch {
+            egress: self.net.iter().map(|n| n.egress.clone()).collect(),
+            block: self.block.clone(),
+            hold: Arc::default(),
         }
-    }
-
-    /// The writes of the epoch that ends, per disk in order; starts epoch `next`.
-    pub fn take_disk_writes(&self, next: Epoch) -> Vec<EpochWrites> {
-        self.block
-            .iter()
-            .map(|disk| disk.take_epoch(next))
-            .collect()
-    }
-
-    /// The pause's device step, after the devices' state was saved: starts epoch `next` on
-    /// every device and returns the writes of the epoch that ends, per disk in order.
-    pub fn begin_epoch(&self, next: Epoch) -> Vec<EpochWrites> {
-        self.set_epoch(next);
-        self.take_disk_writes(next)
     }
 
     /// Releases the output of every epoch up to `epoch` on every network device; returns the
@@ -129,6 +117,48 @@ impl ReplicationPorts {
     /// Discards the output of every epoch after `epoch`; returns the frames dropped.
     pub fn discard_after(&self, epoch: Epoch) -> usize {
         self.net.iter().map(|net| net.discard_after(epoch)).sum()
+    }
+}
+
+/// The devices' part of a pause, after their state was saved: starts the next epoch on every
+/// egress gate and disk journal ([`DeviceSwitch::begin_epoch`]). Cheap to clone; a
+/// [`crate::epoch::PauseStep`] in the tracker's numbering (the capture of epoch N starts the
+/// devices' epoch N + 1).
+#[derive(Debug, Clone)]
+pub struct DeviceSwitch {
+    egress: Vec<Egress>,
+    block: Vec<BlockPort>,
+    /// Set by [`DeviceSwitch::hold_from_next_epoch`].
+    hold: Arc<AtomicBool>,
+}
+
+impl DeviceSwitch {
+    /// Starts epoch `next` on every device (output and disk writes from now on belong to
+    /// it); returns the writes of the epoch that ends, per disk in order.
+    pub fn begin_epoch(&self, next: Epoch) -> Vec<EpochWrites> {
+        let hold = self.hold.load(Ordering::Acquire);
+        for e in &self.egress {
+            e.set_epoch(next);
+            if hold {
+                e.set_mode(GateMode::Held);
+            }
+        }
+        self.block.iter().map(|b| b.take_epoch(next)).collect()
+    }
+
+    /// Lets every frame out as the guest sends it (a VM not protected yet), until the epoch
+    /// after [`DeviceSwitch::hold_from_next_epoch`].
+    pub fn pass_through(&self) {
+        for e in &self.egress {
+            e.set_mode(GateMode::PassThrough);
+        }
+    }
+
+    /// From the epoch the next [`DeviceSwitch::begin_epoch`] starts, the egress gates hold
+    /// every frame until its epoch is released (switched inside the pause: no frame of that
+    /// epoch escapes).
+    pub fn hold_from_next_epoch(&self) {
+        self.hold.store(true, Ordering::Release);
     }
 }
 
@@ -556,7 +586,7 @@ mod tests {
         let paths: Vec<&Path> = ports.block.iter().map(BlockPort::path).collect();
         assert_eq!(paths, vec![images[0].as_path(), images[1].as_path()]);
         assert!(ports.block.iter().all(|port| port.epoch() == 5));
-        let taken = ports.begin_epoch(6);
+        let taken = ports.switch().begin_epoch(6);
         assert_eq!(
             taken.iter().map(|w| w.epoch).collect::<Vec<_>>(),
             vec![5, 5]
