@@ -336,6 +336,22 @@ impl Netns {
         c
     }
 
+    /// How many commands redis in the guest served so far (`INFO stats`); `None` if it did not
+    /// answer within 5 s.
+    fn redis_served(&self) -> Option<u64> {
+        let out = self
+            .cmd("timeout")
+            .args(["5", "redis-cli", "-h", GUEST_IP, "info", "stats"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("total_commands_processed:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// Whether redis in the guest answers PING now.
     fn redis_ping(&self) -> bool {
         self.cmd("timeout")
@@ -419,7 +435,16 @@ fn last_lines(m: &Monitor) -> String {
     )
 }
 
-/// Runs `redis-benchmark --csv` with `n` requests per test; its tests.
+/// How long redis may serve no request while `redis-benchmark` runs before the measurement is
+/// taken for stuck and ended (the guest or the lab stopped: 6 of 13 runs of this benchmark
+/// once waited for their whole timeout). Chosen from the slowest configurations measured
+/// (COLO: 45 requests/s, each answered within 2 s): no live run goes 30 s without one.
+const STUCK_SECS: u64 = 30;
+/// How often the watchdog asks redis how many commands it served.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `redis-benchmark --csv` with `n` requests per test; its tests. A watchdog ends it
+/// (an error saying so) when redis served no command for [`STUCK_SECS`].
 fn redis_benchmark(
     ns: &Netns,
     n: u64,
@@ -432,9 +457,42 @@ fn redis_benchmark(
         .args(["-n", &n.to_string(), "-c", &clients.to_string()])
         .args(["-t", "set,get", "--csv"]);
     let start = Instant::now();
-    let out = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("redis-benchmark: {e}"))?;
+    let (mut served, mut moved_at, mut asked_at) =
+        (ns.redis_served(), Instant::now(), Instant::now());
+    while child
+        .try_wait()
+        .map_err(|e| format!("redis-benchmark: {e}"))?
+        .is_none()
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        if asked_at.elapsed() < WATCH_EVERY {
+            continue;
+        }
+        asked_at = Instant::now();
+        // Each INFO is a command served: progress is more than the watchdog's own.
+        let now = ns.redis_served();
+        if now.is_some_and(|c| served.is_none_or(|s| c > s + 1)) {
+            (served, moved_at) = (now, Instant::now());
+        } else if moved_at.elapsed().as_secs() >= STUCK_SECS {
+            // `ip netns exec` became `timeout`, which passes a TERM on to redis-benchmark.
+            // SAFETY: kill(2) on our own child's pid, not yet reaped (try_wait saw it run).
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = child.wait();
+            return Err(format!(
+                "stuck: redis served no command for {STUCK_SECS} s (the watchdog ended \
+                 redis-benchmark after {:.0} s)",
+                start.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    let out = child
+        .wait_with_output()
         .map_err(|e| format!("redis-benchmark: {e}"))?;
     let secs = start.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1139,6 +1197,69 @@ fn print_table(r: &ProtectReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redis that stops serving (SIGSTOP, as a stuck guest) ends the measurement within
+    /// the watchdog's bound, with an error saying so, not at the timeout.
+    #[test]
+    fn the_watchdog_ends_a_measurement_whose_redis_stopped() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/redis-server").exists() {
+            eprintln!("skipped: needs root and redis-server");
+            return;
+        }
+        let ns = Netns::new().unwrap();
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{GUEST_IP}/32"),
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+        let mut redis = ns
+            .cmd("redis-server")
+            .args([
+                "--bind",
+                GUEST_IP,
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while ns.redis_served().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let pid = redis.id();
+        let stop = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            // SAFETY: kill(2) on the redis child, still running.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        });
+        let start = Instant::now();
+        let result = redis_benchmark(&ns, 100_000_000, 4, 600);
+        let took = start.elapsed();
+        stop.join().unwrap();
+        let _ = redis.kill();
+        let _ = redis.wait();
+        let err = result.unwrap_err();
+        assert!(err.starts_with("stuck:"), "{err}");
+        assert!(
+            took < Duration::from_secs(3 + STUCK_SECS + 2 * WATCH_EVERY.as_secs() + 10),
+            "ended after {took:?}"
+        );
+    }
 
     #[test]
     fn parses_redis_benchmark_7_csv() {
