@@ -70,9 +70,10 @@ fn a_protected_redis_survives_ten_losses_of_its_primary() {
 
 #[test]
 fn a_protected_redis_survives_every_path_of_a_failover() {
-    // Two standbys, a standby lost, a partition, then plain kills: 10 SIGKILLs of the primary
-    // in all.
-    failover_scenario("failover_paths", 11, 1800);
+    // Two standbys, a standby lost, partitions (the coordinator reachable from both sides,
+    // from the standby only, from the primary only), then plain kills: 10 SIGKILLs of the
+    // primary in all.
+    failover_scenario("failover_paths", 12, 1800);
 }
 
 /// Runs failover scenario `name` with `kills` rounds, each run given `timeout_secs`: a failed

@@ -7,8 +7,14 @@
 # (the primary wins the next term and goes on), a new standby joins, then the primary is
 # killed. Round 3: primary and standby are partitioned (their link, through
 # partition_proxy.py, drops every packet): the standby takes over, the primary is fenced.
-# Then VMR_FAILOVER_KILLS - 3 plain kills. At the end every acknowledged SET must be in the
-# VM, no stream line missing or repeated, and no client may have seen an error or a reset.
+# Round 4: the same, with the coordinator cut off from the primary too (reachable from the
+# standby only): the standby takes over, the primary, unable to claim, is fenced. Round 5: the
+# standby partitioned away with the coordinator reachable from the primary only: the primary
+# wins the next term and goes on, the standby never takes the VM over; then a new standby, and
+# the primary is killed. Then VMR_FAILOVER_KILLS - 5 plain kills (the primary is SIGKILLed in
+# every round but 3 and 4). Each standby reaches etcd through a relay of its own that can be
+# cut. At the end every acknowledged SET must be in the VM, no stream line missing or
+# repeated, and no client may have seen an error or a reset.
 #
 # Each failover is measured into $SCRATCH/failover.tsv (kill, detection, VM running, the
 # client's longest wait for an answer around it), which `cargo xtask bench failover` reads.
@@ -75,15 +81,37 @@ redis-server --protected-mode no --save "" --appendonly no
 # a failover has: the primary lost with two standbys (the more up to date is elected, the
 # other follows it and is paired again by itself), the standby lost (the primary wins the
 # next term and goes on), the primary and its standby partitioned (their link drops every
-# packet: the standby takes over, the primary is fenced).
+# packet: the standby takes over, the primary is fenced), with the coordinator reachable from
+# the standby only, then from the primary only (rounds 3-5, see the top).
 paths=0
 [ "$mode" = kill ] && paths=1
 paths=${VMR_FAILOVER_PATHS:-$paths}
 declare -a kill_at tap_of=(tap0 tap1 tap2) standbys=(1) events
-start_standby 1 tap1
+
+# start_relay PORT TARGET NAME: a partition_proxy.py relay from PORT to TARGET, cut when
+# $RUNDIR/cut-NAME appears (its log: $SCRATCH/relay-NAME.log).
+start_relay() {
+    local i
+    in_ns "$python" "$(dirname "$0")/partition_proxy.py" "$1" "$2" "$RUNDIR/cut-$3" \
+        >"$SCRATCH/relay-$3.log" 2>&1 &
+    for ((i = 0; i < 300; i++)); do
+        grep -q 'PROXY READY' "$SCRATCH/relay-$3.log" && return 0
+        sleep 0.1
+    done
+    fail "the relay $3 did not start: $(cat "$SCRATCH/relay-$3.log")"
+}
+
+# start_relayed_standby N TAP: start_standby, the standby reaching etcd through a relay
+# ($RUNDIR/cut-coordN cuts it off from the coordinator).
+start_relayed_standby() {
+    start_relay $((2400 + $1)) 2379 "coord$1"
+    COORD=etcd://127.0.0.1:$((2400 + $1)) start_standby "$@"
+}
+
+start_relayed_standby 1 tap1
 protect_args=(--protect 127.0.0.1:7201)
 if [ "$paths" = 1 ]; then
-    start_standby 2 tap2
+    start_relayed_standby 2 tap2
     standbys+=(2)
     protect_args+=(--protect 127.0.0.1:7202)
 fi
@@ -114,20 +142,15 @@ ctl "$RUNDIR/host0.sock" replication >"$SCRATCH/protected.json" || true
 
 # new_standby TAP [PROXIED]: a new standby host on TAP (a host come back), paired by the
 # primary with `vmr ctl protect`: directly, or through a partition_proxy.py relay
-# ($RUNDIR/cut partitions it) when PROXIED is given.
+# ($RUNDIR/cut-linkN partitions it) when PROXIED is given.
 new_standby() {
     local h=$next_host tap=$1 addr=127.0.0.1:$((7200 + next_host))
     next_host=$((next_host + 1))
     tap_of[h]=$tap
-    start_standby "$h" "$tap"
+    start_relayed_standby "$h" "$tap"
     if [ -n "${2:-}" ]; then
         addr=127.0.0.1:$((7300 + h))
-        in_ns "$python" "$(dirname "$0")/partition_proxy.py" $((7300 + h)) $((7200 + h)) "$RUNDIR/cut" \
-            >"$SCRATCH/proxy.log" 2>&1 &
-        for ((i = 0; i < 300; i++)); do
-            grep -q 'PROXY READY' "$SCRATCH/proxy.log" && break
-            sleep 0.1
-        done
+        start_relay $((7300 + h)) $((7200 + h)) "link$h"
     fi
     ctl "$RUNDIR/host$primary.sock" protect "$addr" >"$SCRATCH/protect$h.json" ||
         fail "host$primary could not be protected again: $(cat "$SCRATCH/protect$h.json")"
@@ -157,6 +180,44 @@ standby_lost() {
     new_standby "${tap_of[s]}"
 }
 
+# not COMMAND...: succeeds when COMMAND fails.
+not() { ! "$@"; }
+
+# standby_partitioned: the standby's link to the primary and to the coordinator are cut (the
+# coordinator reachable from the primary only): the primary must win the next term and go on
+# unprotected, its client unaffected, and the standby, though it saw its primary lost, must
+# never take the VM over (it cannot claim it). Then that host is gone for good, and a new
+# standby on its TAP protects the VM again.
+standby_partitioned() {
+    local s=${standbys[0]} term from i
+    term=$(replication "$RUNDIR/host$primary.sock" term)
+    log "the standby host$s is partitioned away, the coordinator reachable from host$primary only, $(acked) SETs acknowledged"
+    : >"$RUNDIR/cut-coord$s"
+    : >"$RUNDIR/cut-link$s"
+    from=$(acked)
+    local end=$((SECONDS + 60))
+    while ((SECONDS < end)); do
+        [ "$(replication "$RUNDIR/host$primary.sock" term)" -gt "$term" ] 2>/dev/null && break
+        sleep 0.1
+    done
+    check "the primary host$primary won term $((term + 1)) and goes on unprotected" \
+        test "$(replication "$RUNDIR/host$primary.sock" term)/$(replication "$RUNDIR/host$primary.sock" protected)" = "$((term + 1))/false"
+    for ((i = 0; i < 100; i++)); do
+        grep -q 'PRIMARY LOST' "$SCRATCH/host$s.stderr" && break
+        sleep 0.1
+    done
+    check "the partitioned standby host$s saw its primary lost" grep -q 'PRIMARY LOST' "$SCRATCH/host$s.stderr"
+    wait_acks $((from + 5))
+    # Its claims fail while the primary's client goes on: it must still not run the VM.
+    sleep 3
+    check "the partitioned standby host$s, which cannot reach the coordinator, did not take the VM over" \
+        not grep -q 'TAKEN OVER' "$SCRATCH/host$s.stderr"
+    pkill -KILL -f -- "--api $RUNDIR/host$s.sock " || fail "no monitor of host$s to kill"
+    events+=("standby partitioned (coordinator reachable from the primary only): host$primary won term $((term + 1)) and went on, host$s never took over")
+    standbys=()
+    new_standby "${tap_of[s]}"
+}
+
 # epoch_at_loss HOST: the epoch that standby had committed when it saw its primary lost.
 epoch_at_loss() {
     grep 'PRIMARY LOST' "$SCRATCH/host$1.stderr" | tail -n1 | sed -n 's/.*committed_epoch=\([0-9]*\).*/\1/p'
@@ -167,14 +228,20 @@ signal=KILL
 for ((k = 1; k <= kills; k++)); do
     wait_acks $(($(acked) + 5))
     [ "$paths" = 1 ] && [ "$k" = 2 ] && standby_lost
+    [ "$paths" = 1 ] && [ "$k" = 5 ] && standby_partitioned
     sleep "$((RANDOM % 2)).$((RANDOM % 10))"
     fault=SIG$signal
     [ "$paths" = 1 ] && [ "$k" = 3 ] && fault=partition
+    [ "$paths" = 1 ] && [ "$k" = 4 ] && fault="partition, coordinator cut off"
     log "failover $k of $kills: host$primary ($fault), standbys ${standbys[*]/#/host}, $(acked) SETs acknowledged"
     pid=$(pgrep -f -- "--api $RUNDIR/host$primary.sock ") || fail "no monitor of host$primary"
     # The shell's own clock and kill: no process to start between the two.
     kill_at[k]=$EPOCHREALTIME
-    if [ "$fault" = partition ]; then : >"$RUNDIR/cut"; else kill -s "$signal" "$pid"; fi
+    case $fault in
+    partition) : >"$RUNDIR/cut-link${standbys[0]}" ;;
+    partition,*) : >"$RUNDIR/cut-coord$primary" && : >"$RUNDIR/cut-link${standbys[0]}" ;;
+    *) kill -s "$signal" "$pid" ;;
+    esac
     winner=
     for ((i = 0; i < 600; i++)); do
         for s in "${standbys[@]}"; do
@@ -186,7 +253,7 @@ for ((k = 1; k <= kills; k++)); do
     [ -n "$winner" ] || { GUEST_NAME=host${standbys[0]}; fail "no standby took the VM over within 60 s"; }
     log "host$winner: $(grep -o 'PRIMARY LOST: [^=]*' "$SCRATCH/host$winner.stderr" | tail -n1)"
     log "host$winner: $(grep 'TAKEN OVER' "$SCRATCH/host$winner.stderr" | grep -o 'term=.*')"
-    if [ "$fault" = partition ]; then
+    if [[ $fault == partition* ]]; then
         end=$((SECONDS + 30))
         while ((SECONDS < end)); do
             ctl "$RUNDIR/host$primary.sock" replication 2>/dev/null | grep -q FENCED && break
@@ -194,9 +261,9 @@ for ((k = 1; k <= kills; k++)); do
         done
         ctl "$RUNDIR/host$primary.sock" replication >"$SCRATCH/fenced.json" 2>&1 || true
         check "the partitioned primary host$primary is fenced" grep -q FENCED "$SCRATCH/fenced.json"
-        events+=("partition: host$winner took over, host$primary fenced (nothing released, vCPUs paused)")
+        events+=("$fault: host$winner took over, host$primary fenced (nothing released, vCPUs paused)")
     fi
-    [ "$fault" = SIGSTOP ] || [ "$fault" = partition ] && kill -KILL "$pid"
+    [ "$fault" = SIGSTOP ] || [[ $fault == partition* ]] && kill -KILL "$pid"
     losers=()
     for s in "${standbys[@]}"; do [ "$s" = "$winner" ] || losers+=("$s"); done
     for l in "${losers[@]}"; do
@@ -231,11 +298,11 @@ for ((k = 1; k <= kills; k++)); do
         wait_acks $((unprotected_from + 30))
         break
     fi
-    # A new standby on the dead primary's TAP (its host back), if none is left; the one
-    # before the partition is paired through the relay.
+    # A new standby on the dead primary's TAP (its host back), if none is left; those before
+    # the partitions are paired through a relay.
     if [ "${#standbys[@]}" = 0 ]; then
         proxied=
-        [ "$paths" = 1 ] && [ "$k" = 2 ] && proxied=yes
+        [ "$paths" = 1 ] && ((k >= 2 && k <= 4)) && proxied=yes
         new_standby "${tap_of[dead]}" $proxied
     fi
 done

@@ -446,19 +446,43 @@ pub enum CopyError {
     },
 }
 
-/// Where a copy thread reports how far it has come ([`Metrics::syncing`]).
+/// How often a standby's copy says how far it has come in the log.
+const COPY_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a copy thread reports how far it has come ([`Metrics::syncing`], and the log every
+/// [`COPY_LOG_EVERY`]).
 struct CopyProgress {
     metrics: Arc<Mutex<Metrics>>,
     standby: String,
+    logged_at: std::cell::Cell<Instant>,
 }
 
 impl CopyProgress {
+    fn new(metrics: Arc<Mutex<Metrics>>, standby: String) -> Self {
+        Self {
+            metrics,
+            standby,
+            logged_at: std::cell::Cell::new(Instant::now()),
+        }
+    }
+
     /// `copied` more bytes copied, `more` more to copy.
     fn advance(&self, copied: u64, more: u64) {
         let mut m = lock(&self.metrics);
-        if let Some(p) = m.syncing.iter_mut().find(|p| p.standby == self.standby) {
-            p.copied_bytes += copied;
-            p.total_bytes += more;
+        let Some(p) = m.syncing.iter_mut().find(|p| p.standby == self.standby) else {
+            return;
+        };
+        p.copied_bytes += copied;
+        p.total_bytes += more;
+        if self.logged_at.get().elapsed() >= COPY_LOG_EVERY {
+            self.logged_at.set(Instant::now());
+            tracing::info!(
+                standby = self.standby,
+                copied_mib = p.copied_bytes >> 20,
+                total_mib = p.total_bytes >> 20,
+                "copying the VM to the synchronising standby: {:.0} %",
+                p.copied_bytes as f64 * 100.0 / p.total_bytes.max(1) as f64
+            );
         }
     }
 }
@@ -890,10 +914,7 @@ impl Engine {
         let Link { reader, mut writer } = link;
         let consumer = self.tracker.register_consumer();
         let tracker = self.tracker.clone();
-        let progress = CopyProgress {
-            metrics: self.metrics.clone(),
-            standby: name.clone(),
-        };
+        let progress = CopyProgress::new(self.metrics.clone(), name.clone());
         let copy = std::thread::Builder::new()
             .name("join-copy".into())
             .spawn(move || {
