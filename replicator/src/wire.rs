@@ -521,62 +521,69 @@ pub trait FrameSink {
 
 /// Sends authenticated frames on one direction of a connection.
 pub struct FrameWriter<W: Write> {
+    link: LinkOut<W>,
+    encoder: FrameEncoder,
+}
+
+/// The per-link part of a [`FrameWriter`]: the stream, the key and the sequence numbers.
+struct LinkOut<W: Write> {
     out: BufWriter<W>,
     auth: FrameAuth,
     seq: u64,
     bytes_sent: u64,
-    encoder: FrameEncoder,
+}
+
+impl<W: Write> LinkOut<W> {
+    /// Writes one frame: the header (the next sequence number, the MAC) and the encoded
+    /// payload.
+    fn write(&mut self, e: Encoded<'_>) -> Result<(), FrameError> {
+        let h = frame_header(&self.auth, self.seq, e.flags, e.wire, e.raw_len);
+        self.out.write_all(&h)?;
+        self.out.write_all(e.wire)?;
+        self.seq += 1;
+        self.bytes_sent += (HEADER_LEN + e.wire.len()) as u64;
+        Ok(())
+    }
 }
 
 impl<W: Write> FrameWriter<W> {
     /// A writer authenticating with `auth`, compressing at `zstd_level` (or not at all).
     pub fn new(out: W, auth: FrameAuth, zstd_level: Option<i32>) -> Self {
         Self {
-            out: BufWriter::with_capacity(1 << 20, out),
-            auth,
-            seq: 0,
-            bytes_sent: 0,
+            link: LinkOut {
+                out: BufWriter::with_capacity(1 << 20, out),
+                auth,
+                seq: 0,
+                bytes_sent: 0,
+            },
             encoder: FrameEncoder::new(zstd_level),
         }
     }
 
     /// Bytes written so far, headers included.
     pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent
+        self.link.bytes_sent
     }
 
     /// The sequence number of the next frame.
     pub fn next_seq(&self) -> u64 {
-        self.seq
+        self.link.seq
     }
 
     /// Sends `msg` (buffered: [`FrameWriter::flush`] pushes it out).
     pub fn send(&mut self, msg: &Message) -> Result<(), FrameError> {
-        let encoded = self.encoder.encode(msg)?;
-        write_frame(
-            &mut self.out,
-            &self.auth,
-            &mut self.seq,
-            &mut self.bytes_sent,
-            encoded,
-        )
+        self.link.write(self.encoder.encode(msg)?)
     }
 
     /// Sends a message another encoder made (buffered), with this link's sequence number and
     /// MAC.
     pub fn send_encoded(&mut self, encoded: Encoded<'_>) -> Result<(), FrameError> {
-        write_frame(
-            &mut self.out,
-            &self.auth,
-            &mut self.seq,
-            &mut self.bytes_sent,
-            encoded,
-        )
+        self.link.write(encoded)
     }
 
     /// Pushes buffered frames to the stream.
     pub fn flush(&mut self) -> Result<(), FrameError> {
-        self.out.flush().map_err(Into::into)
+        self.link.out.flush().map_err(Into::into)
     }
 
     /// Sends `msg` and flushes.
@@ -587,27 +594,11 @@ impl<W: Write> FrameWriter<W> {
 
     /// The stream, after a flush.
     pub fn into_inner(self) -> Result<W, FrameError> {
-        self.out
+        self.link
+            .out
             .into_inner()
             .map_err(|e| FrameError::Io(e.into_error()))
     }
-}
-
-/// Writes one frame: the header (sequence number `seq`, then +1; MAC under `auth`) and the
-/// encoded payload.
-fn write_frame<W: Write>(
-    out: &mut W,
-    auth: &FrameAuth,
-    seq: &mut u64,
-    bytes_sent: &mut u64,
-    e: Encoded<'_>,
-) -> Result<(), FrameError> {
-    let h = frame_header(auth, *seq, e.flags, e.wire, e.raw_len);
-    out.write_all(&h)?;
-    out.write_all(e.wire)?;
-    *seq += 1;
-    *bytes_sent += (HEADER_LEN + e.wire.len()) as u64;
-    Ok(())
 }
 
 impl<W: Write> FrameSink for FrameWriter<W> {
