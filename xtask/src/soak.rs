@@ -76,6 +76,16 @@ pub fn run(args: SoakArgs) -> Result<(), String> {
         eprintln!("soak {}: run {i} of {}", args.scenario, args.runs);
         let run = vmr_tests::run_attempt(&args.scenario, &images, i, &opts);
         vmr_tests::record(&run.record);
+        // What the scenario printed (its dumps, when it failed) beside its logs.
+        for (name, text) in [
+            ("lab.stdout", &run.output.stdout),
+            ("lab.stderr", &run.output.stderr),
+        ] {
+            let path = run.scratch.join(name);
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("soak: cannot write {}: {e}", path.display());
+            }
+        }
         if run.record.outcome != Outcome::Passed {
             eprintln!(
                 "soak {} run {i}: {}: {} (scratch {})",
