@@ -236,9 +236,8 @@ impl VmControl {
     }
 }
 
-/// The devices' step of the pause ([`DeviceSwitch`]) in the engine's numbering of epochs
-/// (which a plan of the engine's own, not the tracker's, decides): the epoch tracker's
-/// [`PauseStep`].
+/// The devices' step of the pause ([`DeviceSwitch`]) in the engine's numbering of epochs (set
+/// by [`checkpoint`] before each pause), not the tracker's: the epoch tracker's [`PauseStep`].
 #[derive(Clone)]
 pub struct EpochSwitch {
     /// The egress gates and disk journals.
