@@ -159,6 +159,18 @@ new_standby() {
     standbys+=("$h")
 }
 
+# primary_goes_on TERM: checks (within 60 s) that the primary, its standby lost, won term
+# TERM + 1 and goes on unprotected.
+primary_goes_on() {
+    local end=$((SECONDS + 60))
+    while ((SECONDS < end)); do
+        [ "$(replication "$RUNDIR/host$primary.sock" term)" -gt "$1" ] 2>/dev/null && break
+        sleep 0.1
+    done
+    check "the primary host$primary won term $(($1 + 1)) and goes on unprotected" \
+        test "$(replication "$RUNDIR/host$primary.sock" term)/$(replication "$RUNDIR/host$primary.sock" protected)" = "$(($1 + 1))/false"
+}
+
 # standby_lost: the standby is killed; the primary must win the next term and go on
 # unprotected, its client unaffected; then a new standby on its TAP protects the VM again.
 standby_lost() {
@@ -167,13 +179,7 @@ standby_lost() {
     log "the standby host$s is lost (SIGKILL), $(acked) SETs acknowledged"
     pkill -KILL -f -- "--api $RUNDIR/host$s.sock " || fail "no monitor of host$s to kill"
     from=$(acked)
-    local end=$((SECONDS + 60))
-    while ((SECONDS < end)); do
-        [ "$(replication "$RUNDIR/host$primary.sock" term)" -gt "$term" ] 2>/dev/null && break
-        sleep 0.1
-    done
-    check "the primary host$primary won term $((term + 1)) and goes on unprotected" \
-        test "$(replication "$RUNDIR/host$primary.sock" term)/$(replication "$RUNDIR/host$primary.sock" protected)" = "$((term + 1))/false"
+    primary_goes_on "$term"
     wait_acks $((from + 5))
     events+=("standby lost: host$primary won term $((term + 1)) and went on; the client did not notice")
     standbys=()
@@ -195,13 +201,7 @@ standby_partitioned() {
     : >"$RUNDIR/cut-coord$s"
     : >"$RUNDIR/cut-link$s"
     from=$(acked)
-    local end=$((SECONDS + 60))
-    while ((SECONDS < end)); do
-        [ "$(replication "$RUNDIR/host$primary.sock" term)" -gt "$term" ] 2>/dev/null && break
-        sleep 0.1
-    done
-    check "the primary host$primary won term $((term + 1)) and goes on unprotected" \
-        test "$(replication "$RUNDIR/host$primary.sock" term)/$(replication "$RUNDIR/host$primary.sock" protected)" = "$((term + 1))/false"
+    primary_goes_on "$term"
     for ((i = 0; i < 100; i++)); do
         grep -q 'PRIMARY LOST' "$SCRATCH/host$s.stderr" && break
         sleep 0.1
