@@ -358,13 +358,15 @@ fn a_standby_killed_mid_stream_is_dropped_and_the_vm_goes_on_unprotected() {
 fn a_standby_that_stops_acknowledging_is_dropped_after_the_timeout() {
     let vm = writer(64);
     let (a, b) = UnixStream::pair().unwrap();
-    // Pairs, then neither reads nor acknowledges.
+    // Pairs, then neither reads nor acknowledges, and keeps the link open far longer than the
+    // engine may take to drop it: a drop seen is the timeout's, not the link's end.
+    let (done, wait) = std::sync::mpsc::channel::<()>();
     let mute = std::thread::spawn(move || {
         let conn = Conn::Unix(b);
         let reader = conn.try_clone().unwrap();
         let (link, _) =
             replicator::pairing::accept(reader, conn, &key(5), &profile(), (0, 0), None).unwrap();
-        std::thread::sleep(Duration::from_secs(2));
+        let _ = wait.recv_timeout(Duration::from_secs(60));
         drop(link);
     });
     let (conn, link, ack) = pair_standby(
@@ -391,9 +393,10 @@ fn a_standby_that_stops_acknowledging_is_dropped_after_the_timeout() {
     )
     .unwrap();
     let t0 = Instant::now();
+    // 300 ms allowed; the bound leaves room for a machine busy with other tests.
     while engine.is_protected() {
         assert!(
-            t0.elapsed() < Duration::from_secs(2),
+            t0.elapsed() < Duration::from_secs(20),
             "the mute standby was not dropped"
         );
         engine.step().unwrap();
@@ -402,6 +405,7 @@ fn a_standby_that_stops_acknowledging_is_dropped_after_the_timeout() {
     assert_eq!(metrics.last_committed_epoch, 0);
     assert!(metrics.dropped[0].contains("mute"), "{:?}", metrics.dropped);
     engine.shutdown();
+    done.send(()).unwrap();
     mute.join().unwrap();
     vm.stop().unwrap();
 }
@@ -487,8 +491,14 @@ fn the_engine_runs_on_its_own_thread() {
         assert!(engine.is_running());
         std::thread::sleep(Duration::from_millis(10));
     }
+    let rate = (engine.metrics().epochs - first) as f64 / t1.elapsed().as_secs_f64();
+    // The standby's copy of the VM (64 MiB) may still be going on a busy machine.
+    let t2 = Instant::now();
+    while engine.metrics().last_committed_epoch == 0 {
+        assert!(t2.elapsed() < SYNC_TIMEOUT, "nothing committed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let metrics = engine.metrics();
-    let rate = (metrics.epochs - first) as f64 / t1.elapsed().as_secs_f64();
     engine.stop().unwrap();
     eprintln!("{rate:.0} epochs/s (period 10 ms): {metrics:?}");
     assert!(metrics.protected);
