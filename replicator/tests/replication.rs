@@ -477,6 +477,12 @@ fn the_engine_runs_on_its_own_thread() {
     let t0 = Instant::now();
     while engine.metrics().epochs < 2 {
         assert!(t0.elapsed() < Duration::from_secs(20), "no epoch");
+        // The copy's progress never passes its total.
+        let syncing = engine.metrics().syncing;
+        assert!(
+            syncing.iter().all(|p| p.copied_bytes <= p.total_bytes),
+            "{syncing:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // Epochs keep coming on the engine's own thread, nobody driving it. The rate is printed,

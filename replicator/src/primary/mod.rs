@@ -523,9 +523,7 @@ fn copy_memory(
     let mut pfns = tracker.all_pfns();
     let mut sent = 0u64;
     for round in 0..JOIN_COPY_ROUNDS {
-        if round > 0 {
-            progress.advance(0, (pfns.len() * PAGE_SIZE) as u64);
-        }
+        progress.advance(0, (pfns.len() * PAGE_SIZE) as u64);
         let mut batch = PageBatch::with_capacity(BATCH_PAGES);
         for &pfn in &pfns {
             batch.push_with(pfn, |buf| tracker.read_page(pfn, buf));
