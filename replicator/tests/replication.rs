@@ -146,10 +146,20 @@ fn replicate_to<D: CommittedDisk + Send + Sync + 'static>(
             link,
             ack,
         }],
-        EngineOptions::default(),
+        patient(),
     )
     .unwrap();
     (engine, server)
+}
+
+/// Engine options for tests of what is replicated, not of timeouts: a standby that acks late
+/// on a machine busy with other tests (a clean clone's CI runs two labs beside them) is not
+/// dropped.
+fn patient() -> EngineOptions {
+    EngineOptions {
+        standby_timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
 }
 
 /// An epoch whose pause also copies all memory (the reference), waited for until the standby
@@ -268,7 +278,7 @@ fn two_standbys_commit_the_same_epochs_from_one_encoding() {
             ack,
         });
     }
-    let mut engine = Engine::start(&vm, links, EngineOptions::default()).unwrap();
+    let mut engine = Engine::start(&vm, links, patient()).unwrap();
     assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     for round in 0..3 {
         let target = engine.next_epoch() + 10;
