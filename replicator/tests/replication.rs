@@ -178,6 +178,31 @@ fn reference_epoch(engine: &mut Engine) -> (u64, Reference) {
     (n, reference.unwrap())
 }
 
+/// Ends `count` epochs.
+fn step_epochs(engine: &mut Engine, count: u64) {
+    let target = engine.next_epoch() + count;
+    while engine.next_epoch() < target {
+        engine.step().unwrap();
+    }
+}
+
+/// Asserts that `standby` committed epoch `n` exactly as the primary's `reference` of it
+/// (machine state and memory); `what` names the check.
+fn assert_holds(standby: &Standby<Vec<u8>>, n: u64, reference: &Reference, what: &str) {
+    let committed = standby.committed();
+    assert_eq!(committed.committed_epoch(), n, "{what}");
+    assert_eq!(
+        committed.committed_state(),
+        &reference.state[..],
+        "{what}: state of epoch {n}"
+    );
+    assert_eq!(
+        memory_hash(committed.memory().guest_memory()),
+        image_hash(&reference.image),
+        "{what}: the committed memory differs from the primary's at epoch {n}"
+    );
+}
+
 #[test]
 fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
     let vm = writer(1024);
@@ -212,25 +237,11 @@ fn the_standby_commits_the_primarys_memory_and_state_at_each_epoch() {
     let before = progress(&vm);
     let t0 = Instant::now();
     for round in 0..4 {
-        let target = engine.next_epoch() + 10;
-        while engine.next_epoch() < target {
-            engine.step().unwrap();
-        }
+        step_epochs(&mut engine, 10);
         // An epoch whose pause also copies all memory (the reference), then its commit: the
         // standby then holds exactly that epoch (the next one is not taken yet).
-        let (n, Reference { image, state }) = reference_epoch(&mut engine);
-        let committed = standby.committed();
-        assert_eq!(committed.committed_epoch(), n, "round {round}");
-        assert_eq!(
-            committed.committed_state(),
-            &state[..],
-            "state of epoch {n}"
-        );
-        assert_eq!(
-            memory_hash(committed.memory().guest_memory()),
-            image_hash(&image),
-            "the committed memory differs from the primary's at epoch {n}"
-        );
+        let (n, reference) = reference_epoch(&mut engine);
+        assert_holds(&standby, n, &reference, &format!("round {round}"));
     }
     let elapsed = t0.elapsed();
     let metrics = engine.metrics().lock().unwrap().clone();
@@ -281,23 +292,14 @@ fn two_standbys_commit_the_same_epochs_from_one_encoding() {
     let mut engine = Engine::start(&vm, links, patient()).unwrap();
     assert!(engine.wait_synchronised(SYNC_TIMEOUT));
     for round in 0..3 {
-        let target = engine.next_epoch() + 10;
-        while engine.next_epoch() < target {
-            engine.step().unwrap();
-        }
-        let (n, Reference { image, state }) = reference_epoch(&mut engine);
+        step_epochs(&mut engine, 10);
+        let (n, reference) = reference_epoch(&mut engine);
         for (i, standby) in standbys.iter().enumerate() {
-            let committed = standby.committed();
-            assert_eq!(committed.committed_epoch(), n, "standby {i}, round {round}");
-            assert_eq!(
-                committed.committed_state(),
-                &state[..],
-                "standby {i}, epoch {n}"
-            );
-            assert_eq!(
-                memory_hash(committed.memory().guest_memory()),
-                image_hash(&image),
-                "standby {i}'s memory differs from the primary's at epoch {n}"
+            assert_holds(
+                standby,
+                n,
+                &reference,
+                &format!("standby {i}, round {round}"),
             );
         }
     }

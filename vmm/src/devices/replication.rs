@@ -285,12 +285,6 @@ impl NetPort {
         &self.egress
     }
 
-    /// Starts epoch `epoch`: frames the guest sends from now on, and inbound frames delivered
-    /// from now on, belong to it. Call it in the pause, vCPUs stopped.
-    pub fn set_epoch(&self, epoch: Epoch) {
-        self.egress.set_epoch(epoch);
-    }
-
     /// Epoch `epoch` is acknowledged: its frames and those of earlier epochs go to the TAP, in
     /// order. Returns how many.
     pub fn release_through(&self, epoch: Epoch) -> usize {

@@ -994,7 +994,7 @@ mod tests {
         assert_eq!(port.waiting_event().read().unwrap(), 1);
         assert!(nothing_out());
         // Epoch 2.
-        port.set_epoch(2);
+        port.egress().set_epoch(2);
         send(1, b"epoch 2", &tx_evt, &mut event_loop);
         send(2, b"epoch 2 again", &tx_evt, &mut event_loop);
         assert_eq!(port.held_frames(), 3);
@@ -1002,7 +1002,7 @@ mod tests {
         assert_eq!(port.release_through(1), 1);
         assert!(peer.recv_matching(head).ends_with(b"epoch 1"));
         assert!(nothing_out());
-        port.set_epoch(3);
+        port.egress().set_epoch(3);
         send(3, b"epoch 3", &tx_evt, &mut event_loop);
         assert_eq!(port.discard_after(2), 1);
         assert_eq!(port.release_through(3), 2);
